@@ -1,0 +1,128 @@
+"""Configuration: frozen dataclasses with the study's values as documented defaults, loaded from YAML.
+
+Every step reads its section of one :class:`Config`; a YAML file only needs the keys it changes.
+Unknown keys are an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic chest-CT cohort (CTPA-like) used by the demo and the tests.
+
+    Defaults: 512 px axial slices as a clinical scanner writes them; class mix close to the study's
+    cohort (53 patients, roughly a third each WNL / other disease / PE).
+    """
+
+    sites: int = 3
+    patients_per_site: int = 10
+    slices: int = 60
+    size: int = 512
+    seed: int = 0
+    #: fractions of patients that are PE / other disease; the rest are WNL
+    pe_fraction: float = 0.4
+    other_fraction: float = 0.3
+    #: PE filling defect spans this many consecutive slices (min, max), before thickness scaling
+    pe_extent_slices: tuple[int, int] = (4, 12)
+    #: write per-pixel tissue/lesion label maps next to the masks (tests check HU per tissue)
+    write_tissue_maps: bool = True
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """DICOM → ``slices`` Parquet ingest.
+
+    Codec and row-group size come from the measured figures in PERF-NOTES.md: zstd level 1 on a
+    plain binary pixel column (no dictionary, no statistics) is the best write/read balance; row
+    groups of a few tens of slices keep reader memory small and reads fast.
+    """
+
+    #: worker processes for header scan and decode; 0 = one per CPU core
+    workers: int = 0
+    row_group_slices: int = 32
+    zstd_level: int = 1
+    #: header scans handed to a worker at a time (amortises inter-process overhead)
+    scan_chunk_files: int = 64
+    #: HU written for pixel padding (outside the scanner's field of view): air
+    padding_hu: int = -1000
+    #: lower HU bound: below the physical minimum (air) only padding or fill values exist
+    min_hu: int = -1024
+    #: tolerance when comparing orientation cosines / spacings within a series
+    geometry_tolerance: float = 1e-3
+    #: a manifest row that matches no ingested slice fails the run (else: reported as mismatch)
+    strict_labels: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a (partial) mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Defaults, overridden by the YAML file at ``path`` when given."""
+    if path is None:
+        return Config()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return from_dict(Config, data)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain mapping (for YAML dumps, MLflow params and Parquet metadata)."""
+    return dataclasses.asdict(config)

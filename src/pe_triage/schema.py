@@ -1,0 +1,182 @@
+"""The contract between stages: every column name, Arrow schema and code list lives here.
+
+Stages import names from this module instead of spelling strings, so a renamed column is one edit
+and a reader can never disagree with a writer.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# ---------------------------------------------------------------------------- slices
+SITE = "site"
+PATIENT_ID = "patient_id"
+STUDY_UID = "study_uid"
+SERIES_UID = "series_uid"
+SOP_UID = "sop_uid"
+SLICE_INDEX = "slice_index"
+INSTANCE_NUMBER = "instance_number"
+Z_MM = "z_mm"
+IMAGE_POSITION = "image_position"
+IMAGE_ORIENTATION = "image_orientation"
+ROWS = "rows"
+COLS = "cols"
+PIXEL_SPACING_ROW = "pixel_spacing_row_mm"
+PIXEL_SPACING_COL = "pixel_spacing_col_mm"
+SLICE_THICKNESS = "slice_thickness_mm"
+MANUFACTURER = "manufacturer"
+MODEL = "model"
+KERNEL = "kernel"
+KVP = "kvp"
+CONTRAST = "contrast"
+TRANSFER_SYNTAX = "transfer_syntax"
+UIDS_DERIVED = "uids_derived"
+HU = "hu"
+SOURCE_SHA256 = "source_sha256"
+LABEL = "label"
+
+
+class Label(str, enum.Enum):
+    """Per-slice class. Slices of a labelled patient that the manifest does not list are WNL."""
+
+    WNL = "wnl"
+    PE = "pe"
+    OTHER = "other"
+
+
+#: keys that identify a slice, in sort order
+SLICE_KEYS = [SITE, PATIENT_ID, STUDY_UID, SERIES_UID, SLICE_INDEX]
+
+#: one row per CT slice; ``hu`` is int16 little-endian, rows*cols values, row-major
+SLICES_SCHEMA = pa.schema(
+    [
+        pa.field(SITE, pa.string(), nullable=False),
+        pa.field(PATIENT_ID, pa.string(), nullable=False),
+        pa.field(STUDY_UID, pa.string(), nullable=False),
+        pa.field(SERIES_UID, pa.string(), nullable=False),
+        pa.field(SOP_UID, pa.string(), nullable=False),
+        pa.field(SLICE_INDEX, pa.int32(), nullable=False),
+        pa.field(INSTANCE_NUMBER, pa.int32()),
+        pa.field(Z_MM, pa.float64(), nullable=False),
+        pa.field(IMAGE_POSITION, pa.list_(pa.float64(), 3), nullable=False),
+        pa.field(IMAGE_ORIENTATION, pa.list_(pa.float64(), 6), nullable=False),
+        pa.field(ROWS, pa.int32(), nullable=False),
+        pa.field(COLS, pa.int32(), nullable=False),
+        pa.field(PIXEL_SPACING_ROW, pa.float64(), nullable=False),
+        pa.field(PIXEL_SPACING_COL, pa.float64(), nullable=False),
+        pa.field(SLICE_THICKNESS, pa.float64()),
+        pa.field(MANUFACTURER, pa.string()),
+        pa.field(MODEL, pa.string()),
+        pa.field(KERNEL, pa.string()),
+        pa.field(KVP, pa.float64()),
+        pa.field(CONTRAST, pa.bool_(), nullable=False),
+        pa.field(TRANSFER_SYNTAX, pa.string(), nullable=False),
+        pa.field(UIDS_DERIVED, pa.bool_(), nullable=False),
+        pa.field(SOURCE_SHA256, pa.string(), nullable=False),
+        pa.field(LABEL, pa.string()),
+        pa.field(HU, pa.binary(), nullable=False),
+    ]
+)
+
+#: every slices column but the pixels: what planning and label joins read
+SLICES_META_COLUMNS = [f.name for f in SLICES_SCHEMA if f.name != HU]
+
+# ---------------------------------------------------------------------------- quarantine
+PATH_PSEUDONYM = "path_pseudonym"
+SIZE_BYTES = "size_bytes"
+REASON = "reason"
+DETAIL = "detail"
+
+
+class Reason(str, enum.Enum):
+    """Why a source file was not ingested. Every file seen is ingested, a duplicate, or one of these."""
+
+    EMPTY_FILE = "empty_file"
+    UNREADABLE = "unreadable"  # not DICOM, or a header that does not parse
+    TRUNCATED = "truncated"  # pixel data shorter than its header says
+    NOT_CT = "not_ct"
+    NOT_AXIAL_IMAGE = "not_axial_image"  # localizer / scout, or not a cross-sectional slice
+    NO_PIXELS = "no_pixels"
+    MISSING_TAG = "missing_tag"
+    UNSUPPORTED_PIXEL_FORMAT = "unsupported_pixel_format"  # colour, multi-frame, odd bit depths
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"  # no decoder installed here
+    LOSSY_COMPRESSION = "lossy_compression"  # lossy JPEG / JPEG-LS / JPEG 2000: HU altered
+    UNDECODABLE = "undecodable"  # a supported syntax whose pixel data failed to decode
+    INCONSISTENT_GEOMETRY = "inconsistent_geometry"  # differs from the rest of its series
+    DUPLICATE_POSITION = "duplicate_position"  # another slice of the series at the same z
+    CONFLICTING_UID = "conflicting_uid"  # same SOP Instance UID, different content
+    BURNED_IN_ANNOTATION = "burned_in_annotation"
+    DUPLICATE = "duplicate"  # same content as another file of this scan
+
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field(SITE, pa.string(), nullable=False),
+        pa.field(PATH_PSEUDONYM, pa.string(), nullable=False),
+        pa.field(SOURCE_SHA256, pa.string()),
+        pa.field(SIZE_BYTES, pa.int64(), nullable=False),
+        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(DETAIL, pa.string(), nullable=False),
+    ]
+)
+
+# ---------------------------------------------------------------------------- label manifest
+# The hospital-supplied CSV, in clear identifiers (joined before pseudonymisation). Two kinds of
+# rows: a slice row has ``label`` and ``sop_uid`` (or ``series_uid``/``study_uid`` +
+# ``instance_number``); a patient row has ``diagnosis`` and no slice identifiers.
+M_PATIENT_ID = "patient_id"
+M_STUDY_UID = "study_uid"
+M_SERIES_UID = "series_uid"
+M_SOP_UID = "sop_uid"
+M_INSTANCE_NUMBER = "instance_number"
+M_LABEL = "label"
+M_DIAGNOSIS = "diagnosis"
+MANIFEST_COLUMNS = [M_PATIENT_ID, M_STUDY_UID, M_SERIES_UID, M_SOP_UID, M_INSTANCE_NUMBER, M_LABEL, M_DIAGNOSIS]
+MANIFEST_REQUIRED = [M_PATIENT_ID]
+
+# ---------------------------------------------------------------------------- synthetic ground truth
+# Written by the generator beside (never inside) the hospital-format data, keyed by the clear
+# synthetic ids and by ``source_sha256`` so it joins the ingested slices without the pseudonym key.
+T_LESION = "lesion"  # pe | consolidation | ggo | nodule | effusion | none
+T_MASK = "lesion_mask"  # uint8 0/1, rows*cols
+T_TISSUE = "tissue_map"  # uint8 Tissue codes, rows*cols (null when not written)
+
+
+class Tissue(enum.IntEnum):
+    """Codes of the generator's per-pixel label map."""
+
+    AIR = 0
+    TABLE = 1
+    FAT = 2
+    MUSCLE = 3
+    BONE = 4
+    CONTRAST_BLOOD = 5  # contrast-filled heart chambers, aorta, pulmonary arteries
+    LUNG = 6
+    AIRWAY = 7
+    SOFT_TISSUE = 8  # heart wall, mediastinum, liver
+    PE = 9
+    OTHER_LESION = 10
+    LUNG_VESSEL = 11
+
+
+TRUTH_SCHEMA = pa.schema(
+    [
+        pa.field(SITE, pa.string(), nullable=False),
+        pa.field(M_PATIENT_ID, pa.string(), nullable=False),
+        pa.field(M_STUDY_UID, pa.string(), nullable=False),
+        pa.field(M_SERIES_UID, pa.string(), nullable=False),
+        pa.field(M_SOP_UID, pa.string(), nullable=False),
+        pa.field(SOURCE_SHA256, pa.string(), nullable=False),
+        pa.field(Z_MM, pa.float64(), nullable=False),
+        pa.field(ROWS, pa.int32(), nullable=False),
+        pa.field(COLS, pa.int32(), nullable=False),
+        pa.field(LABEL, pa.string(), nullable=False),
+        pa.field(T_LESION, pa.string(), nullable=False),
+        pa.field(T_MASK, pa.binary(), nullable=False),
+        pa.field(T_TISSUE, pa.binary()),
+    ]
+)
