@@ -65,6 +65,9 @@ SITE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _Z_DECIMALS = 2  # slices closer than 0.01 mm along the normal share a position
 
 INGESTED, ALREADY_INGESTED, DUPLICATE, QUARANTINED = "ingested", "already_ingested", "duplicate", "quarantined"
+#: settings that change how a run executes, not what it writes (kept out of the file metadata)
+_EXECUTION_ONLY = {"workers", "scan_chunk_files", "strict_labels"}
+_CONFLICT = "same SOP Instance UID as another file, different pixels"
 
 
 class IngestError(RuntimeError):
@@ -83,13 +86,16 @@ class Scanned:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A new SOP instance to write: its first file by path, plus other files with the same SOP."""
+    """One SOP instance of a series: every file that carries it (sorted by path) and its label."""
 
-    path: str
-    size: int
-    header: SliceHeader
+    files: tuple[Scanned, ...]
     label: str | None
-    others: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def header(self) -> SliceHeader:
+        header = self.files[0].header
+        assert header is not None
+        return header
 
 
 @dataclass(frozen=True)
@@ -149,8 +155,7 @@ def scan_files(src: Location, items: Sequence[tuple[str, int]], pseudo: Pseudony
 
 
 # ------------------------------------------------------------------------------------ pass 2
-def _row(task: SeriesTask, cand: Candidate, sha: str, hu: np.ndarray) -> dict[str, Any]:
-    h = cand.header
+def _row(task: SeriesTask, h: SliceHeader, label: str | None, sha: str, hu: np.ndarray) -> dict[str, Any]:
     return {
         S.SITE: task.site,
         S.PATIENT_ID: h.patient_id,
@@ -175,7 +180,7 @@ def _row(task: SeriesTask, cand: Candidate, sha: str, hu: np.ndarray) -> dict[st
         S.TRANSFER_SYNTAX: h.transfer_syntax,
         S.UIDS_DERIVED: h.uids_derived,
         S.SOURCE_SHA256: sha,
-        S.LABEL: cand.label,
+        S.LABEL: label,
         S.HU: hu.tobytes(),
     }
 
@@ -191,70 +196,62 @@ def _stored_hu(task: SeriesTask, sop: str) -> bytes:
 
 
 def _new_rows(task: SeriesTask, outcomes: list[Outcome]) -> Iterator[dict[str, Any]]:
-    """Decode the candidates in z order, resolving duplicates and conflicts by content."""
+    """Decode the candidates in z order, resolving files that share a SOP Instance UID by content.
+
+    The reference of a SOP is the stored row, else its first file (by path) that decodes. Another
+    file is a duplicate if it has the same bytes or the same HU (a transcoded copy), and a
+    conflict otherwise; a new SOP with conflicting files is not ingested at all.
+    """
     for cand in task.candidates:
-        files = [(cand.path, cand.size), *cand.others]
         sop = cand.header.sop_uid
-        datas: list[bytes | None] = []
-        shas: list[str | None] = []
-        for rel, size in files:
-            try:
-                data = task.src.read(task.src.join(rel))
-                datas.append(data)
-                shas.append(sha256_hex(data))
-            except OSError as exc:
-                datas.append(None)
-                shas.append(None)
-                outcomes.append(Outcome(rel, size, None, QUARANTINED, sop, Reason.UNREADABLE, f"cannot read file ({type(exc).__name__})"))
         known = task.existing_sha.get(sop)
-        live = [i for i, d in enumerate(datas) if d is not None]
-        if not live:
-            continue
-        first = live[0]
-        try:
-            pixels = None if known else _decode(task, datas[first], cand.header)  # type: ignore[arg-type]
-        except Rejected as r:
-            for i in live:
-                outcomes.append(Outcome(files[i][0], files[i][1], shas[i], QUARANTINED, sop, r.reason, r.detail))
-            continue
-        reference_sha = known or shas[first]
-        reference_hu = None if pixels is None else pixels.tobytes()
+        ref_sha, ref_path = known, None
+        pixels: np.ndarray | None = None
+        ref_hu: bytes | None = None
         resolved: list[Outcome] = []
         conflict = False
-        for i in live:
-            rel, size = files[i]
-            if shas[i] == reference_sha:
-                if known:
-                    resolved.append(Outcome(rel, size, shas[i], ALREADY_INGESTED, sop))
-                elif i == first:
-                    resolved.append(Outcome(rel, size, shas[i], INGESTED, sop))
-                else:
-                    resolved.append(Outcome(rel, size, shas[i], DUPLICATE, sop, Reason.DUPLICATE,
-                                            f"same content as {task.pseudo('path', files[first][0])}"))
+        for f in cand.files:
+            assert f.header is not None
+            try:
+                data = task.src.read(task.src.join(f.path))
+            except OSError as exc:
+                resolved.append(Outcome(f.path, f.size, None, QUARANTINED, sop, Reason.UNREADABLE, f"cannot read file ({type(exc).__name__})"))
+                continue
+            sha = sha256_hex(data)
+            if sha == ref_sha:
+                resolved.append(
+                    Outcome(f.path, f.size, sha, ALREADY_INGESTED, sop) if known
+                    else Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE, f"same content as {task.pseudo('path', ref_path or '')}")
+                )
                 continue
             try:
-                if reference_hu is None:
-                    reference_hu = _stored_hu(task, sop)
-                same = _decode(task, datas[i], cand.header).tobytes() == reference_hu  # type: ignore[arg-type]
-            except Rejected:
-                same = False
-            if same:
-                resolved.append(Outcome(rel, size, shas[i], DUPLICATE, sop, Reason.DUPLICATE,
+                hu = _decode(task, data, f.header)
+            except Rejected as r:
+                resolved.append(Outcome(f.path, f.size, sha, QUARANTINED, sop, r.reason, r.detail))
+                continue
+            if ref_sha is None:
+                ref_sha, ref_path, pixels = sha, f.path, hu
+                resolved.append(Outcome(f.path, f.size, sha, INGESTED, sop))
+                continue
+            if ref_hu is None:
+                ref_hu = pixels.tobytes() if pixels is not None else _stored_hu(task, sop)
+            if hu.tobytes() == ref_hu:
+                resolved.append(Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE,
                                         "same SOP Instance UID and identical HU as an ingested slice (other encoding)"))
             else:
                 conflict = True
-                resolved.append(Outcome(rel, size, shas[i], QUARANTINED, sop, Reason.CONFLICTING_UID,
-                                        "same SOP Instance UID as another file, different pixels"))
+                resolved.append(Outcome(f.path, f.size, sha, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT))
         if conflict and not known:  # nothing says which file is right: none of them goes in
+            pixels = None
             resolved = [
-                o if o.status == QUARANTINED
-                else Outcome(o.path, o.size, o.sha256, QUARANTINED, sop, Reason.CONFLICTING_UID,
-                             "same SOP Instance UID as another file, different pixels")
+                o if o.status == QUARANTINED else Outcome(o.path, o.size, o.sha256, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT)
                 for o in resolved
             ]
         outcomes.extend(resolved)
-        if pixels is not None and not conflict:
-            yield _row(task, cand, shas[first], pixels)  # type: ignore[arg-type]
+        if pixels is not None:
+            primary = next(f for f in cand.files if f.path == ref_path)
+            assert primary.header is not None and ref_sha is not None
+            yield _row(task, primary.header, cand.label, ref_sha, pixels)
 
 
 def _old_rows(task: SeriesTask) -> Iterator[dict[str, Any]]:
@@ -384,9 +381,7 @@ def _plan(
         label, row = manifest.label(h.patient_id, h.study_uid, h.series_uid, sop, h.instance_number) if manifest else (None, None)
         if row is not None:
             label_rows[sop] = row
-        by_series[h.series_uid].append(
-            Candidate(first.path, first.size, h, label, tuple((f.path, f.size) for f in files[1:]))
-        )
+        by_series[h.series_uid].append(Candidate(tuple(files), label))
     old_by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in existing.values():
         old_by_series[row[S.SERIES_UID]].append(row)
@@ -401,9 +396,9 @@ def _plan(
         majority = _stored_geometry(old[0]) if old else (votes.most_common(1)[0][0] if votes else None)
         taken = {round(r[S.Z_MM], _Z_DECIMALS) for r in old}
         kept = []
-        for cand in sorted(cands, key=lambda c: (c.header.instance_number or 0, c.path)):
+        for cand in sorted(cands, key=lambda c: (c.header.instance_number or 0, c.files[0].path)):
             h = cand.header
-            group = [Scanned(cand.path, cand.size), *(Scanned(p, s) for p, s in cand.others)]
+            group = cand.files
             if h.sop_uid in existing:
                 kept.append(cand)
             elif h.geometry_key != majority:
@@ -537,7 +532,7 @@ def ingest_site(
         "pe_triage.schema_version": S.SCHEMA_VERSION,
         "pe_triage.version": __version__,
         "pe_triage.key_fingerprint": pseudo.fingerprint,
-        "pe_triage.ingest_config": json.dumps(to_dict(config), sort_keys=True),
+        "pe_triage.ingest_config": json.dumps({k: v for k, v in to_dict(config).items() if k not in _EXECUTION_ONLY}, sort_keys=True),
     }
     workers = config.workers or os.cpu_count() or 1
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None

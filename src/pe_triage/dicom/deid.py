@@ -17,6 +17,8 @@ KEY_ENV = "PE_TRIAGE_PSEUDONYM_KEY"
 #: public, so anything pseudonymised with it is not protected: demos and tests on synthetic data only
 DEMO_KEY = b"pe-triage demo key: synthetic data only, never patient data"
 MIN_KEY_BYTES = 16
+#: what each pseudonym stands for, readable at a glance in tables and reports
+PREFIXES = {"patient": "pt", "study": "st", "series": "se", "sop": "im", "path": "file"}
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,9 @@ class Pseudonymizer:
         return f"Pseudonymizer(site={self.site!r}, key=<{self.fingerprint}>)"
 
     def __call__(self, kind: str, value: str) -> str:
-        """``kind`` (patient, study, series, sop, path) namespaces the value; 24 hex = 96 bits."""
+        """``kind`` (one of :data:`PREFIXES`) namespaces the value; 24 hex digits = 96 bits."""
         msg = f"{self.site}\x1f{kind}\x1f{value}".encode()
-        return kind[:3] + "-" + hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:24]
+        return PREFIXES[kind] + "-" + hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:24]
 
     @property
     def fingerprint(self) -> str:
