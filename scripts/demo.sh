@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec pe-triage demo --out "${1:-demo-output}"
+exec pe-triage demo --out "${1:-demo-output}" --config configs/demo.yaml

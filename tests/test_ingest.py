@@ -46,7 +46,7 @@ def test_slices_sorted_by_position_not_instance_number(tmp_path: Path) -> None:
     assert [r[S.SLICE_INDEX] for r in rows] == list(range(6))
     assert [r[S.Z_MM] for r in rows] == sorted(r[S.Z_MM] for r in rows)
     assert [r[S.INSTANCE_NUMBER] for r in rows] == [6, 5, 4, 3, 2, 1]
-    hu = np.frombuffer(rows[0][S.HU], "<i2").reshape(rows[0][S.ROWS], rows[0][S.COLS])
+    hu = S.decode_hu(rows[0][S.HU], rows[0][S.ROWS], rows[0][S.COLS])
     assert hu[0, 0] == -1000 and hu[16, 16] == 40
 
 

@@ -33,7 +33,7 @@ def test_lidc_series_in_z_order_with_air_at_minus_1000(real_ct: Path, tmp_path: 
     assert np.all(np.diff(z) > 0) and np.allclose(np.diff(z), 1.25)
     instance = np.array([r[S.INSTANCE_NUMBER] for r in rows])
     assert np.all(np.diff(instance) < 0)  # InstanceNumber runs against z: sorted by position
-    hu = np.frombuffer(rows[130][S.HU], "<i2").reshape(512, 512)
+    hu = S.decode_hu(rows[130][S.HU], 512, 512)
     air = hu[5:40, 200:300]  # above the patient, inside the field of view
     assert abs(float(np.median(air)) + 1000) < 30
     assert hu.min() >= -1024  # padding (-2000) became air

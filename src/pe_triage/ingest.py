@@ -67,6 +67,7 @@ _Z_DECIMALS = 2  # slices closer than 0.01 mm along the normal share a position
 INGESTED, ALREADY_INGESTED, DUPLICATE, QUARANTINED = "ingested", "already_ingested", "duplicate", "quarantined"
 #: settings that change how a run executes, not what it writes (kept out of the file metadata)
 _EXECUTION_ONLY = {"workers", "scan_chunk_files", "strict_labels"}
+_META_SCHEMA = pa.schema([f for f in S.SLICES_SCHEMA if f.name != S.HU])
 _CONFLICT = "same SOP Instance UID as another file, different pixels"
 
 
@@ -181,7 +182,7 @@ def _row(task: SeriesTask, h: SliceHeader, label: str | None, sha: str, hu: np.n
         S.UIDS_DERIVED: h.uids_derived,
         S.SOURCE_SHA256: sha,
         S.LABEL: label,
-        S.HU: hu.tobytes(),
+        S.HU: hu,  # encoded into byte planes when its batch is written
     }
 
 
@@ -234,7 +235,7 @@ def _new_rows(task: SeriesTask, outcomes: list[Outcome]) -> Iterator[dict[str, A
                 resolved.append(Outcome(f.path, f.size, sha, INGESTED, sop))
                 continue
             if ref_hu is None:
-                ref_hu = pixels.tobytes() if pixels is not None else _stored_hu(task, sop)
+                ref_hu = pixels.tobytes() if pixels is not None else S.decode_hu(_stored_hu(task, sop), f.header.rows, f.header.cols).tobytes()
             if hu.tobytes() == ref_hu:
                 resolved.append(Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE,
                                         "same SOP Instance UID and identical HU as an ingested slice (other encoding)"))
@@ -278,6 +279,21 @@ def _parquet_writer(task: SeriesTask, path: str) -> pq.ParquetWriter:
     )
 
 
+def _table(batch: list[dict[str, Any]]) -> pa.Table:
+    """One row group: metadata from the row dicts, pixels encoded into one contiguous buffer."""
+    n = batch[0][S.ROWS] * batch[0][S.COLS]  # one geometry per series
+    planes = np.empty((len(batch), 2 * n), np.uint8)
+    for i, row in enumerate(batch):
+        pixels = row.pop(S.HU)
+        if isinstance(pixels, np.ndarray):
+            S.encode_hu(pixels, out=planes[i])
+        else:  # a stored row, already encoded
+            planes[i] = np.frombuffer(pixels, np.uint8)
+    offsets = np.arange(0, (len(batch) + 1) * 2 * n, 2 * n, dtype=np.int32)
+    column = pa.Array.from_buffers(pa.binary(), len(batch), [None, pa.py_buffer(offsets), pa.py_buffer(planes)])
+    return pa.Table.from_pylist(batch, schema=_META_SCHEMA).append_column(S.SLICES_SCHEMA.field(S.HU), column)
+
+
 def write_series(task: SeriesTask) -> SeriesResult:
     """Pass 2 for one series (runs in a worker): stream its slices, in z order, to a staged file."""
     outcomes: list[Outcome] = []
@@ -298,11 +314,11 @@ def write_series(task: SeriesTask) -> SeriesResult:
             batch.append(row)
             if len(batch) == task.config.row_group_slices:
                 writer = writer or _parquet_writer(task, task.staged)
-                writer.write_table(pa.Table.from_pylist(batch, S.SLICES_SCHEMA))
+                writer.write_table(_table(batch))
                 batch = []
         if batch:
             writer = writer or _parquet_writer(task, task.staged)
-            writer.write_table(pa.Table.from_pylist(batch, S.SLICES_SCHEMA))
+            writer.write_table(_table(batch))
     finally:
         if writer is not None:
             writer.close()

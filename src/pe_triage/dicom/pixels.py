@@ -36,15 +36,15 @@ def _native(data: bytes, header: SliceHeader) -> np.ndarray:
     implicit = header.transfer_syntax == "1.2.840.10008.1.2"
     buf = io.BytesIO(data)
     buf.seek(header.pixel_offset)
-    try:
-        elem = next(data_element_generator(buf, implicit, True, defer_size=None))
+    try:  # defer_size=0: locate the value without copying it
+        elem = next(data_element_generator(buf, implicit, True, defer_size=0))
     except (StopIteration, EOFError, ValueError) as exc:
         raise Rejected(Reason.TRUNCATED, f"pixel data element unreadable ({type(exc).__name__})") from None
     expected = header.rows * header.cols * 2
-    if elem.value is None or len(elem.value) < expected:
-        got = 0 if elem.value is None else len(elem.value)
-        raise Rejected(Reason.TRUNCATED, f"pixel data has {got} of {expected} bytes")
-    arr = np.frombuffer(elem.value, dtype="<i2" if header.signed else "<u2", count=header.rows * header.cols)
+    available = min(elem.length, len(data) - elem.value_tell)
+    if available < expected:
+        raise Rejected(Reason.TRUNCATED, f"pixel data has {max(available, 0)} of {expected} bytes")
+    arr = np.frombuffer(data, dtype="<i2" if header.signed else "<u2", count=header.rows * header.cols, offset=elem.value_tell)
     arr = arr.reshape(header.rows, header.cols)
     if header.bits_stored < 16:  # the bits above BitsStored are not part of the value
         shift = 16 - header.bits_stored
@@ -58,15 +58,19 @@ def to_hu(stored: np.ndarray, header: SliceHeader, *, padding_hu: int, min_hu: i
     Pixel padding marks pixels outside the reconstructed field of view; left as is it would be
     -2000 or -3024 "HU", which no tissue has and which distorts every window and crop.
     """
+    i16 = np.iinfo(np.int16)
     if header.slope == 1.0 and float(header.intercept).is_integer():
-        hu = stored.astype(np.int32) + int(header.intercept)
+        intercept = int(header.intercept)
+        # stay in int16 when the actual values allow it: half the memory traffic of int32
+        fits = i16.min <= int(stored.min()) + intercept and int(stored.max()) + intercept <= i16.max
+        hu = np.add(stored, intercept, dtype=np.int16 if fits else np.int32)
     else:
         hu = np.rint(stored.astype(np.float32) * header.slope + header.intercept).astype(np.int32)
     if header.padding is not None:
         lo, hi = header.padding
-        hu[(stored >= lo) & (stored <= hi)] = padding_hu
-    np.clip(hu, min_hu, np.iinfo(np.int16).max, out=hu)
-    return hu.astype("<i2")
+        np.copyto(hu, padding_hu, where=stored == lo if lo == hi else (stored >= lo) & (stored <= hi))
+    np.clip(hu, min_hu, i16.max, out=hu)
+    return hu.astype("<i2", copy=False)
 
 
 def decode_hu(data: bytes, header: SliceHeader, *, padding_hu: int, min_hu: int) -> np.ndarray:

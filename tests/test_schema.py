@@ -1,0 +1,31 @@
+"""The slices pixel encoding round-trips every int16 value and rejects a wrong size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pe_triage import schema as S
+
+
+def test_hu_planes_round_trip_every_int16_value() -> None:
+    hu = np.arange(-32768, 32768, dtype=np.int16).reshape(256, 256)
+    planes = S.encode_hu(hu)
+    assert planes.dtype == np.uint8 and planes.size == 2 * hu.size
+    np.testing.assert_array_equal(S.decode_hu(planes.tobytes(), 256, 256), hu)
+
+
+def test_hu_planes_separate_low_and_high_bytes() -> None:
+    hu = np.array([[-1000, 40]], np.int16)  # -1000 = 0xFC18, 40 = 0x0028
+    assert list(S.encode_hu(hu)) == [0x18, 0x28, 0xFC, 0x00]
+
+
+def test_decode_refuses_a_wrong_size() -> None:
+    with pytest.raises(ValueError, match="expected 8 for 2x2"):
+        S.decode_hu(b"\x00" * 6, 2, 2)
+
+
+def test_schema_names_every_column_once() -> None:
+    names = S.SLICES_SCHEMA.names
+    assert len(names) == len(set(names)) and names[-1] == S.HU
+    assert set(S.SLICES_META_COLUMNS) == set(names) - {S.HU}
