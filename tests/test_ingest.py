@@ -78,6 +78,18 @@ def test_bad_input_is_quarantined_and_the_run_completes(tmp_path: Path) -> None:
     assert not any("copy-of" in r[S.PATH_PSEUDONYM] or ".dcm" in r[S.PATH_PSEUDONYM] for r in rows)  # no clear paths
 
 
+def test_hospital_can_map_quarantine_back_to_its_files(tmp_path: Path) -> None:
+    from pe_triage.ingest import quarantined_files
+
+    write_series(tmp_path / "src" / "ok", 2)
+    (tmp_path / "src" / "SMITH_JOHN" / "report.pdf").parent.mkdir()
+    (tmp_path / "src" / "SMITH_JOHN" / "report.pdf").write_bytes(b"%PDF-1.4 not an image")
+    run(tmp_path / "src", tmp_path / "out")
+    assert b"SMITH" not in (tmp_path / "out" / "_quarantine" / "site=test-site" / "quarantine.parquet").read_bytes()
+    rows = quarantined_files("test-site", str(tmp_path / "src"), str(tmp_path / "out"), pseudo=pseudo())
+    assert [(r["path"], r[S.REASON]) for r in rows] == [("SMITH_JOHN/report.pdf", "unreadable")]
+
+
 def test_two_series_mixed_in_one_folder(tmp_path: Path) -> None:
     write_series(tmp_path / "src", 3, series="1.2.3.4.5", name="a{:02d}")
     write_series(tmp_path / "src", 4, series="1.2.3.4.6", name="b{:02d}")

@@ -54,6 +54,16 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quarantine(args: argparse.Namespace) -> int:
+    from pe_triage.dicom import Pseudonymizer, load_key
+    from pe_triage.ingest import quarantined_files
+
+    rows = quarantined_files(args.site, args.source, args.out, pseudo=Pseudonymizer(load_key(demo=args.demo), args.site))
+    for row in rows:
+        print(f"{row['reason']:<28} {row['path'] or '(no longer in source) ' + row['path_pseudonym']}  {row['detail']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="allow the public demo pseudonym key (synthetic data only)")
     p.add_argument("--config", help="YAML configuration (section 'ingest')")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("quarantine", help="list a site's quarantined files with their clear paths (needs the key)")
+    p.add_argument("--site", required=True)
+    p.add_argument("--source", required=True, help="the folder or s3:// prefix that was ingested")
+    p.add_argument("--out", required=True, help="the slices dataset")
+    p.add_argument("--demo", action="store_true", help="the dataset was made with the public demo key")
+    p.set_defaults(func=_quarantine)
     return parser
 
 

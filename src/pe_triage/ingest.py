@@ -279,10 +279,11 @@ def _parquet_writer(task: SeriesTask, path: str) -> pq.ParquetWriter:
     )
 
 
-def _table(batch: list[dict[str, Any]]) -> pa.Table:
-    """One row group: metadata from the row dicts, pixels encoded into one contiguous buffer."""
+def _table(batch: list[dict[str, Any]], buffer: np.ndarray) -> pa.Table:
+    """One row group: metadata from the row dicts, pixels encoded into ``buffer`` (reused between
+    row groups of a series: the writer has compressed the previous group when this one starts)."""
     n = batch[0][S.ROWS] * batch[0][S.COLS]  # one geometry per series
-    planes = np.empty((len(batch), 2 * n), np.uint8)
+    planes = buffer[: len(batch), : 2 * n]
     for i, row in enumerate(batch):
         pixels = row.pop(S.HU)
         if isinstance(pixels, np.ndarray):
@@ -306,19 +307,27 @@ def write_series(task: SeriesTask) -> SeriesResult:
         return result
     writer = None
     batch: list[dict[str, Any]] = []
+    buffer = np.empty(0, np.uint8)
     n = 0
+
+    def flush() -> None:
+        nonlocal writer, buffer, batch
+        size = 2 * batch[0][S.ROWS] * batch[0][S.COLS]
+        if buffer.shape != (task.config.row_group_slices, size):
+            buffer = np.empty((task.config.row_group_slices, size), np.uint8)
+        writer = writer or _parquet_writer(task, task.staged)
+        writer.write_table(_table(batch, buffer))
+        batch = []
+
     try:
         for row in heapq.merge(_old_rows(task), new, key=lambda r: r[S.Z_MM]):
             row[S.SLICE_INDEX] = n
             n += 1
             batch.append(row)
             if len(batch) == task.config.row_group_slices:
-                writer = writer or _parquet_writer(task, task.staged)
-                writer.write_table(_table(batch))
-                batch = []
+                flush()
         if batch:
-            writer = writer or _parquet_writer(task, task.staged)
-            writer.write_table(_table(batch))
+            flush()
     finally:
         if writer is not None:
             writer.close()
@@ -652,3 +661,15 @@ def _report(
             "ingested_mb_per_s": round(new_bytes / 1e6 / seconds, 1) if seconds else None,
         },
     }
+
+
+def quarantined_files(site: str, source: str, out: str, *, pseudo: Pseudonymizer) -> list[dict[str, Any]]:
+    """The quarantine table of ``site`` with clear relative paths, for the hospital that holds the key.
+
+    Outputs only carry path pseudonyms; this maps them back by pseudonymising the source listing.
+    """
+    dst = location(out)
+    table = pq.read_table(dst.join("_quarantine", f"{S.SITE}={site}", "quarantine.parquet"), filesystem=dst.fs)
+    clear = {pseudo("path", rel): rel for rel, _ in location(source).list_files()}
+    return [{"path": clear.get(row[S.PATH_PSEUDONYM]), **row} for row in table.to_pylist()]
+
