@@ -76,7 +76,7 @@ class IngestError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ records
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Scanned:
     path: str
     size: int
@@ -116,7 +116,7 @@ class SeriesTask:
     metadata: dict[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     path: str
     size: int

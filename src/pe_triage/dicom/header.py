@@ -57,7 +57,7 @@ class Rejected(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SliceHeader:
     """What ingest needs of one slice, with pseudonymised ids and the pixel data's location."""
 
