@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -17,12 +16,13 @@ log = logging.getLogger("pe_triage")
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from pe_triage.demo import cohort_overview
     from pe_triage.synth import generate_cohort
 
     cfg = load_config(args.config).synth
     overrides = {k: getattr(args, k) for k in ("sites", "patients_per_site", "slices", "size", "seed") if getattr(args, k) is not None}
     summary = generate_cohort(Path(args.out), replace(cfg, **overrides))
-    print(json.dumps(dataclasses.asdict(summary), indent=2))
+    print(json.dumps(cohort_overview(summary), indent=2))
     return 0
 
 

@@ -11,7 +11,9 @@ renderer draws them with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -19,6 +21,9 @@ Array = np.ndarray
 
 #: lesion kinds of "other disease", in their ``lesion kind`` codes (1-based; 0 = none)
 OTHER_KINDS = ("consolidation", "ggo", "nodule", "effusion")
+
+#: tube groups, drawn in this order (the heart goes between airways and systemic vessels)
+ARTERY, VEIN, AIRWAY, SYSTEMIC = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,14 +43,7 @@ class Tubes:
     parent: Array  # index of the upstream piece, -1 for a root
     clipped: Array  # bool: drawn only inside the lungs / hila (intrapulmonary pieces)
     wall: Array  # wall thickness in mm (airways), 0 for vessels
-
-    @property
-    def z_lo(self) -> Array:
-        return np.minimum(self.a[:, 2], self.b[:, 2]) - np.maximum(self.r0, self.r1)
-
-    @property
-    def z_hi(self) -> Array:
-        return np.maximum(self.a[:, 2], self.b[:, 2]) + np.maximum(self.r0, self.r1)
+    group: Array  # ARTERY (pulmonary), VEIN (pulmonary), AIRWAY or SYSTEMIC (incl. oesophagus)
 
     def __len__(self) -> int:
         return len(self.r0)
@@ -55,7 +53,7 @@ class Tubes:
 class Embolus:
     """A filling defect along a chain of connected pulmonary-artery pieces, within a z slab."""
 
-    pieces: tuple[int, ...]  # indices into Anatomy.arteries, upstream first
+    pieces: tuple[int, ...]  # indices into Anatomy.tubes (pulmonary arteries), upstream first
     z_lo: float
     z_hi: float
     fraction: float  # defect radius / lumen radius (1 = occlusive)
@@ -124,64 +122,80 @@ class Anatomy:
     hu_cortex: float
     hu_marrow: float
     # tubular structures
-    arteries: Tubes  # pulmonary arteries: central (trunk, RPA, LPA) + intrapulmonary trees
-    veins: Tubes  # pulmonary veins
-    airways: Tubes  # trachea, main and lobar bronchi
-    systemic: Tubes  # aorta and branches, SVC, brachiocephalic vein, IVC, oesophagus
+    #: pulmonary arteries (central trunk, RPA, LPA + intrapulmonary trees), pulmonary veins,
+    #: trachea and bronchi, aorta and its branches, SVC, brachiocephalic veins, IVC, oesophagus
+    tubes: Tubes
     hila: tuple[tuple[float, float, float], ...]  # where trees leave the mediastinum
     # disease
     emboli: tuple[Embolus, ...] = ()
     blobs: tuple[Blob, ...] = ()
     effusions: tuple[Effusion, ...] = ()
 
-    def u(self, z: Array | float) -> Array:
-        return (self.z_apex - np.asarray(z, dtype=np.float64)) / self.lung_height
+    def u(self, z: Array | float) -> Array | float:
+        return (self.z_apex - z) / self.lung_height
 
     def z(self, u: float) -> float:
         return self.z_apex - u * self.lung_height
 
 
-def _interp(u: Array, knots: tuple[float, ...], values: tuple[float, ...]) -> Array:
-    return np.interp(u, knots, values)
+Memo = Callable[[tuple[object, ...], Callable[[], Array]], Array]
+
+
+def _no_memo(key: tuple[object, ...], make: Callable[[], Array]) -> Array:
+    return make()
+
+
+def _s(v: Array | float) -> Array | float:
+    """Python float for scalars: a numpy float64 scalar would promote the float32 grids to float64."""
+    return float(v) if np.ndim(v) == 0 else v
+
+
+def _interp(u: Array | float, knots: tuple[float, ...], values: tuple[float, ...]) -> Array | float:
+    return _s(np.interp(u, knots, values))
 
 
 def _ellipse(x: Array, y: Array, cx: Array | float, cy: Array | float, ax: Array | float, by: Array | float) -> Array:
-    ax = np.maximum(ax, 1e-6)
-    by = np.maximum(by, 1e-6)
-    return ((x - cx) / ax) ** 2 + ((y - cy) / by) ** 2 <= 1.0
+    dx = (x - cx) / np.maximum(ax, 1e-6)
+    dy = (y - cy) / np.maximum(by, 1e-6)
+    return dx * dx + dy * dy <= 1.0
 
 
-def cavity_scale(u: Array) -> Array:
+def cavity_scale(u: Array | float) -> Array | float:
     """Thoracic cavity size relative to mid-chest: the narrow inlet at the apex, none in the neck."""
-    return _interp(u, (-0.04, 0.0, 0.12, 0.35, 1.0, 1.3), (0.0, 0.55, 0.78, 1.0, 1.0, 0.95))
+    return _interp(u, (-0.04, 0.0, 0.05, 0.12, 0.35, 1.0, 1.3), (0.0, 0.35, 0.6, 0.8, 1.0, 1.0, 0.95))
+
+
+def cavity_center_y(an: Anatomy, u: Array | float) -> Array | float:
+    """The lung apices rise behind the clavicles: the cavity's centre moves back toward the apex."""
+    return an.cavity_y + an.cavity_b * _interp(u, (0.0, 0.25), (0.22, 0.0))
 
 
 def cavity_mask(an: Anatomy, x: Array, y: Array, z: Array | float) -> Array:
-    k = cavity_scale(an.u(z))
-    return _ellipse(x, y, 0.0, an.cavity_y, an.cavity_a * k, an.cavity_b * k)
+    u = an.u(z)
+    k = cavity_scale(u)
+    return _ellipse(x, y, 0.0, cavity_center_y(an, u), an.cavity_a * k, an.cavity_b * k)
 
 
-def heart_profile(an: Anatomy, u: Array) -> Array:
+def heart_profile(an: Anatomy, u: Array | float) -> Array | float:
     """Heart cross-section scale: 0 outside its levels, rising to 1 mid-heart."""
     top, bottom = an.heart_u
-    t = np.clip((u - top) / (bottom - top), 0.0, 1.0)
-    return np.sqrt(np.sin(np.pi * t))
+    t = np.clip((np.asarray(u) - top) / (bottom - top), 0.0, 1.0)
+    return _s(np.sqrt(np.sin(np.pi * t)))
 
 
 def heart_mask(an: Anatomy, x: Array, y: Array, z: Array | float, margin: float = 1.0) -> Array:
     k = heart_profile(an, an.u(z)) * margin
-    c, s = np.cos(an.heart_angle), np.sin(an.heart_angle)
+    c, s = float(np.cos(an.heart_angle)), float(np.sin(an.heart_angle))
     dx, dy = x - an.heart_center[0], y - an.heart_center[1]
     return _ellipse(c * dx + s * dy, -s * dx + c * dy, 0.0, 0.0, an.heart_axes[0] * k, an.heart_axes[1] * k)
 
 
-def dome_scale(an: Anatomy, u: Array, side: int) -> Array:
+def dome_scale(an: Anatomy, u: Array | float, side: int) -> Array | float:
     """Diaphragm dome cross-section scale: an ellipsoid cap below the dome top, then widening."""
     top = an.dome_u[0 if side < 0 else 1]
-    depth = 0.26
-    d = np.clip((u - top) / depth, 0.0, None)
+    d = np.clip((np.asarray(u) - top) / 0.26, 0.0, None)
     cap = np.sqrt(np.clip(1.0 - (1.0 - np.minimum(d, 1.0)) ** 2, 0.0, 1.0))
-    return cap + np.clip(d - 1.0, 0.0, None) * 2.5
+    return _s(cap + np.clip(d - 1.0, 0.0, None) * 2.5)
 
 
 def dome_mask(an: Anatomy, x: Array, y: Array, z: Array | float, side: int) -> Array:
@@ -191,8 +205,8 @@ def dome_mask(an: Anatomy, x: Array, y: Array, z: Array | float, side: int) -> A
     return _ellipse(x, y, cx, cy, an.cavity_a * 0.62 * k, an.cavity_b * 0.95 * k)
 
 
-def mediastinum_halfwidth(u: Array) -> Array:
-    return _interp(u, (0.0, 0.1, 0.3, 0.42, 0.55, 1.0), (26.0, 30.0, 34.0, 40.0, 22.0, 20.0))
+def mediastinum_halfwidth(u: Array | float) -> Array | float:
+    return _interp(u, (0.0, 0.1, 0.3, 0.42, 0.55, 1.0), (9.0, 11.0, 13.0, 14.0, 10.0, 9.0))
 
 
 def spine_keepout(an: Anatomy, x: Array, y: Array) -> Array:
@@ -200,16 +214,38 @@ def spine_keepout(an: Anatomy, x: Array, y: Array) -> Array:
     return _ellipse(x, y, 0.0, an.spine_y + an.spine_r * 0.9, an.spine_r + 11.0 * an.scale, an.spine_r * 2.4)
 
 
-def lung_mask(an: Anatomy, x: Array, y: Array, z: Array | float, side: int) -> Array:
-    """One lung (side -1 = right lung, image left) as cavity minus mediastinum, heart, dome, spine."""
+def lung_masks(an: Anatomy, x: Array, y: Array, z: Array | float, cavity: Array | None = None,
+               mediastinum: Array | None = None, memo: Memo | None = None) -> tuple[Array, Array]:
+    """Right and left lung: cavity minus mediastinum, heart, diaphragm domes and spine.
+
+    ``mediastinum`` (the renderer passes the outline of the heart, great vessels and airways)
+    replaces the heart; a midline band, narrowing in front (anterior junction line), always
+    separates the lungs. ``memo`` (key, make) may return shapes kept from an earlier slice.
+    """
+    if memo is None:
+        memo = _no_memo
     u = an.u(z)
-    g = _interp(u, (0.0, 0.04, 0.12, 0.3), (0.12, 0.42, 0.7, 1.0))
-    cy = an.cavity_y + an.cavity_b * _interp(u, (0.0, 0.3), (0.3, 0.05))
-    hemi = _ellipse(x, y, side * an.cavity_a * 0.5, cy, an.cavity_a * 0.62 * g, an.cavity_b * 1.05 * g)
+    u = _s(u)
+    common = cavity_mask(an, x, y, z) if cavity is None else cavity.copy()
+    common &= np.asarray(u >= 0.0)
+    if mediastinum is not None:
+        common &= ~mediastinum
+    elif np.ndim(u) or heart_profile(an, u) > 0:
+        common &= ~heart_mask(an, x, y, z, margin=1.1)
+    common &= ~memo(("spine",), lambda: spine_keepout(an, x, y))
     shift = _interp(u, (0.0, 0.5, 1.0), (0.0, 3.0, 8.0)) * an.scale
-    medial = side * (x - shift) > mediastinum_halfwidth(u) * an.scale
-    m = hemi & medial & (u >= 0.0) & cavity_mask(an, x, y, z)
-    m &= ~heart_mask(an, x, y, z, margin=1.1)
-    m &= ~dome_mask(an, x, y, z, side)
-    m &= ~spine_keepout(an, x, y)
-    return m
+    half = mediastinum_halfwidth(u) * an.scale
+    ry = (y - (an.cavity_y - 0.05 * an.cavity_b)) / an.cavity_b
+    dx = x - shift
+    outside = dx * dx > (half * half) * np.maximum(1.0 - ry * ry, 0.02)
+    g = _interp(u, (0.0, 0.04, 0.12, 0.3), (0.15, 0.45, 0.72, 1.0))
+    cy = an.cavity_y + an.cavity_b * _interp(u, (0.0, 0.3), (0.3, 0.05))
+    out = []
+    for side in (-1, 1):
+        m = common & outside & (side * dx > 0)
+        hemi = partial(_ellipse, x, y, side * an.cavity_a * 0.5, cy, an.cavity_a * 0.62 * g, an.cavity_b * 1.05 * g)
+        m &= memo(("hemi", side, g, cy), hemi)
+        if np.ndim(u) or dome_scale(an, u, side) > 0:
+            m &= ~dome_mask(an, x, y, z, side)
+        out.append(m)
+    return out[0], out[1]
