@@ -541,7 +541,40 @@ def ingest_site(
         raise IngestError(f"site name {site!r} must match {SITE_PATTERN.pattern} (it becomes a folder name)")
     if pseudo.site != site:
         raise IngestError(f"pseudonymizer is for site {pseudo.site!r}, not {site!r}")
-    src, dst = location(source), location(out)
+    workers = config.workers or os.cpu_count() or 1
+    pool = _start_pool(workers)
+    try:
+        return _ingest(site, location(source), location(out), pseudo, labels, config, pool, workers, started)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _warm() -> None:
+    """First task of each worker: it imports this module while the parent plans."""
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor | None:
+    if workers <= 1:
+        return None
+    # spawn, not fork: the parent may hold Arrow threads, which fork would copy half-alive
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(workers):
+        pool.submit(_warm)
+    return pool
+
+
+def _ingest(
+    site: str,
+    src: Location,
+    dst: Location,
+    pseudo: Pseudonymizer,
+    labels: str | None,
+    config: IngestConfig,
+    pool: Executor | None,
+    workers: int,
+    started: float,
+) -> dict[str, Any]:
     manifest = None
     if labels is not None:
         lab = location(labels)
@@ -559,23 +592,17 @@ def ingest_site(
         "pe_triage.key_fingerprint": pseudo.fingerprint,
         "pe_triage.ingest_config": json.dumps({k: v for k, v in to_dict(config).items() if k not in _EXECUTION_ONLY}, sort_keys=True),
     }
-    workers = config.workers or os.cpu_count() or 1
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    try:
-        scanned = [s for chunk in _run(pool, _scan_chunk, [(src, c, pseudo) for c in _chunks(items, config.scan_chunk_files)]) for s in chunk]
-        scan_s = time.perf_counter() - started
+    scanned = [s for chunk in _run(pool, _scan_chunk, [(src, c, pseudo) for c in _chunks(items, config.scan_chunk_files)]) for s in chunk]
+    scan_s = time.perf_counter() - started
 
-        def make_task(series_uid: str, cands: tuple[Candidate, ...], existing_file: str | None,
-                      existing_sha: dict[str, str], labs: dict[str, str | None], rewrite: bool) -> SeriesTask:
-            return SeriesTask(src, dst, pseudo, config, site, series_uid, cands, existing_file, existing_sha, labs,
-                              rewrite, f"{run_dir}/{series_uid}.parquet", metadata)
+    def make_task(series_uid: str, cands: tuple[Candidate, ...], existing_file: str | None,
+                  existing_sha: dict[str, str], labs: dict[str, str | None], rewrite: bool) -> SeriesTask:
+        return SeriesTask(src, dst, pseudo, config, site, series_uid, cands, existing_file, existing_sha, labs,
+                          rewrite, f"{run_dir}/{series_uid}.parquet", metadata)
 
-        plan = _plan(scanned, existing, existing_files, manifest, make_task)
-        plan.tasks.sort(key=lambda t: -len(t.candidates))  # largest first balances the workers
-        results = list(_run(pool, write_series, plan.tasks))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    plan = _plan(scanned, existing, existing_files, manifest, make_task)
+    plan.tasks.sort(key=lambda t: -len(t.candidates))  # largest first balances the workers
+    results = list(_run(pool, write_series, plan.tasks))
     outcomes = [*plan.quarantined, *(o for r in results for o in r.outcomes)]
     by_sop_outcome = {o.sop_uid: o for o in outcomes if o.sop_uid and o.status == QUARANTINED}
     final = dict(existing)
@@ -586,7 +613,8 @@ def ingest_site(
                 final[row[S.SOP_UID]] = row
     label_report = _label_summary(manifest, final, plan.label_rows, by_sop_outcome) if manifest else None
     if config.strict_labels and label_report and (label_report["unmatched_rows"] or label_report["inconsistent_patients"]):
-        dst.fs.delete_dir(run_dir) if dst.exists(run_dir) else None
+        if dst.exists(run_dir):
+            dst.fs.delete_dir(run_dir)
         raise IngestError(
             f"label manifest does not match the ingested slices: {len(label_report['unmatched_rows'])} unmatched row(s), "
             f"{len(label_report['inconsistent_patients'])} inconsistent patient(s); first: "

@@ -6,10 +6,9 @@ headers) lets labels be re-joined to slices ingested in earlier runs, whose clea
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 from io import StringIO
-
-import pandas as pd
 
 from pe_triage.dicom.deid import Pseudonymizer
 from pe_triage.schema import (
@@ -72,20 +71,18 @@ def _clean(value: object) -> str:
 
 def load_manifest(text: str, pseudo: Pseudonymizer) -> Manifest:
     """Parse a manifest CSV (see ``schema.MANIFEST_COLUMNS``); every problem is reported at once."""
-    frame = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False)
-    frame.columns = [c.strip().lower() for c in frame.columns]
-    unknown = sorted(set(frame.columns) - set(MANIFEST_COLUMNS))
-    if M_PATIENT_ID not in frame.columns:
+    reader = csv.DictReader(StringIO(text))
+    columns = [c.strip().lower() for c in reader.fieldnames or []]
+    unknown = sorted(set(columns) - set(MANIFEST_COLUMNS))
+    if M_PATIENT_ID not in columns:
         raise ManifestError(f"label manifest has no '{M_PATIENT_ID}' column; expected columns {MANIFEST_COLUMNS}")
     if unknown:
         raise ManifestError(f"label manifest has unknown column(s) {unknown}; expected {MANIFEST_COLUMNS}")
-    for column in MANIFEST_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = ""
+    reader.fieldnames = columns
     manifest = Manifest()
     errors: list[str] = []
-    for i, rec in enumerate(frame.to_dict("records"), start=2):
-        values = {k: _clean(v) for k, v in rec.items()}
+    for i, rec in enumerate(reader, start=2):
+        values = {k: _clean(rec.get(k)) for k in MANIFEST_COLUMNS}
         patient = values[M_PATIENT_ID]
         label, diagnosis = values[M_LABEL].lower(), values[M_DIAGNOSIS].lower()
         if not patient:
