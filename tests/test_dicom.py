@@ -10,8 +10,8 @@ from factories import ct_slice, pseudo
 
 from pe_triage.dicom import (
     DEMO_KEY,
-    KEY_ENV,
     HEADER_PREFIX_BYTES,
+    KEY_ENV,
     IncompleteHeader,
     MissingKeyError,
     Pseudonymizer,

@@ -7,7 +7,7 @@ from pathlib import Path
 import boto3
 import pyarrow.dataset as pads
 import pytest
-from factories import pseudo, write, ct_slice, write_series
+from factories import ct_slice, pseudo, write, write_series
 
 from pe_triage import schema as S
 from pe_triage.config import IngestConfig
