@@ -66,9 +66,86 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class WindowConfig:
+    """A window defined in configuration: an HU range (lo, hi) or a (level, width) pair."""
+
+    name: str
+    lo: float | None = None
+    hi: float | None = None
+    level: float | None = None
+    width: float | None = None
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Dynamic lung crop (the study's method); thresholds checked on the LIDC series and the
+    synthetic cohort (every lung pixel kept, most outside air cut)."""
+
+    #: dynamic (per slice, the study), series (one box per series, union over its slices), fixed (baseline)
+    mode: str = "dynamic"
+    #: a pooled block whose mean HU is below this is lung or air
+    lung_hu: float = -400.0
+    #: mean HU of a lung region (pure air, ~-1000, is bowel gas or an airway)
+    lung_mean_hu: tuple[float, float] = (-990.0, -500.0)
+    #: smallest lung region kept
+    min_lung_area_mm2: float = 150.0
+    margin_mm: float = 10.0
+    #: grow the box to a square so resizing keeps the aspect ratio (the study resized boxes as they were)
+    square: bool = True
+    #: fixed baseline: the study's centred 300x180 crop of a 400x400 image, as fractions
+    fixed_height_fraction: float = 180 / 400
+    fixed_width_fraction: float = 300 / 400
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """``slices`` -> ``windows``. Defaults: the study's three windows as printed, 256 px output."""
+
+    #: window names, in channel order: presets of ``pe_triage.windows.PRESETS`` or ``custom_windows``
+    windows: tuple[str, ...] = ("vascular", "mediastinal", "lung")
+    custom_windows: tuple[WindowConfig, ...] = ()
+    size: int = 256
+    crop: CropConfig = field(default_factory=CropConfig)
+    #: smallest slice side accepted (smaller images are not diagnostic CT)
+    min_image_size: int = 64
+    workers: int = 0
+    row_group_slices: int = 64
+    zstd_level: int = 1
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Patient-level splits: the study's 5:3:2 train:val:test, stratified by site and patient class."""
+
+    ratios: tuple[float, float, float] = (5.0, 3.0, 2.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Training data loader. WNL slices outnumber PE slices more than 10:1, hence balanced sampling."""
+
+    balanced: bool = True
+    augment: bool = True
+    #: random shift, as a fraction of the image side
+    max_shift: float = 0.05
+    #: random zoom in [1 - max_scale, 1 + max_scale]
+    max_scale: float = 0.05
+    #: random contrast/brightness change of the zero-centred input
+    intensity_jitter: float = 0.05
+    #: off by default: the chest is not left-right symmetric (heart, aortic arch)
+    hflip: bool = False
+    #: where the selected window stacks are materialised for random access (default: a temp folder)
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 class ConfigError(ValueError):

@@ -116,6 +116,50 @@ SLICES_SCHEMA = pa.schema(
 #: every slices column but the pixels: what planning and label joins read
 SLICES_META_COLUMNS = [f.name for f in SLICES_SCHEMA if f.name != HU]
 
+# ---------------------------------------------------------------------------- windows
+CROP_Y0, CROP_Y1, CROP_X0, CROP_X1 = "crop_y0", "crop_y1", "crop_x0", "crop_x1"
+LUNG_FOUND = "lung_found"
+WINDOWS = "windows"
+#: keys carried from ``slices`` into ``windows`` unchanged
+WINDOWS_KEYS = [SITE, PATIENT_ID, STUDY_UID, SERIES_UID, SOP_UID, SLICE_INDEX, Z_MM, SOURCE_SHA256, LABEL]
+#: file metadata keys of a windows dataset
+META_WINDOWS = "pe_triage.windows"  # JSON list of {name, lo, hi}: stored = round((HU - lo) * 255 / (hi - lo))
+META_PREPROCESS = "pe_triage.preprocess_config"  # JSON of PreprocessConfig
+META_SOURCE_DIGEST = "pe_triage.source_digest"  # sha256 over the series' source slices and the config
+
+
+def windows_schema(n_windows: int, size: int) -> pa.Schema:
+    """One row per slice: keys, label, the crop box (slice pixels, half-open) and the window stack."""
+    fields = [f for f in SLICES_SCHEMA if f.name in WINDOWS_KEYS]
+    return pa.schema(
+        [
+            *fields,
+            pa.field(CROP_Y0, pa.int32(), nullable=False),
+            pa.field(CROP_Y1, pa.int32(), nullable=False),
+            pa.field(CROP_X0, pa.int32(), nullable=False),
+            pa.field(CROP_X1, pa.int32(), nullable=False),
+            pa.field(LUNG_FOUND, pa.bool_(), nullable=False),
+            pa.field(WINDOWS, pa.fixed_shape_tensor(pa.uint8(), [n_windows, size, size]), nullable=False),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------- splits
+FOLD = "fold"  # "default" for the ratio split; the held-out site for leave-one-site-out folds
+PATIENT_CLASS = "patient_class"  # pe if any PE slice, else other if any disease slice, else wnl
+SPLIT = "split"
+SPLITS = ("train", "val", "test")
+DEFAULT_FOLD = "default"
+SPLITS_SCHEMA = pa.schema(
+    [
+        pa.field(FOLD, pa.string(), nullable=False),
+        pa.field(SITE, pa.string(), nullable=False),
+        pa.field(PATIENT_ID, pa.string(), nullable=False),
+        pa.field(PATIENT_CLASS, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+    ]
+)
+
 # ---------------------------------------------------------------------------- quarantine
 PATH_PSEUDONYM = "path_pseudonym"
 SIZE_BYTES = "size_bytes"
