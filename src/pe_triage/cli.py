@@ -64,6 +64,18 @@ def _quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from pe_triage.preprocess import preprocess
+
+    report = preprocess(args.slices, args.out, config=load_config(args.config).preprocess)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("slices_skipped", "warnings")}, indent=2))
+    for skipped in report["slices_skipped"][:20]:
+        log.warning("skipped %s slice %s: %s", skipped["series_uid"], skipped["slice_index"], skipped["reason"])
+    for warning in report["warnings"][:20]:
+        log.warning("%s", warning)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="allow the public demo pseudonym key (synthetic data only)")
     p.add_argument("--config", help="YAML configuration (section 'ingest')")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("preprocess", help="slices -> windows: lung crop, resize, HU windows as uint8")
+    p.add_argument("--slices", required=True, help="slices dataset (folder or s3:// URI)")
+    p.add_argument("--out", required=True, help="windows dataset (folder or s3:// URI)")
+    p.add_argument("--config", help="YAML configuration (section 'preprocess')")
+    p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("quarantine", help="list a site's quarantined files with their clear paths (needs the key)")
     p.add_argument("--site", required=True)

@@ -86,7 +86,7 @@ class CropConfig:
     #: a pooled block whose mean HU is below this is lung or air
     lung_hu: float = -400.0
     #: mean HU of a lung region (pure air, ~-1000, is bowel gas or an airway)
-    lung_mean_hu: tuple[float, float] = (-990.0, -500.0)
+    lung_mean_hu: tuple[float, float] = (-980.0, -500.0)
     #: smallest lung region kept
     min_lung_area_mm2: float = 150.0
     margin_mm: float = 10.0

@@ -27,16 +27,14 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import multiprocessing
-import os
 import re
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +54,7 @@ from pe_triage.dicom import (
     sha256_hex,
 )
 from pe_triage.labels import Manifest, load_manifest
+from pe_triage.parallel import run, start_pool, worker_count
 from pe_triage.schema import Reason
 from pe_triage.storage import Location, location
 
@@ -448,21 +447,11 @@ def _plan(
 
 
 # ------------------------------------------------------------------------------------ running
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def _run(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    if pool is None:
-        return map(fn, items)
-    return pool.map(fn, items)
-
-
 def _scan_chunk(args: tuple[Location, Sequence[tuple[str, int]], Pseudonymizer]) -> list[Scanned]:
     return scan_files(*args)
 
 
-def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+def _chunks(items: Sequence[tuple[str, int]], size: int) -> list[Sequence[tuple[str, int]]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -541,27 +530,13 @@ def ingest_site(
         raise IngestError(f"site name {site!r} must match {SITE_PATTERN.pattern} (it becomes a folder name)")
     if pseudo.site != site:
         raise IngestError(f"pseudonymizer is for site {pseudo.site!r}, not {site!r}")
-    workers = config.workers or os.cpu_count() or 1
-    pool = _start_pool(workers)
+    workers = worker_count(config.workers)
+    pool = start_pool(workers)
     try:
         return _ingest(site, location(source), location(out), pseudo, labels, config, pool, workers, started)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-
-
-def _warm() -> None:
-    """First task of each worker: it imports this module while the parent plans."""
-
-
-def _start_pool(workers: int) -> ProcessPoolExecutor | None:
-    if workers <= 1:
-        return None
-    # spawn, not fork: the parent may hold Arrow threads, which fork would copy half-alive
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    for _ in range(workers):
-        pool.submit(_warm)
-    return pool
 
 
 def _ingest(
@@ -592,7 +567,7 @@ def _ingest(
         "pe_triage.key_fingerprint": pseudo.fingerprint,
         "pe_triage.ingest_config": json.dumps({k: v for k, v in to_dict(config).items() if k not in _EXECUTION_ONLY}, sort_keys=True),
     }
-    scanned = [s for chunk in _run(pool, _scan_chunk, [(src, c, pseudo) for c in _chunks(items, config.scan_chunk_files)]) for s in chunk]
+    scanned = [s for chunk in run(pool, _scan_chunk, [(src, c, pseudo) for c in _chunks(items, config.scan_chunk_files)]) for s in chunk]
     scan_s = time.perf_counter() - started
 
     def make_task(series_uid: str, cands: tuple[Candidate, ...], existing_file: str | None,
@@ -602,7 +577,7 @@ def _ingest(
 
     plan = _plan(scanned, existing, existing_files, manifest, make_task)
     plan.tasks.sort(key=lambda t: -len(t.candidates))  # largest first balances the workers
-    results = list(_run(pool, write_series, plan.tasks))
+    results = list(run(pool, write_series, plan.tasks))
     outcomes = [*plan.quarantined, *(o for r in results for o in r.outcomes)]
     by_sop_outcome = {o.sop_uid: o for o in outcomes if o.sop_uid and o.status == QUARANTINED}
     final = dict(existing)

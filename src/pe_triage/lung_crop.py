@@ -1,0 +1,133 @@
+"""Crop boxes for a CT slice: the study's dynamic lung crop, a per-series union, a fixed baseline.
+
+The lung box is found on a 4x pooled grid (PERF-NOTES: full-resolution labelling is ~50x
+slower). Tissue is max-pooled, so a thin body wall stays closed and the air outside cannot leak
+into the lungs; HU is mean-pooled, so a lung block stays dark despite its vessels. The lungs are the large dark regions inside the body, which excludes the air around
+the patient, the table (not part of the body component) and pure-air bowel gas (darker than
+aerated lung).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from pe_triage.config import CropConfig
+
+#: HU above which a pixel is tissue (skin, fat, muscle, bone, blood); blankets, cables and the
+#: table mattress (-900..-600) are not, so they cannot enclose air that would pass for lung
+TISSUE_HU = -500
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+class Box(NamedTuple):
+    """Half-open pixel box [y0, y1) x [x0, x1)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    def union(self, other: Box) -> Box:
+        return Box(min(self.y0, other.y0), max(self.y1, other.y1), min(self.x0, other.x0), max(self.x1, other.x1))
+
+
+class NoBodyError(ValueError):
+    """The slice holds no patient (an empty table slice, air only)."""
+
+
+@dataclass(frozen=True)
+class LungBox:
+    box: Box
+    lung_found: bool  # False: no lung in the slice (neck, abdomen), the body box is used
+
+
+def _pool_factor(rows: int, cols: int) -> int:
+    return 4 if min(rows, cols) >= 256 else 2 if min(rows, cols) >= 96 else 1
+
+
+def _stats_box(stats: np.ndarray, i: int) -> Box:
+    x, y, w, h = (int(v) for v in stats[i, :4])
+    return Box(y, y + h, x, x + w)
+
+
+def find_lung_box(hu: np.ndarray, spacing_mm: tuple[float, float], config: CropConfig = CropConfig()) -> LungBox:
+    """Lung bounding box (plus margin) of one axial HU slice, or the body box when it has no lung."""
+    rows, cols = hu.shape
+    f = _pool_factor(rows, cols)
+    small = (cols // f, rows // f)
+    mean_hu = cv2.resize(hu, small, interpolation=cv2.INTER_AREA)
+    # max-pool of the tissue mask: a block is tissue if any of its pixels is
+    tissue_pixels = cv2.threshold(hu, TISSUE_HU, 255, cv2.THRESH_BINARY)[1]
+    tissue = (cv2.resize(tissue_pixels, small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+
+    # flood the non-tissue from a 1-pixel frame: what it reaches is the air around the patient
+    framed = cv2.copyMakeBorder(tissue, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(framed, None, (0, 0), 2)
+    inside = (framed[1:-1, 1:-1] != 2).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=4)
+    if n <= 1:
+        raise NoBodyError("no body in the slice")
+    body_label = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    body_box = _scale(_stats_box(stats, body_label), f, rows, cols)
+
+    # blocks on the body outline are half air: erode one block so the outline cannot pass for lung
+    body = cv2.erode((labels == body_label).astype(np.uint8), _CROSS)
+    dark = (body.astype(bool) & (mean_hu < config.lung_hu)).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+    min_blocks = config.min_lung_area_mm2 / (f * f * spacing_mm[0] * spacing_mm[1])
+    lo, hi = config.lung_mean_hu
+    box = None
+    for i in np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_blocks):
+        if i == 0:
+            continue
+        region_mean = cv2.mean(mean_hu, mask=(labels == i).astype(np.uint8))[0]
+        if lo <= region_mean <= hi:
+            box = _stats_box(stats, i) if box is None else box.union(_stats_box(stats, i))
+    if box is None:
+        return LungBox(body_box, lung_found=False)
+    box = _scale(box, f, rows, cols)
+    margin = (round(config.margin_mm / spacing_mm[0]), round(config.margin_mm / spacing_mm[1]))
+    box = Box(box.y0 - margin[0], box.y1 + margin[0], box.x0 - margin[1], box.x1 + margin[1])
+    if config.square:
+        box = square(box)
+    return LungBox(clip(box, rows, cols), lung_found=True)
+
+
+def _scale(box: Box, f: int, rows: int, cols: int) -> Box:
+    return Box(box.y0 * f, min(box.y1 * f, rows), box.x0 * f, min(box.x1 * f, cols))
+
+
+def square(box: Box) -> Box:
+    """Grow the shorter side symmetrically to the longer one."""
+    h, w = box.y1 - box.y0, box.x1 - box.x0
+    if h > w:
+        d = h - w
+        return Box(box.y0, box.y1, box.x0 - d // 2, box.x1 + d - d // 2)
+    d = w - h
+    return Box(box.y0 - d // 2, box.y1 + d - d // 2, box.x0, box.x1)
+
+
+def clip(box: Box, rows: int, cols: int) -> Box:
+    """Keep the box inside the image, shifting before shrinking so a square box stays square."""
+    h, w = min(box.y1 - box.y0, rows), min(box.x1 - box.x0, cols)
+    y0 = min(max(box.y0, 0), rows - h)
+    x0 = min(max(box.x0, 0), cols - w)
+    return Box(y0, y0 + h, x0, x0 + w)
+
+
+def fixed_box(rows: int, cols: int, height_fraction: float = 180 / 400, width_fraction: float = 300 / 400) -> Box:
+    """The study's baseline: a centred 300x180 crop of a 400x400 image, as fractions of any size."""
+    h, w = round(rows * height_fraction), round(cols * width_fraction)
+    y0, x0 = (rows - h) // 2, (cols - w) // 2
+    return Box(y0, y0 + h, x0, x0 + w)
+
+
+def crop_resize(hu: np.ndarray, box: Box, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Crop the int16 slice first (less to convert), then resize to ``size`` x ``size`` float32."""
+    patch = hu[box.y0 : box.y1, box.x0 : box.x1].astype(np.float32)
+    shrink = patch.shape[0] >= size and patch.shape[1] >= size
+    return cv2.resize(patch, (size, size), dst=out, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

@@ -1,0 +1,74 @@
+"""HU windows: pure array functions, MONAI-style (no I/O, no state).
+
+A window maps an HU range linearly onto 0..255 for storage; the loader maps the stored byte back
+to a zero-centred float in [-1, 1] for the network. The linear map is recorded with the data, so
+a stored byte always has one meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    """An HU range [lo, hi]; build from (level, width) with :meth:`from_level_width`."""
+
+    name: str
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not self.hi > self.lo:
+            raise ValueError(f"window {self.name!r}: upper bound {self.hi} must exceed lower bound {self.lo}")
+
+    @classmethod
+    def from_level_width(cls, name: str, level: float, width: float) -> Window:
+        return cls(name, level - width / 2, level + width / 2)
+
+    @property
+    def level(self) -> float:
+        return (self.lo + self.hi) / 2
+
+    @property
+    def width(self) -> float:
+        return self.hi - self.lo
+
+
+#: the study's windows as printed (vascular 0..650, mediastinal 40..400, lung -400..1500), the wider
+#: lung range its text names, and the common clinical presets
+PRESETS: dict[str, Window] = {
+    w.name: w
+    for w in (
+        Window("vascular", 0, 650),
+        Window("mediastinal", 40, 400),
+        Window("lung", -400, 1500),
+        Window("lung_wide", -1000, 1600),
+        Window.from_level_width("clinical_lung", -600, 1500),
+        Window.from_level_width("clinical_pe", 100, 700),
+        Window.from_level_width("clinical_mediastinal", 40, 400),
+    )
+}
+
+
+def window_to_uint8(hu: np.ndarray, window: Window, out: np.ndarray | None = None) -> np.ndarray:
+    """HU (any real dtype) -> uint8, lo -> 0 and hi -> 255, clipped, rounded to nearest."""
+    scale = np.float32(255.0 / window.width)
+    tmp = np.subtract(hu, np.float32(window.lo), dtype=np.float32)
+    tmp *= scale
+    np.clip(tmp, 0, 255, out=tmp)
+    tmp += np.float32(0.5)
+    if out is None:
+        return tmp.astype(np.uint8)
+    np.copyto(out, tmp, casting="unsafe")
+    return out
+
+
+def uint8_to_centred(stored: np.ndarray) -> np.ndarray:
+    """Stored window bytes -> float32 in [-1, 1], zero at the window's centre (the study's normalisation)."""
+    out = stored.astype(np.float32)
+    out *= np.float32(2.0 / 255.0)
+    out -= np.float32(1.0)
+    return out
