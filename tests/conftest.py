@@ -12,6 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from factories import pseudo
+
+from pe_triage.config import IngestConfig, SynthConfig
+from pe_triage.ingest import ingest_site
+from pe_triage.synth import generate_cohort
 
 REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
 
@@ -61,3 +66,18 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def onboarded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, dict]]:
+    """A small synthetic 3-site cohort, ingested: (cohort folder, slices dataset, ingest reports)."""
+    root = tmp_path_factory.mktemp("synth")
+    config = SynthConfig(sites=3, patients_per_site=4, slices=24, size=96, seed=7)
+    generate_cohort(root / "cohort", config)
+    reports = {}
+    for site_dir in sorted((root / "cohort" / "sites").iterdir()):
+        site = site_dir.name
+        reports[site] = ingest_site(site, str(site_dir / "dicom"), str(root / "slices"), pseudo=pseudo(site),
+                                    labels=str(site_dir / "labels.csv"), config=IngestConfig(workers=2))
+    return root / "cohort", root / "slices", reports
+

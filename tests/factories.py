@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset as pads
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
@@ -82,3 +83,10 @@ def write_series(folder: Path, n: int = 5, *, series: str = "1.2.3.4.5", name: s
         write(ct_slice(series=series, sop=f"{series}.{i + 1}", z=float(i), instance=n - i, **kw), folder / name.format(i))
         for i in range(n)
     ]
+
+
+def truth(cohort: Path) -> list[dict]:
+    """The generator's per-slice ground truth of a synthetic cohort."""
+    files = [str(p) for p in sorted((cohort / "truth").glob("*.parquet"))]
+    return pads.dataset(files, format="parquet").to_table().to_pylist()
+

@@ -10,13 +10,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from factories import pseudo
+from factories import truth
 
 from pe_triage import schema as S
-from pe_triage.config import IngestConfig, SynthConfig
-from pe_triage.ingest import ingest_site
 from pe_triage.schema import Tissue
-from pe_triage.synth import generate_cohort
 
 pytestmark = pytest.mark.slow
 
@@ -30,23 +27,6 @@ TISSUE_HU = {
     Tissue.BONE: (250, 1100),
     Tissue.PE: (10, 100),
 }
-
-
-@pytest.fixture(scope="module")
-def onboarded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, dict]]:
-    root = tmp_path_factory.mktemp("synth")
-    config = SynthConfig(sites=3, patients_per_site=4, slices=24, size=96, seed=7)
-    generate_cohort(root / "cohort", config)
-    reports = {}
-    for site_dir in sorted((root / "cohort" / "sites").iterdir()):
-        site = site_dir.name
-        reports[site] = ingest_site(site, str(site_dir / "dicom"), str(root / "slices"), pseudo=pseudo(site),
-                                    labels=str(site_dir / "labels.csv"), config=IngestConfig(workers=2))
-    return root / "cohort", root / "slices", reports
-
-
-def truth(cohort: Path) -> list[dict]:
-    return pads.dataset([str(p) for p in sorted((cohort / "truth").glob("*.parquet"))], format="parquet").to_table().to_pylist()
 
 
 def test_every_generated_slice_is_ingested_with_its_label(onboarded: tuple[Path, Path, dict]) -> None:
