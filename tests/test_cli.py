@@ -40,3 +40,8 @@ def test_bad_arguments_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert main(["ingest", "--site", "a", "--source", str(tmp_path), "--out", str(tmp_path / "o"), "--demo",
                  "--config", str(tmp_path / "c.yaml")]) == 2
     assert "wrkers" in caplog.text
+
+
+def test_split_names_bad_ratios(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["split", "--windows", str(tmp_path), "--out", str(tmp_path / "s.parquet"), "--ratios", "5:3"]) == 2
+    assert "5:3" in caplog.text

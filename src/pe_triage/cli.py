@@ -76,6 +76,19 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from pe_triage.splits import parse_ratios, split_dataset
+
+    cfg = load_config(args.config).split
+    if args.ratios:
+        cfg = replace(cfg, ratios=parse_ratios(args.ratios))
+    if args.seed is not None:
+        cfg = replace(cfg, seed=args.seed)
+    report = split_dataset(args.windows, args.out, config=cfg, by_site=args.by_site == "leave-one-out")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -112,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="windows dataset (folder or s3:// URI)")
     p.add_argument("--config", help="YAML configuration (section 'preprocess')")
     p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("split", help="patient-level train/val/test splits, stratified by site and patient class")
+    p.add_argument("--windows", required=True, help="windows dataset")
+    p.add_argument("--out", required=True, help="splits Parquet file")
+    p.add_argument("--ratios", help="train:val:test, default 5:3:2 (the study's); checked when the command runs")
+    p.add_argument("--by-site", choices=["leave-one-out"], help="one fold per site, that site held out as test")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="YAML configuration (section 'split')")
+    p.set_defaults(func=_split)
 
     p = sub.add_parser("quarantine", help="list a site's quarantined files with their clear paths (needs the key)")
     p.add_argument("--site", required=True)

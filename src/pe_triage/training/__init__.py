@@ -1,0 +1,1 @@
+"""Training: data loading, loops and model artifacts for the two stages."""
