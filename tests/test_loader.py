@@ -72,7 +72,7 @@ def write_windows(
             S.CROP_Y0: [0] * n, S.CROP_Y1: [size] * n, S.CROP_X0: [0] * n, S.CROP_X1: [size] * n, S.LUNG_FOUND: [True] * n,
         }
         arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != S.WINDOWS]
-        arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(stacks))
+        arrays.append(S.windows_array(stacks))
         path = root / f"site={site}" / f"se-{pid}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_arrays(arrays, schema=schema), path, row_group_size=ROW_GROUP)

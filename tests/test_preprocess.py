@@ -60,7 +60,7 @@ def test_windows_dataset_contract(tmp_path: Path) -> None:
     meta = json.loads(pf.schema_arrow.metadata[S.META_WINDOWS.encode()])
     assert [m["name"] for m in meta] == ["vascular", "mediastinal", "lung"] and meta[0]["hi"] == 650
     table = pf.read()
-    stack = table.column(S.WINDOWS).chunk(0).to_numpy_ndarray()
+    stack = S.windows_stack(table.column(S.WINDOWS), S.windows_shape(table.schema.field(S.WINDOWS)))
     assert stack.shape[1:] == (3, 64, 64) and stack.dtype == np.uint8
     rows = table.drop_columns([S.WINDOWS]).to_pylist()
     assert [r[S.SLICE_INDEX] for r in rows] == list(range(6))

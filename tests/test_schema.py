@@ -29,3 +29,16 @@ def test_schema_names_every_column_once() -> None:
     names = S.SLICES_SCHEMA.names
     assert len(names) == len(set(names)) and names[-1] == S.HU
     assert set(S.SLICES_META_COLUMNS) == set(names) - {S.HU}
+
+
+def test_windows_column_round_trip_without_copy_and_with_offsets() -> None:
+    stack = np.random.default_rng(0).integers(0, 256, (5, 2, 4, 4), dtype=np.uint8)
+    column = S.windows_array(stack)
+    field = S.windows_schema(2, 4).field(S.WINDOWS)
+    assert column.type == field.type and S.windows_shape(field) == (2, 4, 4)
+    np.testing.assert_array_equal(S.windows_stack(column, (2, 4, 4)), stack)
+    np.testing.assert_array_equal(S.windows_stack(column.slice(2, 2), (2, 4, 4)), stack[2:4])
+    import pyarrow as pa
+
+    chunked = pa.chunked_array([column.slice(0, 2), column.slice(2, 3)])
+    np.testing.assert_array_equal(S.windows_stack(chunked, (2, 4, 4)), stack)

@@ -58,7 +58,7 @@ def write_windows(root: Path, slices: dict[tuple[str, str], list[str | None]]) -
             S.CROP_Y0: [0] * n, S.CROP_Y1: [4] * n, S.CROP_X0: [0] * n, S.CROP_X1: [4] * n, S.LUNG_FOUND: [True] * n,
         }
         arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != S.WINDOWS]
-        arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((n, 1, 4, 4), np.uint8)))
+        arrays.append(S.windows_array(np.zeros((n, 1, 4, 4), np.uint8)))
         path = root / f"site={site}" / f"se-{pid}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_arrays(arrays, schema=schema), path)

@@ -145,13 +145,15 @@ def process_series(job: SeriesJob) -> SeriesResult:
     def flush() -> None:
         nonlocal writer, batch
         n = len(batch)
-        tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(stack[:n])
+        tensor = S.windows_array(stack[:n])
         table = pa.Table.from_pylist(batch, schema=pa.schema([f for f in schema if f.name != S.WINDOWS]))
         table = table.append_column(schema.field(S.WINDOWS), tensor)
         if writer is None:
             job.out.fs.create_dir(job.staged.rsplit("/", 1)[0], recursive=True)
+            keys = [f.name for f in schema if f.name != S.WINDOWS]
             writer = pq.ParquetWriter(job.staged, schema, filesystem=job.out.fs, compression="zstd",
-                                      compression_level=cfg.zstd_level)
+                                      compression_level=cfg.zstd_level, write_statistics=keys,
+                                      use_dictionary=[k for k in keys if schema.field(k).type == pa.string()])
         writer.write_table(table)
         batch = []
 

@@ -7,6 +7,7 @@ and a reader can never disagree with a writer.
 from __future__ import annotations
 
 import enum
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -129,7 +130,13 @@ META_SOURCE_DIGEST = "pe_triage.source_digest"  # sha256 over the series' source
 
 
 def windows_schema(n_windows: int, size: int) -> pa.Schema:
-    """One row per slice: keys, label, the crop box (slice pixels, half-open) and the window stack."""
+    """One row per slice: keys, label, the crop box (slice pixels, half-open) and the window stack.
+
+    The stack is a uint8 ``[n_windows, size, size]`` tensor stored as fixed-size binary with its
+    shape in the field metadata: Parquet has no fixed-size list, and Arrow's fixed_shape_tensor is
+    written as a list of nullable int32 values, ~7x slower to read and 26% larger (measured on 100
+    slices of 3x256x256). Use :func:`windows_array` / :func:`windows_stack`.
+    """
     fields = [f for f in SLICES_SCHEMA if f.name in WINDOWS_KEYS]
     return pa.schema(
         [
@@ -139,9 +146,38 @@ def windows_schema(n_windows: int, size: int) -> pa.Schema:
             pa.field(CROP_X0, pa.int32(), nullable=False),
             pa.field(CROP_X1, pa.int32(), nullable=False),
             pa.field(LUNG_FOUND, pa.bool_(), nullable=False),
-            pa.field(WINDOWS, pa.fixed_shape_tensor(pa.uint8(), [n_windows, size, size]), nullable=False),
+            pa.field(WINDOWS, pa.binary(n_windows * size * size), nullable=False,
+                     metadata={"shape": json.dumps([n_windows, size, size]), "dtype": "uint8"}),
         ]
     )
+
+
+def windows_shape(field: pa.Field) -> tuple[int, int, int]:
+    """[n_windows, H, W] of a windows column, from its field metadata."""
+    shape = json.loads((field.metadata or {}).get(b"shape", b"null"))
+    if not shape or len(shape) != 3:
+        raise ValueError(f"column {field.name!r} has no [n_windows, H, W] shape in its metadata")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def windows_array(stack: np.ndarray) -> pa.Array:
+    """uint8 [N, n_windows, H, W] -> a fixed-size binary array over the same memory (no copy)."""
+    stack = np.ascontiguousarray(stack, dtype=np.uint8)
+    width = int(np.prod(stack.shape[1:]))
+    return pa.Array.from_buffers(pa.binary(width), len(stack), [None, pa.py_buffer(stack)])
+
+
+def windows_stack(column: pa.Array | pa.ChunkedArray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A windows column -> uint8 [N, n_windows, H, W] (a view where the column is one chunk)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        if chunk.null_count:
+            raise ValueError("windows column has nulls")
+        data = np.frombuffer(chunk.buffers()[1], np.uint8)
+        width = int(np.prod(shape))
+        parts.append(data[chunk.offset * width : (chunk.offset + len(chunk)) * width].reshape(len(chunk), *shape))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty((0, *shape), np.uint8)
 
 
 # ---------------------------------------------------------------------------- splits

@@ -94,12 +94,14 @@ def _channels(defs: list[dict[str, Any]], windows_used: Sequence[str]) -> list[i
 def _copy_selected(sel: _FileSelection, out: np.ndarray, channels: list[int]) -> None:
     """Stream one file's selected row groups (window column only) into ``out``: selected rows, channels."""
     start = pos = 0
-    batches = pq.ParquetFile(sel.path).iter_batches(batch_size=sel.batch_rows, row_groups=list(sel.row_groups), columns=[S.WINDOWS])
+    parquet = pq.ParquetFile(sel.path)
+    shape = S.windows_shape(parquet.schema_arrow.field(S.WINDOWS))
+    batches = parquet.iter_batches(batch_size=sel.batch_rows, row_groups=list(sel.row_groups), columns=[S.WINDOWS])
     for batch in batches:
         rows = np.flatnonzero(sel.mask[start : start + batch.num_rows])
         start += batch.num_rows
         if rows.size:
-            stack = batch.column(0).to_numpy_ndarray()
+            stack = S.windows_stack(batch.column(0), shape)
             for j, c in enumerate(channels):
                 out[pos : pos + rows.size, j] = stack[rows, c]
             pos += rows.size
@@ -206,7 +208,7 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def _plan(self, files: list[str], patients: pa.Array) -> tuple[list[dict[str, Any]], list[int], list[_FileSelection], pa.Table]:
         """Read the key columns of every file; choose the rows (and so the row groups) to materialise."""
         first = pq.ParquetFile(files[0])
-        defs, shape = _window_defs(first, files[0]), list(first.schema_arrow.field(S.WINDOWS).type.shape)
+        defs, shape = _window_defs(first, files[0]), list(S.windows_shape(first.schema_arrow.field(S.WINDOWS)))
         if len(defs) != shape[0]:
             raise ValueError(f"{files[0]}: {len(defs)} window definitions for {shape[0]} stored windows")
         labels = pa.array(STAGE_LABELS[self.stage])
@@ -215,7 +217,7 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             pf = pq.ParquetFile(path)
             if (file_defs := _window_defs(pf, path)) != defs:
                 raise ValueError(f"window definitions differ between files: {files[0]} has {defs}, {path} has {file_defs}")
-            if (file_shape := list(pf.schema_arrow.field(S.WINDOWS).type.shape)) != shape:
+            if (file_shape := list(S.windows_shape(pf.schema_arrow.field(S.WINDOWS)))) != shape:
                 raise ValueError(f"window tensor shape differs between files: {files[0]} has {shape}, {path} has {file_shape}")
             keys = pf.read(columns=INDEX_COLUMNS)
             unknown = pc.and_(pc.is_valid(keys[S.LABEL]), pc.invert(pc.is_in(keys[S.LABEL], value_set=pa.array(STAGE_LABELS[1]))))
