@@ -56,7 +56,7 @@ def naive(hu: np.ndarray, spacing: tuple[float, float], windows: list[Window], p
     labels, n = ndi.label(lungs)
     sizes = ndi.sum(lungs, labels, range(1, n + 1))
     keep = np.isin(labels, 1 + np.flatnonzero(sizes >= 300))
-    ys, xs = np.nonzero(keep)
+    ys, xs = np.nonzero(keep if keep.any() else body)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     for i, img in enumerate(stacked):
         crop = img[y0:y1, x0:x1]
@@ -65,7 +65,7 @@ def naive(hu: np.ndarray, spacing: tuple[float, float], windows: list[Window], p
 
 def per_second(fn: Callable[..., None], slices: list[tuple[np.ndarray, tuple[float, float]]], windows: list[Window],
                repeats: int) -> float:
-    patch = np.empty((256, 256), np.float32)
+    patch = np.empty((256, 256), np.int16)
     out = np.empty((len(windows), 256, 256), np.uint8)
     times = []
     for _ in range(repeats):

@@ -61,7 +61,7 @@ def find_lung_box(hu: np.ndarray, spacing_mm: tuple[float, float], config: CropC
     small = (cols // f, rows // f)
     mean_hu = cv2.resize(hu, small, interpolation=cv2.INTER_AREA)
     # max-pool of the tissue mask: a block is tissue if any of its pixels is
-    tissue_pixels = cv2.threshold(hu, TISSUE_HU, 255, cv2.THRESH_BINARY)[1]
+    tissue_pixels = cv2.compare(hu, TISSUE_HU, cv2.CMP_GT)  # uint8 0/255
     tissue = (cv2.resize(tissue_pixels, small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
 
     # flood the non-tissue from a 1-pixel frame: what it reaches is the air around the patient
@@ -127,7 +127,8 @@ def fixed_box(rows: int, cols: int, height_fraction: float = 180 / 400, width_fr
 
 
 def crop_resize(hu: np.ndarray, box: Box, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Crop the int16 slice first (less to convert), then resize to ``size`` x ``size`` float32."""
-    patch = hu[box.y0 : box.y1, box.x0 : box.x1].astype(np.float32)
+    """Crop and resize the int16 slice to ``size`` x ``size`` (int16 HU: no float copy of the crop;
+    area averaging when shrinking, bilinear when enlarging)."""
+    patch = hu[box.y0 : box.y1, box.x0 : box.x1]
     shrink = patch.shape[0] >= size and patch.shape[1] >= size
     return cv2.resize(patch, (size, size), dst=out, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

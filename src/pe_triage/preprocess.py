@@ -61,7 +61,7 @@ def resolve_windows(config: PreprocessConfig) -> list[Window]:
 
 
 def window_stack(patch: np.ndarray, windows: list[Window], out: np.ndarray) -> np.ndarray:
-    """[n_windows, H, W] uint8 of one resized float32 patch, written into ``out``."""
+    """[n_windows, H, W] uint8 of one resized HU patch, written into ``out``."""
     for i, w in enumerate(windows):
         window_to_uint8(patch, w, out=out[i])
     return out
@@ -136,7 +136,7 @@ def process_series(job: SeriesJob) -> SeriesResult:
     cv2.setNumThreads(1)  # the parallelism is the worker processes'
     union = _series_box(job) if cfg.crop.mode == "series" else None
     stack = np.empty((cfg.row_group_slices, len(windows), cfg.size, cfg.size), np.uint8)
-    patch = np.empty((cfg.size, cfg.size), np.float32)
+    patch = np.empty((cfg.size, cfg.size), np.int16)
     batch: list[dict[str, Any]] = []
     writer: pq.ParquetWriter | None = None
     total = 0
