@@ -30,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
     from pe_triage.demo import run_demo
 
     summary = run_demo(Path(args.out), load_config(args.config))
-    print(json.dumps(summary["ingest"], indent=2))
+    print(json.dumps({k: summary[k] for k in ("ingest", "preprocess")}, indent=2))
     print(f"outputs: {json.dumps(summary['outputs'])}")
     return 0
 

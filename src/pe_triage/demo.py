@@ -1,7 +1,8 @@
-"""The main job on the embedded default: generate a synthetic cohort and onboard every site.
+"""The main job on the embedded default: generate a synthetic cohort, onboard every site,
+preprocess and split it.
 
-Later steps (preprocess, train, evaluate, register) join here as they are built; each step is
-the same library call the pipeline components make.
+Later steps (train, evaluate, register) join here as they are built; each step is the same
+library call the pipeline components make.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from pe_triage.config import Config
 from pe_triage.dicom import DEMO_KEY, Pseudonymizer
 from pe_triage.ingest import ingest_site
+from pe_triage.preprocess import preprocess
+from pe_triage.splits import split_dataset
 from pe_triage.synth import CohortSummary, generate_cohort
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,8 @@ def cohort_overview(cohort: CohortSummary) -> dict[str, Any]:
 
 
 def run_demo(out: Path, config: Config) -> dict[str, Any]:
-    """Writes ``out/cohort`` (DICOM + manifests + ground truth) and ``out/slices``; returns a summary."""
+    """Writes ``out/cohort`` (DICOM + manifests + ground truth), ``out/slices``, ``out/windows`` and
+    ``out/splits.parquet``; returns a summary."""
     cohort = generate_cohort(out / "cohort", config.synth)
     sites = sorted(p.name for p in (out / "cohort" / "sites").iterdir() if p.is_dir())
     reports = {}
@@ -43,10 +47,14 @@ def run_demo(out: Path, config: Config) -> dict[str, Any]:
             labels=str(folder / "labels.csv"),
             config=config.ingest,
         )
+    windows = preprocess(str(out / "slices"), str(out / "windows"), config=config.preprocess)
+    splits = split_dataset(str(out / "windows"), str(out / "splits.parquet"), config=config.split)
     summary = {
         "cohort": cohort_overview(cohort),
         "ingest": {s: {k: r[k] for k in ("files", "quarantine_reasons", "dataset", "timing")} for s, r in reports.items()},
-        "outputs": {"cohort": str(out / "cohort"), "slices": str(out / "slices")},
+        "preprocess": {k: windows[k] for k in ("series", "slices_written", "labels_written", "timing")},
+        "splits": splits["folds"],
+        "outputs": {name: str(out / name) for name in ("cohort", "slices", "windows", "splits.parquet")},
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
