@@ -2,7 +2,8 @@
 
 The lung box is found on a 4x pooled grid (PERF-NOTES: full-resolution labelling is ~50x
 slower). Tissue is max-pooled, so a thin body wall stays closed and the air outside cannot leak
-into the lungs; HU is mean-pooled, so a lung block stays dark despite its vessels. The lungs are the large dark regions inside the body, which excludes the air around
+into the lungs; HU is mean-pooled (Gaussian pyramid), so a lung block stays dark despite its
+vessels. The lungs are the large dark regions inside the body, which excludes the air around
 the patient, the table (not part of the body component) and pure-air bowel gas (darker than
 aerated lung).
 """
@@ -45,6 +46,14 @@ class LungBox:
     lung_found: bool  # False: no lung in the slice (neck, abdomen), the body box is used
 
 
+def _pool(image: np.ndarray, f: int) -> np.ndarray:
+    """Mean HU downsampled by ``f`` (1, 2 or 4) with Gaussian pyramid steps: twice as fast as an
+    area resize of int16 here, and a weighted mean over each block and its border."""
+    for _ in range(f.bit_length() - 1):
+        image = cv2.pyrDown(image)
+    return image
+
+
 def _pool_factor(rows: int, cols: int) -> int:
     return 4 if min(rows, cols) >= 256 else 2 if min(rows, cols) >= 96 else 1
 
@@ -58,17 +67,17 @@ def find_lung_box(hu: np.ndarray, spacing_mm: tuple[float, float], config: CropC
     """Lung bounding box (plus margin) of one axial HU slice, or the body box when it has no lung."""
     rows, cols = hu.shape
     f = _pool_factor(rows, cols)
-    small = (cols // f, rows // f)
-    mean_hu = cv2.resize(hu, small, interpolation=cv2.INTER_AREA)
-    # max-pool of the tissue mask: a block is tissue if any of its pixels is
-    tissue_pixels = cv2.compare(hu, TISSUE_HU, cv2.CMP_GT)  # uint8 0/255
-    tissue = (cv2.resize(tissue_pixels, small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    mean_hu = _pool(hu, f)
+    # max-pool of the tissue mask over exactly each block (a wider footprint would thicken cables
+    # and blanket folds into rings that enclose air)
+    small = (mean_hu.shape[1], mean_hu.shape[0])
+    tissue = (cv2.resize(cv2.compare(hu, TISSUE_HU, cv2.CMP_GT), small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
 
     # flood the non-tissue from a 1-pixel frame: what it reaches is the air around the patient
     framed = cv2.copyMakeBorder(tissue, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     cv2.floodFill(framed, None, (0, 0), 2)
     inside = (framed[1:-1, 1:-1] != 2).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=4)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=4, ltype=cv2.CV_16U)
     if n <= 1:
         raise NoBodyError("no body in the slice")
     body_label = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -77,7 +86,7 @@ def find_lung_box(hu: np.ndarray, spacing_mm: tuple[float, float], config: CropC
     # blocks on the body outline are half air: erode one block so the outline cannot pass for lung
     body = cv2.erode((labels == body_label).astype(np.uint8), _CROSS)
     dark = (body.astype(bool) & (mean_hu < config.lung_hu)).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8, ltype=cv2.CV_16U)
     min_blocks = config.min_lung_area_mm2 / (f * f * spacing_mm[0] * spacing_mm[1])
     lo, hi = config.lung_mean_hu
     box = None
