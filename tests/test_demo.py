@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pe_triage.cli import main
 from pe_triage import schema as S
+from pe_triage.cli import main
 
 pytestmark = pytest.mark.slow
 

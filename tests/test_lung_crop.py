@@ -7,11 +7,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from factories import pseudo
 from scipy import ndimage as ndi
 
 from pe_triage.dicom import decode_hu, parse_header
 from pe_triage.lung_crop import Box, NoBodyError, clip, find_lung_box, fixed_box, square
-from factories import pseudo
 
 OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
 

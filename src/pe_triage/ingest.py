@@ -56,7 +56,7 @@ from pe_triage.dicom import (
 from pe_triage.labels import Manifest, load_manifest
 from pe_triage.parallel import run, start_pool, worker_count
 from pe_triage.schema import Reason
-from pe_triage.storage import Location, location
+from pe_triage.storage import Location, RowGroupWriter, location
 
 log = logging.getLogger(__name__)
 
@@ -264,20 +264,6 @@ def _old_rows(task: SeriesTask) -> Iterator[dict[str, Any]]:
             yield row
 
 
-def _parquet_writer(task: SeriesTask, path: str) -> pq.ParquetWriter:
-    task.out.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pixel_free = [f.name for f in S.SLICES_SCHEMA if f.name != S.HU]
-    return pq.ParquetWriter(
-        path,
-        S.SLICES_SCHEMA.with_metadata(task.metadata),
-        filesystem=task.out.fs,
-        compression="zstd",
-        compression_level=task.config.zstd_level,
-        use_dictionary=[c for c in pixel_free if S.SLICES_SCHEMA.field(c).type == pa.string()],
-        write_statistics=pixel_free,
-    )
-
-
 def _table(batch: list[dict[str, Any]], buffer: np.ndarray) -> pa.Table:
     """One row group: metadata from the row dicts, pixels encoded into ``buffer`` (reused between
     row groups of a series: the writer has compressed the previous group when this one starts)."""
@@ -304,21 +290,20 @@ def write_series(task: SeriesTask) -> SeriesResult:
         for _ in new:  # only verifies re-seen files against what is stored
             pass
         return result
-    writer = None
     batch: list[dict[str, Any]] = []
     buffer = np.empty(0, np.uint8)
     n = 0
+    schema = S.SLICES_SCHEMA.with_metadata(task.metadata)
+    with RowGroupWriter(task.out, task.staged, schema, bulk=S.HU, zstd_level=task.config.zstd_level) as writer:
 
-    def flush() -> None:
-        nonlocal writer, buffer, batch
-        size = 2 * batch[0][S.ROWS] * batch[0][S.COLS]
-        if buffer.shape != (task.config.row_group_slices, size):
-            buffer = np.empty((task.config.row_group_slices, size), np.uint8)
-        writer = writer or _parquet_writer(task, task.staged)
-        writer.write_table(_table(batch, buffer))
-        batch = []
+        def flush() -> None:
+            nonlocal buffer, batch
+            size = 2 * batch[0][S.ROWS] * batch[0][S.COLS]
+            if buffer.shape != (task.config.row_group_slices, size):
+                buffer = np.empty((task.config.row_group_slices, size), np.uint8)
+            writer.write(_table(batch, buffer))
+            batch = []
 
-    try:
         for row in heapq.merge(_old_rows(task), new, key=lambda r: r[S.Z_MM]):
             row[S.SLICE_INDEX] = n
             n += 1
@@ -327,10 +312,7 @@ def write_series(task: SeriesTask) -> SeriesResult:
                 flush()
         if batch:
             flush()
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is not None:
+    if writer.opened:
         result.staged, result.rows = task.staged, n
     return result
 

@@ -29,7 +29,7 @@ from pe_triage import schema as S
 from pe_triage.config import PreprocessConfig, to_dict
 from pe_triage.lung_crop import Box, LungBox, NoBodyError, crop_resize, find_lung_box, fixed_box
 from pe_triage.parallel import run, start_pool, worker_count
-from pe_triage.storage import Location, location
+from pe_triage.storage import Location, RowGroupWriter, location
 from pe_triage.windows import PRESETS, Window, window_to_uint8
 
 #: HU range a CT scanner reconstructs; values outside are reported (they are clipped by the windows)
@@ -138,26 +138,17 @@ def process_series(job: SeriesJob) -> SeriesResult:
     stack = np.empty((cfg.row_group_slices, len(windows), cfg.size, cfg.size), np.uint8)
     patch = np.empty((cfg.size, cfg.size), np.int16)
     batch: list[dict[str, Any]] = []
-    writer: pq.ParquetWriter | None = None
     total = 0
     shapes: set[tuple[int, int]] = set()
+    key_schema = pa.schema([f for f in schema if f.name != S.WINDOWS])
+    with RowGroupWriter(job.out, job.staged, schema, bulk=S.WINDOWS, zstd_level=cfg.zstd_level) as writer:
 
-    def flush() -> None:
-        nonlocal writer, batch
-        n = len(batch)
-        tensor = S.windows_array(stack[:n])
-        table = pa.Table.from_pylist(batch, schema=pa.schema([f for f in schema if f.name != S.WINDOWS]))
-        table = table.append_column(schema.field(S.WINDOWS), tensor)
-        if writer is None:
-            job.out.fs.create_dir(job.staged.rsplit("/", 1)[0], recursive=True)
-            keys = [f.name for f in schema if f.name != S.WINDOWS]
-            writer = pq.ParquetWriter(job.staged, schema, filesystem=job.out.fs, compression="zstd",
-                                      compression_level=cfg.zstd_level, write_statistics=keys,
-                                      use_dictionary=[k for k in keys if schema.field(k).type == pa.string()])
-        writer.write_table(table)
-        batch = []
+        def flush() -> None:
+            nonlocal batch
+            table = pa.Table.from_pylist(batch, schema=key_schema)
+            writer.write(table.append_column(schema.field(S.WINDOWS), S.windows_array(stack[: len(batch)])))
+            batch = []
 
-    try:
         for row in _rows(job):
             total += 1
             where = {"series_uid": job.series_uid, "slice_index": row[S.SLICE_INDEX]}
@@ -186,15 +177,12 @@ def process_series(job: SeriesJob) -> SeriesResult:
                 flush()
         if batch:
             flush()
-    finally:
-        if writer is not None:
-            writer.close()
     if total == 1:
         result.warnings.append(f"{job.series_uid}: a series of one slice (no neighbours; kept)")
     for rows, cols in sorted(shapes):
         if rows != cols:
             result.warnings.append(f"{job.series_uid}: non-square images {rows}x{cols} (square crops are clipped to the image)")
-    result.staged = job.staged if writer is not None else None
+    result.staged = job.staged if writer.opened else None
     return result
 
 

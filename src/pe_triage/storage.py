@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,35 @@ def location(uri: str) -> Location:
     if "://" in uri:
         raise ValueError(f"{uri}: only local paths and s3:// URIs are supported")
     return Location(pafs.LocalFileSystem(), os.path.abspath(uri), uri)
+
+
+class RowGroupWriter:
+    """Streams row groups into one Parquet file, opened at the first group: a task that writes
+    nothing leaves no file. The ``bulk`` pixel column gets neither a dictionary nor statistics
+    (both cost time and bytes on image data); string columns get a dictionary."""
+
+    def __init__(self, loc: Location, path: str, schema: pa.Schema, *, bulk: str, zstd_level: int) -> None:
+        self.loc, self.path, self.schema, self.bulk, self.zstd_level = loc, path, schema, bulk, zstd_level
+        self._writer: pq.ParquetWriter | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._writer is not None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self.loc.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+            small = [f.name for f in self.schema if f.name != self.bulk]
+            self._writer = pq.ParquetWriter(
+                self.path, self.schema, filesystem=self.loc.fs, compression="zstd", compression_level=self.zstd_level,
+                use_dictionary=[c for c in small if self.schema.field(c).type == pa.string()], write_statistics=small,
+            )
+        self._writer.write_table(table)
+
+    def __enter__(self) -> RowGroupWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
