@@ -140,12 +140,26 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The study's CBAMDRN (DRN-D-54 with CBAM on every residual block), one branch per window.
+    ``width`` scales every layer's channels: 1.0 is the study's model (a GPU model: ~3 images/s on
+    a 2-core CPU); small widths keep the same design for CPU tests and the demo."""
+
+    arch: str = "cbam_drn_d_54"
+    width: float = 1.0
+    shared_branches: bool = False
+    #: one logit: P(disease) in stage 1, P(PE) in stage 2
+    num_outputs: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,86 @@
+"""Dilated residual networks, DRN-D (Yu, Koltun, Funkhouser, CVPR 2017), any number of input channels.
+
+No max-pool: the stride stops at 8 and the last two residual levels are dilated (2 and 4) instead,
+keeping the spatial detail a small filling defect needs; two plain convolution levels (dilation 2
+then 1) remove the gridding that dilation leaves.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pe_triage.models.blocks import BasicBlock, Bottleneck
+
+#: channels of levels 1-8 (the reference DRN-D)
+CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(4, int(round(channels * width)))
+
+
+def _convs(cin: int, cout: int, n: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, stride=stride if i == 0 else 1, padding=dilation,
+                             dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class DRN(nn.Module):
+    """Feature extractor: [B, in_channels, H, W] -> [B, out_channels, H/8, W/8]."""
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], *, in_channels: int = 1,
+                 width: float = 1.0, cbam: bool = False) -> None:
+        super().__init__()
+        ch = [_scaled(c, width) for c in CHANNELS]
+        self.cbam = cbam
+        self.layer0 = nn.Sequential(nn.Conv2d(in_channels, ch[0], 7, padding=3, bias=False), nn.BatchNorm2d(ch[0]), nn.ReLU(inplace=True))
+        self.layer1 = _convs(ch[0], ch[0], layers[0])
+        self.layer2 = _convs(ch[0], ch[1], layers[1], stride=2)
+        self.inplanes = ch[1]
+        self.layer3 = self._level(block, ch[2], layers[2], stride=2)
+        self.layer4 = self._level(block, ch[3], layers[3], stride=2)
+        self.layer5 = self._level(block, ch[4], layers[4], dilation=2)
+        self.layer6 = self._level(block, ch[5], layers[5], dilation=4)
+        self.layer7 = _convs(self.inplanes, ch[6], layers[6], dilation=2)
+        self.layer8 = _convs(ch[6], ch[7], layers[7])
+        self.out_channels = ch[7]
+        _init(self)
+
+    def _level(self, block: type[BasicBlock | Bottleneck], planes: int, n: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        blocks = [block(self.inplanes, planes, stride, downsample, dilation=(dilation, dilation), cbam=self.cbam)]
+        self.inplanes = planes * block.expansion
+        blocks += [block(self.inplanes, planes, dilation=(dilation, dilation), cbam=self.cbam) for _ in range(1, n)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in (self.layer0, self.layer1, self.layer2, self.layer3, self.layer4, self.layer5, self.layer6, self.layer7, self.layer8):
+            x = layer(x)
+        return x
+
+
+def _init(model: nn.Module) -> None:
+    """He initialisation for convolutions, identity BatchNorm (no pretrained weights, ever)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def drn_d_22(**kwargs: object) -> DRN:
+    return DRN(BasicBlock, (1, 1, 2, 2, 2, 2, 1, 1), **kwargs)  # type: ignore[arg-type]
+
+
+def drn_d_38(**kwargs: object) -> DRN:
+    return DRN(BasicBlock, (1, 1, 3, 4, 6, 3, 1, 1), **kwargs)  # type: ignore[arg-type]
+
+
+def drn_d_54(**kwargs: object) -> DRN:
+    return DRN(Bottleneck, (1, 1, 3, 4, 6, 3, 1, 1), **kwargs)  # type: ignore[arg-type]

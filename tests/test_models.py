@@ -1,0 +1,73 @@
+"""Model builders: shapes, output stride, CBAM gating, branches, parameter counts of the reference designs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pe_triage.config import ModelConfig
+from pe_triage.models import BACKBONES, build_model, drn_d_22, drn_d_54, parameter_count, resnet50
+from pe_triage.models.blocks import CBAM, ChannelAttention, SpatialAttention
+
+
+@pytest.mark.parametrize(("builder", "cbam", "millions"), [
+    (drn_d_54, False, 35.29),  # the reference DRN-D-54 with one input channel (PERF-NOTES: 35.3 M)
+    (drn_d_54, True, 37.81),  # CBAMDRN (PERF-NOTES: 37.8 M)
+    (resnet50, False, 23.50),  # the study's baseline (PERF-NOTES: 23.5 M)
+])
+def test_full_width_parameter_counts_match_the_reference_designs(builder, cbam: bool, millions: float) -> None:  # type: ignore[no-untyped-def]
+    assert parameter_count(builder(cbam=cbam)) / 1e6 == pytest.approx(millions, abs=0.01)
+
+
+@pytest.mark.parametrize("arch", sorted(BACKBONES))
+def test_every_architecture_builds_small_and_classifies(arch: str) -> None:
+    model = build_model(ModelConfig(arch=arch, width=0.125), n_windows=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(3, 2, 64, 64)).shape == (3, 1)
+
+
+def test_drn_output_stride_is_8_and_resnet_32() -> None:
+    x = torch.randn(1, 1, 96, 128)
+    assert drn_d_22(width=0.25)(x).shape[2:] == (12, 16)
+    assert drn_d_54(width=0.125, cbam=True)(x).shape[2:] == (12, 16)
+    assert resnet50(width=0.125)(x).shape[2:] == (3, 4)
+
+
+def test_any_number_of_input_channels() -> None:
+    assert drn_d_22(in_channels=3, width=0.25)(torch.randn(1, 3, 32, 32)).shape[1] == 128
+
+
+def test_cbam_gates_are_in_0_1_and_change_the_features() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8)
+    channel, spatial = ChannelAttention(32)(x), SpatialAttention()(x)
+    assert channel.shape == (2, 32, 1, 1) and spatial.shape == (2, 1, 8, 8)
+    for gate in (channel, spatial):
+        assert gate.min() > 0 and gate.max() < 1
+    out = CBAM(32)(x)
+    assert out.shape == x.shape and not torch.allclose(out, x)
+    assert torch.all(out.abs() <= x.abs() + 1e-6)  # a gate only attenuates
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradients_reach_every_branch(shared: bool) -> None:
+    model = build_model(ModelConfig(arch="cbam_drn_d_22", width=0.125, shared_branches=shared), n_windows=3)
+    assert len(model.branches) == (1 if shared else 3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for branch in model.branches:
+        first = next(branch.parameters())
+        assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_separate_branches_give_each_window_its_own_filters() -> None:
+    model = build_model(ModelConfig(arch="drn_d_22", width=0.125), n_windows=2)
+    a, b = (next(branch.parameters()) for branch in model.branches)
+    assert a.data_ptr() != b.data_ptr()
+
+
+def test_mistakes_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown architecture 'drn_d_105'"):
+        build_model(ModelConfig(arch="drn_d_105"), n_windows=2)
+    model = build_model(ModelConfig(arch="drn_d_22", width=0.125), n_windows=2)
+    with pytest.raises(ValueError, match="input has 3 windows, the model was built for 2"):
+        model(torch.randn(1, 3, 32, 32))
