@@ -53,6 +53,7 @@ from pe_triage.dicom import (
     parse_header,
     sha256_hex,
 )
+from pe_triage.dicom.header import geometry_key
 from pe_triage.labels import Manifest, load_manifest
 from pe_triage.parallel import run, start_pool, worker_count
 from pe_triage.schema import Reason
@@ -344,13 +345,7 @@ def _existing(out: Location, site: str) -> tuple[dict[str, dict[str, Any]], dict
 
 
 def _stored_geometry(row: dict[str, Any]) -> tuple[object, ...]:
-    """The same key as :attr:`SliceHeader.geometry_key`, from a stored row."""
-    return (
-        row[S.ROWS],
-        row[S.COLS],
-        tuple(round(v, 3) for v in row[S.IMAGE_ORIENTATION]),
-        (round(row[S.PIXEL_SPACING_ROW], 3), round(row[S.PIXEL_SPACING_COL], 3)),
-    )
+    return geometry_key(row[S.ROWS], row[S.COLS], row[S.IMAGE_ORIENTATION], (row[S.PIXEL_SPACING_ROW], row[S.PIXEL_SPACING_COL]))
 
 
 def _plan(

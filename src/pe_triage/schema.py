@@ -50,9 +50,6 @@ class Label(str, enum.Enum):
     OTHER = "other"
 
 
-#: keys that identify a slice, in sort order
-SLICE_KEYS = [SITE, PATIENT_ID, STUDY_UID, SERIES_UID, SLICE_INDEX]
-
 HU_ENCODING = "int16 HU, row-major, stored as two byte planes: rows*cols low bytes, then rows*cols high bytes"
 
 
@@ -247,7 +244,6 @@ M_INSTANCE_NUMBER = "instance_number"
 M_LABEL = "label"
 M_DIAGNOSIS = "diagnosis"
 MANIFEST_COLUMNS = [M_PATIENT_ID, M_STUDY_UID, M_SERIES_UID, M_SOP_UID, M_INSTANCE_NUMBER, M_LABEL, M_DIAGNOSIS]
-MANIFEST_REQUIRED = [M_PATIENT_ID]
 
 # ---------------------------------------------------------------------------- synthetic ground truth
 # Written by the generator beside (never inside) the hospital-format data, keyed by the clear

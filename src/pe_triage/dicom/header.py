@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,8 +92,12 @@ class SliceHeader:
 
     @property
     def geometry_key(self) -> tuple[object, ...]:
-        """What must agree between the slices of one series."""
-        return (self.rows, self.cols, tuple(round(v, 3) for v in self.orientation), tuple(round(v, 3) for v in self.spacing))
+        return geometry_key(self.rows, self.cols, self.orientation, self.spacing)
+
+
+def geometry_key(rows: int, cols: int, orientation: Sequence[float], spacing: Sequence[float]) -> tuple[object, ...]:
+    """What must agree between the slices of one series (cosines and spacings to 1e-3)."""
+    return (rows, cols, tuple(round(v, 3) for v in orientation), tuple(round(v, 3) for v in spacing))
 
 
 def _scrub(message: str) -> str:
