@@ -18,6 +18,8 @@ from pe_triage.config import IngestConfig, SynthConfig
 from pe_triage.ingest import ingest_site
 from pe_triage.synth import generate_cohort
 
+pytest_plugins = ["mlflow_fixtures"]
+
 REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
 
 

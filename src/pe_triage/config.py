@@ -123,9 +123,8 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Training data loader. WNL slices outnumber PE slices more than 10:1, hence balanced sampling."""
+    """Training data loader: augmentation and the window cache."""
 
-    balanced: bool = True
     augment: bool = True
     #: random shift, as a fraction of the image side
     max_shift: float = 0.05
@@ -153,6 +152,73 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """One stage's training run. Defaults: DWL input (the study's best), AdamW + cosine schedule,
+    early stopping on validation AUROC, threshold for 95% validation sensitivity."""
+
+    #: window names fed to the model, in branch order (DWL = vascular + lung)
+    windows: tuple[str, ...] = ("vascular", "lung")
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    #: linear warm-up before the cosine decay, in epochs
+    warmup_epochs: float = 1.0
+    #: stop after this many epochs without a better validation metric (0 = never)
+    patience: int = 6
+    #: class imbalance: "sampler" (balanced sampling), "weight" (positive-class loss weight) or "none"
+    imbalance: str = "sampler"
+    #: training samples per epoch (default: the training split's size)
+    samples_per_epoch: int | None = None
+    #: the operating threshold is the highest that keeps this validation sensitivity (a missed PE
+    #: costs more than a false alarm)
+    target_sensitivity: float = 0.95
+    seed: int = 0
+    #: DataLoader worker processes (0 = load in the training process)
+    num_workers: int = 2
+    #: "auto" (CUDA when present), "cpu" or "cuda"
+    device: str = "auto"
+    #: bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True
+    #: channels_last memory format on CUDA (CPU builds here crash on it in training)
+    channels_last: bool = True
+    #: stop starting new epochs after this many minutes (None: no budget); the demo uses it
+    max_minutes: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation: the study's per-patient rule (any positive slice) plus the alternatives."""
+
+    #: "any" (the study), "k_consecutive" (k positive slices in a row) or "top_k_mean"
+    patient_rule: str = "any"
+    k: int = 2
+    #: bootstrap resamples of patients for AUROC confidence intervals
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    #: Grad-CAM overlays per category (true positive, false positive, false negative) and stage
+    gradcam_per_category: int = 4
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Promotion gates. A candidate must reach the minimums and, when a champion exists, lose no
+    more than ``max_regression`` against it on the same test data."""
+
+    min_patient_pe_sensitivity: float = 0.9
+    min_slice_disease_sensitivity: float = 0.9
+    max_regression: float = 0.02
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "pe-triage"
+    experiment: str = "pe-triage"
+    gates: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -160,6 +226,9 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,120 @@
+"""The model artifact: everything needed to rebuild and apply one stage's model.
+
+A folder with ``model.pt`` (the state dict, loaded with ``weights_only=True``: no pickled code),
+``model.json`` (format, stage, architecture, the window definitions in branch order, the
+preprocessing that produced the inputs, the operating threshold and where it came from, provenance)
+and ``history.json`` (per-epoch metrics). Written to a temporary sibling and renamed, so a reader
+never sees half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pe_triage.config import ModelConfig, from_dict
+from pe_triage.models import MultiWindowNet, build_model
+from pe_triage.windows import uint8_to_centred
+
+FORMAT = "pe-triage-model/1"
+WEIGHTS = "model.pt"
+META = "model.json"
+HISTORY = "history.json"
+#: the positive class of each stage's single logit
+POSITIVE = {1: "disease", 2: "pe"}
+
+
+class ArtifactError(ValueError):
+    """A model folder is missing, of another format, or inconsistent; the message says which."""
+
+
+@dataclass
+class StageModel:
+    """A loaded stage model (eval mode) and its metadata."""
+
+    model: MultiWindowNet
+    meta: dict[str, Any]
+
+    @property
+    def stage(self) -> int:
+        return int(self.meta["stage"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def window_names(self) -> list[str]:
+        return [w["name"] for w in self.meta["windows"]]
+
+    def predict_proba(self, windows: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+        """uint8 window stacks ``[N, C, H, W]`` (this model's windows, in its order) -> P(positive) ``[N]``."""
+        return predict_proba(self.model, windows, batch_size=batch_size, device=device)
+
+
+def predict_proba(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+    """Sigmoid of the single logit, batched, in eval mode without gradients."""
+    model.eval()
+    out = np.empty(len(windows), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            x = torch.from_numpy(uint8_to_centred(np.asarray(windows[start : start + batch_size]))).to(device)
+            out[start : start + len(x)] = torch.sigmoid(model(x)[:, 0].float()).cpu().numpy()
+    return out
+
+
+def save_model(out: str | Path, model: torch.nn.Module, meta: dict[str, Any], history: list[dict[str, Any]]) -> Path:
+    """Write the artifact folder atomically (replacing an older one at ``out``)."""
+    for key in ("stage", "model", "windows", "threshold"):
+        if key not in meta:
+            raise ArtifactError(f"model metadata lacks {key!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS)
+        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True, default=str))
+        (tmp / HISTORY).write_text(json.dumps(history, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / META).is_file():
+        raise ArtifactError(f"{path}: not a pe-triage model folder (no {META})")
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: model format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    return meta
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> StageModel:
+    """Rebuild the architecture from ``model.json`` and load the weights (eval mode)."""
+    path = Path(path)
+    meta = read_meta(path)
+    model = build_model(from_dict(ModelConfig, meta["model"]), len(meta["windows"]))
+    state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: weights do not match the architecture in {META}: {str(e).splitlines()[0]}") from None
+    return StageModel(model.to(device).eval(), meta)
