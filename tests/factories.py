@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
+from pe_triage import schema as S
 from pe_triage.dicom import DEMO_KEY, Pseudonymizer
 
 
@@ -90,3 +95,60 @@ def truth(cohort: Path) -> list[dict]:
     files = [str(p) for p in sorted((cohort / "truth").glob("*.parquet"))]
     return pads.dataset(files, format="parquet").to_table().to_pylist()
 
+
+
+#: window definitions of the hand-made windows datasets
+DEFS = [
+    {"name": "vascular", "lo": 0.0, "hi": 650.0},
+    {"name": "mediastinal", "lo": 40.0, "hi": 400.0},
+    {"name": "lung", "lo": -400.0, "hi": 1500.0},
+]
+
+
+def write_windows(
+    root: Path,
+    series: dict[tuple[str, str], list[str | None]],
+    *,
+    defs: list[dict[str, float | str]] = DEFS,
+    size: int = 16,
+    seed: int = 0,
+    image: np.ndarray | None = None,
+    images: dict[tuple[str, str], np.ndarray] | None = None,
+    row_group: int = 4,
+) -> dict[Key, np.ndarray]:
+    """One Parquet file per patient (one series) in ``root/site=<site>/``; returns the stored stacks.
+
+    Every stack holds a 0 at [:, 0, 0] and a 255 at [:, 0, 1]; ``image`` (one stack for every slice) or
+    ``images`` (per patient ``[n, C, H, W]``) replace the random pixels.
+    """
+    rng = np.random.default_rng(seed)
+    schema = S.windows_schema(len(defs), size).with_metadata({S.META_WINDOWS: json.dumps(defs)})
+    stored: dict[Key, np.ndarray] = {}
+    for (site, pid), labels in series.items():
+        n = len(labels)
+        if images is not None:
+            stacks = images[site, pid].copy()
+        elif image is not None:
+            stacks = np.stack([image] * n)
+        else:
+            stacks = rng.integers(0, 256, (n, len(defs), size, size), dtype=np.uint8)
+        stacks[:, :, 0, 0], stacks[:, :, 0, 1] = 0, 255
+        stored.update({(site, pid, i): stacks[i] for i in range(n)})
+        cols = {
+            S.SITE: [site] * n, S.PATIENT_ID: [pid] * n, S.STUDY_UID: ["st"] * n, S.SERIES_UID: [f"se-{pid}"] * n,
+            S.SOP_UID: [f"{pid}-{i}" for i in range(n)], S.SLICE_INDEX: list(range(n)), S.Z_MM: [float(i) for i in range(n)],
+            S.SOURCE_SHA256: ["0" * 64] * n, S.LABEL: labels,
+            S.CROP_Y0: [0] * n, S.CROP_Y1: [size] * n, S.CROP_X0: [0] * n, S.CROP_X1: [size] * n, S.LUNG_FOUND: [True] * n,
+        }
+        arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != S.WINDOWS]
+        arrays.append(S.windows_array(stacks))
+        path = root / f"site={site}" / f"se-{pid}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_arrays(arrays, schema=schema), path, row_group_size=row_group)
+    return stored
+
+
+def write_splits(path: Path, assignment: dict[tuple[str, str], str], fold: str = S.DEFAULT_FOLD) -> Path:
+    rows = [(fold, site, pid, "wnl", split) for (site, pid), split in assignment.items()]
+    pq.write_table(pa.table(list(map(list, zip(*rows))), schema=S.SPLITS_SCHEMA), path)
+    return path

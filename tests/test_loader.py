@@ -22,14 +22,9 @@ from torch.utils.data import DataLoader
 from pe_triage import schema as S
 from pe_triage.config import LoaderConfig
 from pe_triage.training.data import WindowsDataset, balanced_sampler
+from factories import DEFS, write_splits, write_windows
 
-DEFS = [
-    {"name": "vascular", "lo": 0.0, "hi": 650.0},
-    {"name": "mediastinal", "lo": 40.0, "hi": 400.0},
-    {"name": "lung", "lo": -400.0, "hi": 1500.0},
-]
 SIZE = 16
-ROW_GROUP = 4
 Key = tuple[str, str, int]
 #: (windows dataset folder, splits file, stored stacks by key)
 Data = tuple[str, str, dict[Key, np.ndarray]]
@@ -42,47 +37,6 @@ COHORT: dict[tuple[str, str], tuple[str, list[str | None]]] = {
     ("b", "p5"): ("train", ["wnl", "wnl", None, "wnl", "wnl", "pe", "wnl"]),
     ("b", "p6"): ("val", ["other", "wnl"]),
 }
-
-
-def write_windows(
-    root: Path,
-    series: dict[tuple[str, str], list[str | None]],
-    *,
-    defs: list[dict[str, float | str]] = DEFS,
-    size: int = SIZE,
-    seed: int = 0,
-    image: np.ndarray | None = None,
-) -> dict[Key, np.ndarray]:
-    """One Parquet file per patient (one series) in ``root/site=<site>/``; returns the stored stacks.
-
-    Every stack holds a 0 at [:, 0, 0] and a 255 at [:, 0, 1]; ``image`` replaces the random pixels.
-    """
-    rng = np.random.default_rng(seed)
-    schema = S.windows_schema(len(defs), size).with_metadata({S.META_WINDOWS: json.dumps(defs)})
-    stored: dict[Key, np.ndarray] = {}
-    for (site, pid), labels in series.items():
-        n = len(labels)
-        stacks = rng.integers(0, 256, (n, len(defs), size, size), dtype=np.uint8) if image is None else np.stack([image] * n)
-        stacks[:, :, 0, 0], stacks[:, :, 0, 1] = 0, 255
-        stored.update({(site, pid, i): stacks[i] for i in range(n)})
-        cols = {
-            S.SITE: [site] * n, S.PATIENT_ID: [pid] * n, S.STUDY_UID: ["st"] * n, S.SERIES_UID: [f"se-{pid}"] * n,
-            S.SOP_UID: [f"{pid}-{i}" for i in range(n)], S.SLICE_INDEX: list(range(n)), S.Z_MM: [float(i) for i in range(n)],
-            S.SOURCE_SHA256: ["0" * 64] * n, S.LABEL: labels,
-            S.CROP_Y0: [0] * n, S.CROP_Y1: [size] * n, S.CROP_X0: [0] * n, S.CROP_X1: [size] * n, S.LUNG_FOUND: [True] * n,
-        }
-        arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != S.WINDOWS]
-        arrays.append(S.windows_array(stacks))
-        path = root / f"site={site}" / f"se-{pid}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_arrays(arrays, schema=schema), path, row_group_size=ROW_GROUP)
-    return stored
-
-
-def write_splits(path: Path, assignment: dict[tuple[str, str], str], fold: str = S.DEFAULT_FOLD) -> Path:
-    rows = [(fold, site, pid, "wnl", split) for (site, pid), split in assignment.items()]
-    pq.write_table(pa.table(list(map(list, zip(*rows))), schema=S.SPLITS_SCHEMA), path)
-    return path
 
 
 @pytest.fixture

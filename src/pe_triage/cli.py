@@ -89,6 +89,27 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pe_triage.training.train import train
+
+    config = load_config(args.config)
+    if args.windows_used:
+        config = replace(config, train=replace(config.train, windows=tuple(args.windows_used.split(","))))
+    meta = train(args.windows, args.splits, args.out, stage=args.stage, config=config, fold=args.fold,
+                 resume=args.resume, tracking_uri=args.tracking_uri)
+    print(json.dumps({k: meta[k] for k in ("stage", "threshold", "val", "best_epoch", "epochs_run", "mlflow_run_id")}, indent=2))
+    return 0
+
+
+def _plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Sub-commands other distributions (the pipelines package) register under ``pe_triage.commands``:
+    the library itself never imports kfp."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group="pe_triage.commands"), key=lambda e: e.name):
+        entry.load()(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -141,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the slices dataset")
     p.add_argument("--demo", action="store_true", help="the dataset was made with the public demo key")
     p.set_defaults(func=_quarantine)
+
+    p = sub.add_parser("train", help="train one stage (1: WNL vs disease, 2: PE vs other disease) -> model artifact")
+    p.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    p.add_argument("--windows", required=True, help="windows dataset")
+    p.add_argument("--splits", required=True, help="splits Parquet file")
+    p.add_argument("--out", required=True, help="model artifact folder")
+    p.add_argument("--fold", default="default", help="fold of the splits file (a site name for leave-one-site-out)")
+    p.add_argument("--windows-used", help="comma-separated window names, overriding train.windows (e.g. vascular,lung)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint beside --out, if any")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
+    p.add_argument("--config", help="YAML configuration (sections model, train, loader, registry)")
+    p.set_defaults(func=_train)
+    _plugin_commands(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 The embedded default of ``pe-triage demo`` and the integration tests: the same HTTP server, REST
 API and artifact proxying as a cluster deployment, without a cluster. One worker, because the
-default four are too many for a 2-core laptop.
+default four are too many for a 2-core laptop, and no background job runner (MLflow 3 starts seven
+~260 MB job-consumer processes for features pe-triage does not use).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def local_server(root: str | Path, *, port: int | None = None, startup_timeout_s
     ]
     uri = f"http://127.0.0.1:{port}"
     with open(root / "server.log", "ab") as server_log:
-        proc = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:

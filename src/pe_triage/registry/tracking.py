@@ -142,10 +142,12 @@ def experiment_id_for(client: Any, name: str) -> str:
 
 @contextmanager
 def start_run(
-    *, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None, uri: str | None = None
+    *, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None, uri: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[NullTracker]:
     """A tracked run for the block (FINISHED on success, FAILED on an exception), or a
-    :class:`NullTracker` when no tracking URI is configured."""
+    :class:`NullTracker` when no tracking URI is configured. ``run_id`` continues an earlier run
+    (a resumed training logs into the run it started)."""
     resolved = tracking_uri(uri)
     if resolved is None:
         yield NullTracker()
@@ -154,8 +156,12 @@ def start_run(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=resolved)
-    experiment_id = experiment_id_for(client, experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
+    if run_id is not None:
+        run = client.get_run(run_id)
+        client.update_run(run_id, status="RUNNING")
+    else:
+        experiment_id = experiment_id_for(client, experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
     log.info("tracking to MLflow run %s (experiment %r)", run.info.run_id, experiment)
     try:
         yield Tracker(client, run.info.run_id)

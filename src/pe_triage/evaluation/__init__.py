@@ -1,0 +1,28 @@
+"""Evaluation: metrics (per slice, per patient, cascade, per site), the report, Grad-CAM."""
+
+from pe_triage.evaluation.gradcam import (
+    grad_cam,
+    gradcam_samples,
+    gradcam_summary,
+    inside_fraction,
+    overlay_png,
+)
+from pe_triage.evaluation.metrics import (
+    SUMMARY_KEYS,
+    auroc,
+    average_precision,
+    cascade_labels,
+    evaluate_predictions,
+    format_proportion,
+    leave_one_site_out_summary,
+    patient_predictions,
+    proportion,
+    wilson_interval,
+)
+from pe_triage.evaluation.report import write_report
+
+__all__ = [
+    "SUMMARY_KEYS", "auroc", "average_precision", "cascade_labels", "evaluate_predictions", "format_proportion",
+    "grad_cam", "gradcam_samples", "gradcam_summary", "inside_fraction", "leave_one_site_out_summary",
+    "overlay_png", "patient_predictions", "proportion", "wilson_interval", "write_report",
+]

@@ -1,0 +1,133 @@
+"""Grad-CAM per window branch: the study used it to check that the model looks at the lesion.
+
+``inside_fraction`` turns that check into a number: the share of the heat map's mass that falls
+inside the lesion mask of the synthetic cohort (or of a radiologist's outline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CATEGORIES = ("tp", "fp", "fn")
+
+
+def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0) -> np.ndarray:
+    """Heat maps [N, n_windows, H, W] (float32, each map scaled to [0, 1]) for ``x`` [N, n_windows, H, W].
+
+    One map per window branch of a ``MultiWindowNet``: the branch's output feature maps weighted by
+    the spatial mean of the logit's gradient, ReLU, bilinear upsampling to the input size. The model
+    runs in eval mode (batch statistics would mix the samples); its training flag, parameters,
+    ``requires_grad`` flags and ``.grad`` are left as they were. A map with no positive evidence is 0.
+    """
+    captured: list[Tensor] = []
+    handles = [b.register_forward_hook(lambda _m, _i, out: captured.append(out)) for b in model.branches]  # type: ignore[union-attr]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            # gradients flow through the input, so a frozen model (requires_grad False) still works
+            inp = x.detach().clone().requires_grad_(True)
+            logit = model(inp)[:, output]
+            grads = torch.autograd.grad(logit.sum(), captured)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    maps = []
+    for feat, grad in zip(captured, grads):
+        weights = grad.mean((2, 3), keepdim=True)
+        cam = F.relu((weights * feat).sum(1, keepdim=True)).detach()
+        maps.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False))
+    cams = torch.cat(maps, 1).float()
+    peak = cams.amax((2, 3), keepdim=True)
+    cams = torch.where(peak > 0, cams / peak.clamp_min(torch.finfo(cams.dtype).tiny), torch.zeros_like(cams))
+    return cams.clamp_(0, 1).cpu().numpy().astype(np.float32)
+
+
+def inside_fraction(cam: np.ndarray, mask: np.ndarray) -> float | None:
+    """Share of the heat map's mass inside ``mask``; None when the mask is empty or the map is zero."""
+    cam, mask = np.asarray(cam, float), np.asarray(mask, bool)
+    if cam.shape != mask.shape:
+        raise ValueError(f"cam {cam.shape} and mask {mask.shape} differ in shape")
+    total = cam.sum()
+    if not mask.any() or total <= 0:
+        return None
+    return float(cam[mask].sum() / total)
+
+
+def gradcam_samples(pred: pd.DataFrame, *, stage: int, threshold: float, per_category: int,
+                    seed: int = 0) -> pd.DataFrame:
+    """A seeded random sample of up to ``per_category`` true positives, false positives and false
+    negatives of one stage (stage 2 on true disease slices, as its metrics), with a ``category`` column.
+
+    Random rather than the most confident: the overlays should show what is typical, not the extremes.
+    """
+    if stage == 1:
+        rows, truth, score = pred, pred["label"] != "wnl", pred["p_disease"]
+    elif stage == 2:
+        rows = pred[pred["label"] != "wnl"]
+        truth, score = rows["label"] == "pe", rows["p_pe"]
+    else:
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    positive = score >= threshold
+    masks = {"tp": truth & positive, "fp": ~truth & positive, "fn": truth & ~positive}
+    rng = np.random.default_rng(seed)
+    parts = []
+    for category in CATEGORIES:
+        candidates = rows[masks[category].to_numpy(bool)]
+        take = rng.choice(len(candidates), size=min(per_category, len(candidates)), replace=False)
+        parts.append(candidates.iloc[np.sort(take)].assign(category=category))
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def gradcam_summary(items: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per stage and category: overlays, how many had a lesion mask, mean/min/max inside fraction."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for stage in sorted({int(i["stage"]) for i in items}):
+        out[f"stage{stage}"] = {}
+        for category in CATEGORIES:
+            chosen = [i for i in items if int(i["stage"]) == stage and i["category"] == category]
+            fractions = [float(i["inside_fraction"]) for i in chosen if i.get("inside_fraction") is not None]
+            out[f"stage{stage}"][category] = {
+                "overlays": len(chosen), "with_mask": len(fractions),
+                "mean_inside_fraction": float(np.mean(fractions)) if fractions else None,
+                "min_inside_fraction": min(fractions) if fractions else None,
+                "max_inside_fraction": max(fractions) if fractions else None,
+            }
+    return out
+
+
+def overlay_png(image: np.ndarray, cam: np.ndarray, path: str | Path, *, mask: np.ndarray | None = None,
+                titles: Sequence[str] | None = None, caption: str | None = None) -> None:
+    """One panel per window: the window image in grey, the heat map in jet on top, the lesion outline
+    (when given) in white. Written with a matplotlib ``Figure`` (no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    image, cam = np.asarray(image), np.asarray(cam)
+    if image.ndim != 3 or image.shape != cam.shape:
+        raise ValueError(f"image {image.shape} and cam {cam.shape} must both be [C, H, W]")
+    n = image.shape[0]
+    titles = list(titles) if titles is not None else [f"window {i}" for i in range(n)]
+    if len(titles) != n:
+        raise ValueError(f"{len(titles)} titles for {n} windows")
+    fig = Figure(figsize=(3.2 * n, 3.4 if caption else 3.2), layout="constrained")
+    for i, ax in enumerate(fig.subplots(1, n, squeeze=False)[0]):
+        ax.imshow(image[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        # opacity follows the heat: cold regions leave the image as it is
+        ax.imshow(cam[i], cmap="jet", vmin=0, vmax=1, alpha=0.6 * np.clip(cam[i], 0, 1), interpolation="bilinear")
+        if mask is not None and np.any(mask):
+            ax.contour(np.asarray(mask, float), levels=[0.5], colors="white", linewidths=1.0)
+        ax.set_title(titles[i], fontsize=9)
+        ax.set_axis_off()
+    if caption:
+        fig.suptitle(caption, fontsize=9)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)

@@ -1,0 +1,416 @@
+"""Train one stage: stage 1 on every labelled slice (WNL vs disease), stage 2 on disease slices (PE vs other).
+
+Preemption-safe and reproducible: every epoch ends with an atomic checkpoint (model, optimiser,
+schedule, early-stopping state, best weights, history, MLflow run id), and every epoch's randomness
+(sampling order, augmentation, loader workers) is seeded from ``(seed, epoch)`` alone, so a run
+resumed after a kill ends with exactly the weights of an uninterrupted run (on CPU; GPU kernels are
+not bitwise deterministic).
+
+On GPU: bf16 autocast, channels_last, pinned memory with non-blocking copies, loader workers, and
+DistributedDataParallel over every GPU of the node when launched with ``torchrun`` (each rank takes
+its share of the same seeded sample sequence; rank 0 alone writes checkpoints, the artifact and
+MLflow). The same code runs unchanged on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from pe_triage import schema as S
+from pe_triage.config import Config, TrainConfig, to_dict
+from pe_triage.evaluation.metrics import auroc
+from pe_triage.models import build_model, parameter_count
+from pe_triage.provenance import config_hash, dataset_digest, file_digest, git_commit, package_version
+from pe_triage.registry.tracking import NullTracker, start_run
+from pe_triage.training.artifact import POSITIVE, save_model
+from pe_triage.training.data import WindowsDataset, balanced_sampler
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+IMBALANCE = ("sampler", "weight", "none")
+NEGATIVE = {1: "wnl", 2: "other"}
+
+
+class TrainingError(ValueError):
+    """The inputs or the configuration cannot give a meaningful training run; raised before any long work."""
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+def threshold_for_sensitivity(probs: np.ndarray, targets: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold (``p >= t`` is positive) that keeps at least ``sensitivity`` of the positives.
+
+    The highest such threshold gives the fewest false alarms at the required sensitivity.
+    """
+    if not 0 < sensitivity <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {sensitivity}")
+    positives = np.sort(np.asarray(probs)[np.asarray(targets) == 1])[::-1]
+    if positives.size == 0:
+        raise ValueError("no positive samples to set a threshold on")
+    needed = math.ceil(sensitivity * positives.size - 1e-9)
+    return float(positives[needed - 1])
+
+
+def binary_rates(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = np.asarray(probs) >= threshold
+    targets = np.asarray(targets) == 1
+    tp, tn = int((predicted & targets).sum()), int((~predicted & ~targets).sum())
+    return {
+        "sensitivity": tp / max(1, int(targets.sum())),
+        "specificity": tn / max(1, int((~targets).sum())),
+        "accuracy": (tp + tn) / max(1, targets.size),
+    }
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero over the remaining steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class _RankShare(Sampler[int]):
+    """Every rank draws the same seeded sequence and takes every ``world``-th index from ``rank``."""
+
+    def __init__(self, base: Sampler[int], rank: int, world: int) -> None:
+        self.base, self.rank, self.world = base, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.base)[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.base), self.world))  # type: ignore[arg-type]
+
+
+class _Shuffle(Sampler[int]):
+    """A seeded permutation of ``n`` (``num_samples`` drawn, cycling when it exceeds ``n``)."""
+
+    def __init__(self, n: int, num_samples: int, seed: int) -> None:
+        self.n, self.num_samples, self.seed = n, num_samples, seed
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        reps = -(-self.num_samples // self.n)
+        return iter(torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[: self.num_samples].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# ------------------------------------------------------------------------------------ setup and checks
+def check_train_config(cfg: TrainConfig) -> None:
+    if cfg.imbalance not in IMBALANCE:
+        raise TrainingError(f"train.imbalance {cfg.imbalance!r}: expected one of {list(IMBALANCE)}")
+    if not 0 < cfg.target_sensitivity <= 1:
+        raise TrainingError(f"train.target_sensitivity {cfg.target_sensitivity}: expected a value in (0, 1]")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise TrainingError("train.epochs, train.batch_size and train.lr must be positive")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise TrainingError(f"train.device {cfg.device!r}: expected auto, cpu or cuda")
+    if not cfg.windows:
+        raise TrainingError("train.windows is empty: name the windows the model takes (e.g. [vascular, lung])")
+
+
+def _check_classes(ds: WindowsDataset, what: str) -> None:
+    counts = ds.class_counts()
+    if min(counts.values()) == 0:
+        raise TrainingError(f"{what} split of stage {ds.stage} has a single class {_named_counts(ds)}: cannot train or validate")
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device is cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_dir_for(out: str | Path) -> Path:
+    """Checkpoints live beside the artifact, so a retried step (same output path) finds them."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _identity(stage: int, config: Config, windows_digest: str, splits_digest: str, fold: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: same stage, model, windows and data."""
+    return {
+        "stage": stage,
+        "model": to_dict(config.model),
+        "windows": list(config.train.windows),
+        "windows_digest": windows_digest,
+        "splits_digest": splits_digest,
+        "fold": fold,
+        "seed": config.train.seed,
+    }
+
+
+def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    theirs = ckpt.get("identity", {})
+    diffs = [k for k in identity if theirs.get(k) != identity[k]]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, this run {identity[k]!r}" for k in diffs)
+        raise TrainingError(f"checkpoint {path} is from another run and cannot be resumed ({detail})")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------ the loop
+def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> tuple[np.ndarray, float]:
+    """Validation probabilities in dataset order and the mean loss."""
+    model.eval()
+    probs, total, n = [], 0.0, 0
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)[:, 0].float()
+            total += F.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum").item()
+            n += len(y)
+            probs.append(torch.sigmoid(logits).cpu().numpy())
+    return np.concatenate(probs), total / max(1, n)
+
+
+def train(
+    windows: str,
+    splits: str,
+    out: str,
+    *,
+    stage: int,
+    config: Config = Config(),
+    fold: str = S.DEFAULT_FOLD,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    checkpoint_dir: str | None = None,
+) -> dict[str, Any]:
+    """Train stage ``stage`` on the ``train`` split, select on ``val``; write the model artifact to ``out``.
+
+    ``resume`` continues from the last checkpoint when one exists (an absent one starts afresh; a
+    checkpoint of another stage, architecture, window set or dataset is an error). Returns the
+    summary also stored in the artifact's metadata.
+    """
+    cfg = config.train
+    check_train_config(cfg)
+    if stage not in POSITIVE:
+        raise TrainingError(f"stage must be 1 or 2, got {stage!r}")
+    rank, world, local_rank = _distributed()
+    device = _device(cfg, local_rank)
+    cuda = device.type == "cuda"
+    amp = cuda and cfg.amp
+    windows_digest, splits_digest = dataset_digest(windows), file_digest(splits)
+    identity = _identity(stage, config, windows_digest, splits_digest, fold)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(out)
+    ckpt_path = ckpt_dir / CHECKPOINT
+    state = _load_checkpoint(ckpt_path, identity) if resume and ckpt_path.exists() else None
+
+    loader_cfg = config.loader
+    try:
+        train_ds = WindowsDataset(windows, splits, split="train", stage=stage, windows_used=cfg.windows, fold=fold, config=loader_cfg, train=True)
+        val_ds = WindowsDataset(windows, splits, split="val", stage=stage, windows_used=cfg.windows, fold=fold, config=loader_cfg)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    with train_ds, val_ds:
+        _check_classes(train_ds, "train")
+        _check_classes(val_ds, "val")
+        return _fit(
+            train_ds, val_ds, out, stage=stage, config=config, fold=fold, device=device, amp=amp, rank=rank, world=world,
+            state=state, identity=identity, ckpt_path=ckpt_path, tracking_uri=tracking_uri,
+            data={"windows_digest": windows_digest, "splits_digest": splits_digest, "fold": fold,
+                  "sites": sorted(set(train_ds.index[S.SITE]) | set(val_ds.index[S.SITE])),
+                  "train_slices": _named_counts(train_ds), "val_slices": _named_counts(val_ds),
+                  "preprocess": _preprocess_meta(windows)},
+        )
+
+
+def _named_counts(ds: WindowsDataset) -> dict[str, int]:
+    counts = ds.class_counts()
+    return {NEGATIVE[ds.stage]: counts[0], POSITIVE[ds.stage]: counts[1]}
+
+
+def _preprocess_meta(windows: str) -> dict[str, Any]:
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    first = sorted(pads.dataset(windows, format="parquet", partitioning="hive").files)[0]
+    raw = (pq.ParquetFile(first).schema_arrow.metadata or {}).get(S.META_PREPROCESS.encode(), b"{}")
+    return dict(json.loads(raw))
+
+
+def _fit(
+    train_ds: WindowsDataset,
+    val_ds: WindowsDataset,
+    out: str,
+    *,
+    stage: int,
+    config: Config,
+    fold: str,
+    device: torch.device,
+    amp: bool,
+    rank: int,
+    world: int,
+    state: dict[str, Any] | None,
+    identity: dict[str, Any],
+    ckpt_path: Path,
+    tracking_uri: str | None,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    cfg = config.train
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    model = build_model(config.model, len(cfg.windows)).to(device)
+    if cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    samples = cfg.samples_per_epoch or len(train_ds)
+    steps_per_epoch = -(-samples // (cfg.batch_size * world))
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+    counts = train_ds.class_counts()
+    pos_weight = torch.tensor(counts[0] / counts[1], device=device) if cfg.imbalance == "weight" else None
+
+    epoch, best, best_state, stale, history, run_id = 0, -math.inf, None, 0, [], None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        epoch, best, best_state, stale = state["epoch"], state["best"], state["best_state"], state["stale"]
+        history, run_id = state["history"], state["run_id"]
+        log.info("stage %d: resuming after epoch %d (best val AUROC %.4f)", stage, epoch, best)
+
+    workers = cfg.num_workers
+    loader_kw: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": cuda,
+                                 "persistent_workers": False, **({"prefetch_factor": 4} if workers else {})}
+    val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+    started = time.monotonic()
+    tags = {"stage": stage, "fold": fold, "windows_digest": data["windows_digest"], "splits_digest": data["splits_digest"],
+            "git_commit": git_commit(), "package_version": package_version(), "step": f"train-stage{stage}"}
+    tracking = start_run(experiment=config.registry.experiment, run_name=f"train-stage{stage}", tags=tags,
+                         uri=tracking_uri, run_id=run_id) if rank == 0 else nullcontext(NullTracker())
+    with tracking as tracker:
+        if state is None:
+            tracker.log_params({"config": to_dict(config), "stage": stage, "fold": fold, "parameters": parameter_count(model),
+                                "train_slices": json.dumps(data["train_slices"]), "val_slices": json.dumps(data["val_slices"])})
+        log.info("stage %d: %d train / %d val slices, %s on %s, %d parameters", stage, len(train_ds), len(val_ds),
+                 config.model.arch, device, parameter_count(model))
+        while epoch < cfg.epochs and not (cfg.patience and stale >= cfg.patience):
+            if cfg.max_minutes is not None and epoch > 0 and (time.monotonic() - started) / 60 >= cfg.max_minutes:
+                log.info("stage %d: time budget of %.1f min reached after epoch %d", stage, cfg.max_minutes, epoch)
+                break
+            seed = _epoch_seed(cfg.seed, epoch)
+            torch.manual_seed(seed)
+            base: Sampler[int] = (balanced_sampler(train_ds, samples, seed=seed) if cfg.imbalance == "sampler"
+                                  else _Shuffle(len(train_ds), samples, seed))
+            sampler = _RankShare(base, rank, world) if world > 1 else base
+            loader = DataLoader(train_ds, sampler=sampler, drop_last=False, generator=torch.Generator().manual_seed(seed), **loader_kw)
+            t0 = time.monotonic()
+            net.train()
+            loss_sum, seen = 0.0, 0
+            for x, y in loader:
+                x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format)
+                y = y.to(device, non_blocking=True).float()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = net(x)[:, 0].float()
+                loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item() * len(y)
+                seen += len(y)
+            train_s = time.monotonic() - t0
+            epoch += 1
+            probs, val_loss = _evaluate(model, val_loader, device, amp)
+            val_auroc = auroc(val_ds.targets, probs)
+            score = -math.inf if val_auroc is None else val_auroc
+            improved = score > best
+            if improved:
+                best, stale = score, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_auroc": val_auroc,
+                   "lr": schedule.get_last_lr()[0], "train_images_per_s": seen * world / train_s, "epoch_s": time.monotonic() - t0}
+            history.append(row)
+            log.info("stage %d epoch %d/%d: loss %.4f, val loss %.4f, val AUROC %s%s, %.1f img/s", stage, epoch, cfg.epochs,
+                     row["train_loss"], val_loss, "n/a" if val_auroc is None else f"{val_auroc:.4f}", " (best)" if improved else "",
+                     row["train_images_per_s"])
+            if rank == 0:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_save({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "schedule": schedule.state_dict(), "epoch": epoch, "best": best, "best_state": best_state,
+                              "stale": stale, "history": history, "run_id": tracker.run_id}, ckpt_path)
+        if rank != 0:
+            return {}
+        if best_state is None:
+            raise TrainingError(f"stage {stage}: validation AUROC was never defined; no model selected")
+        model.load_state_dict(best_state)
+        probs, _ = _evaluate(model, val_loader, device, amp)
+        threshold = threshold_for_sensitivity(probs, val_ds.targets, cfg.target_sensitivity)
+        val = {"auroc": auroc(val_ds.targets, probs), **binary_rates(probs, val_ds.targets, threshold),
+               "slices": len(val_ds), "positives": int(val_ds.targets.sum())}
+        meta = {
+            "stage": stage,
+            "positive_class": POSITIVE[stage],
+            "model": to_dict(config.model),
+            "parameters": parameter_count(model),
+            "windows": train_ds.window_defs,
+            "preprocess": data.pop("preprocess"),
+            "threshold": threshold,
+            "target_sensitivity": cfg.target_sensitivity,
+            "val": val,
+            "best_epoch": int(np.argmax([h["val_auroc"] if h["val_auroc"] is not None else -1 for h in history])) + 1,
+            "epochs_run": epoch,
+            "train": to_dict(cfg),
+            "data": data,
+            "package_version": package_version(),
+            "git_commit": git_commit(),
+            "config_hash": config_hash(to_dict(config)),
+            "mlflow_run_id": tracker.run_id,
+        }
+        save_model(out, model.cpu(), meta, history)
+        tracker.log_metrics({f"val_{k}": v for k, v in val.items() if isinstance(v, float)} | {"threshold": threshold})
+        tracker.set_tags({"threshold": f"{threshold:.6f}", "best_epoch": meta["best_epoch"]})
+        tracker.log_artifacts(out, "model")
+        tracker.log_artifact(ckpt_path, "checkpoint")
+        log.info("stage %d: best epoch %d, val AUROC %.4f; threshold %.4f for sensitivity %.2f (specificity %.3f) -> %s",
+                 stage, meta["best_epoch"], val["auroc"], threshold, val["sensitivity"], val["specificity"], out)
+        return meta
+

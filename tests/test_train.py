@@ -1,0 +1,178 @@
+"""Training: threshold and schedule maths, a toy task a small CBAMDRN must learn, the model artifact,
+bad input named before any long work, and a run killed mid-epoch that resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import write_splits, write_windows
+
+from pe_triage.config import Config, LoaderConfig, ModelConfig, TrainConfig
+from pe_triage.training.artifact import load_model, read_meta
+from pe_triage.training.train import (
+    CHECKPOINT,
+    TrainingError,
+    binary_rates,
+    checkpoint_dir_for,
+    lr_factor,
+    threshold_for_sensitivity,
+    train,
+)
+
+SIZE = 32
+
+
+def test_threshold_keeps_the_target_sensitivity_with_fewest_alarms() -> None:
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    targets = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    assert threshold_for_sensitivity(probs, targets, 1.0) == 0.3  # every positive kept
+    assert threshold_for_sensitivity(probs, targets, 0.75) == 0.6  # 3 of 4
+    assert threshold_for_sensitivity(probs, targets, 0.5) == 0.7
+    assert threshold_for_sensitivity(probs, targets, 0.7) == 0.6  # ceil(2.8) = 3
+    rates = binary_rates(probs, targets, 0.6)
+    assert rates == {"sensitivity": 0.75, "specificity": 0.75, "accuracy": 0.75}
+    with pytest.raises(ValueError, match="no positive"):
+        threshold_for_sensitivity(probs, np.zeros(8, int), 0.9)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    factors = [lr_factor(s, 100, 10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] < 0.01 and lr_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+def _square_images(labels: list[str], rng: np.random.Generator) -> np.ndarray:
+    """Noise; disease slices carry a bright square (vascular window), PE ones a dark hole in it."""
+    n = len(labels)
+    stacks = rng.integers(60, 100, (n, 3, SIZE, SIZE), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        if label != "wnl":
+            y, x = rng.integers(4, SIZE - 12, 2)
+            stacks[i, 0, y : y + 8, x : x + 8] = 230
+            if label == "pe":
+                stacks[i, 0, y + 2 : y + 6, x + 2 : x + 6] = 20
+    return stacks
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """12 patients of 10 slices: a visible, learnable difference between the classes."""
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    series, images, assignment = {}, {}, {}
+    splits = ["train"] * 6 + ["val"] * 4 + ["test"] * 2
+    for p in range(12):
+        key = ("site-a" if p % 2 else "site-b", f"p{p}")
+        labels = ["wnl"] * 4 + ["pe"] * 3 + ["other"] * 3
+        series[key], images[key], assignment[key] = labels, _square_images(labels, rng), splits[p]
+    write_windows(root / "windows", series, size=SIZE, images=images)
+    return str(root / "windows"), str(write_splits(root / "splits.parquet", assignment))
+
+
+def _config(tmp_path: Path, **train: object) -> Config:
+    base = TrainConfig(epochs=3, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=48, warmup_epochs=0.5, patience=0)
+    return Config(
+        model=ModelConfig(arch="cbam_drn_d_22", width=0.125),
+        loader=LoaderConfig(cache_dir=str(tmp_path / "cache"), augment=False),
+        train=replace(base, **train),  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_small_cbamdrn_learns_the_toy_task_and_writes_a_complete_artifact(toy: tuple[str, str], tmp_path: Path, stage: int) -> None:
+    windows, splits = toy
+    meta = train(windows, splits, str(tmp_path / "model"), stage=stage, config=_config(tmp_path, epochs=6))
+    assert meta["val"]["auroc"] >= 0.9, meta["val"]
+    assert meta["val"]["sensitivity"] >= 0.95
+    stored = read_meta(tmp_path / "model")
+    assert stored["stage"] == stage and stored["threshold"] == meta["threshold"]
+    assert [w["name"] for w in stored["windows"]] == ["vascular", "lung"]
+    assert stored["data"]["windows_digest"] and stored["data"]["sites"] == ["site-a", "site-b"]
+    assert stored["data"]["train_slices"] == ({"wnl": 24, "disease": 36} if stage == 1 else {"other": 18, "pe": 18})
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    loaded = load_model(tmp_path / "model")
+    x = np.zeros((2, 2, SIZE, SIZE), np.uint8)
+    assert loaded.predict_proba(x).shape == (2,)
+    assert (checkpoint_dir_for(tmp_path / "model") / CHECKPOINT).is_file()
+
+
+def test_bad_input_is_named_before_training(toy: tuple[str, str], tmp_path: Path) -> None:
+    windows, splits = toy
+    out = str(tmp_path / "m")
+    with pytest.raises(TrainingError, match=r"unknown window\(s\) \['bone'\]"):
+        train(windows, splits, out, stage=1, config=_config(tmp_path, windows=("vascular", "bone")))
+    one_class = write_splits(tmp_path / "s1.parquet", {("site-a", "p1"): "train", ("site-b", "p2"): "val"})
+    write_windows(tmp_path / "w1", {("site-a", "p1"): ["wnl", "pe"], ("site-b", "p2"): ["wnl", "wnl"]}, size=SIZE)
+    with pytest.raises(TrainingError, match=r"val split of stage 1 has a single class"):
+        train(str(tmp_path / "w1"), str(one_class), out, stage=1, config=_config(tmp_path))
+    no_val = write_splits(tmp_path / "s2.parquet", {("site-a", "p1"): "train", ("site-b", "p2"): "test"})
+    with pytest.raises(TrainingError, match=r"no slices for split 'val'"):
+        train(str(tmp_path / "w1"), str(no_val), out, stage=1, config=_config(tmp_path))
+    with pytest.raises(TrainingError, match="imbalance"):
+        train(windows, splits, out, stage=1, config=_config(tmp_path, imbalance="oversample"))
+    assert not Path(out).exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(toy: tuple[str, str], tmp_path: Path) -> None:
+    windows, splits = toy
+    out = str(tmp_path / "m")
+    train(windows, splits, out, stage=1, config=_config(tmp_path, epochs=1))
+    other = replace(_config(tmp_path, epochs=2), model=ModelConfig(arch="drn_d_22", width=0.125))
+    with pytest.raises(TrainingError, match=r"another run .*model: checkpoint .*cbam_drn_d_22"):
+        train(windows, splits, out, stage=1, config=other, resume=True)
+    with pytest.raises(TrainingError, match=r"another run .*stage: checkpoint 1, this run 2"):
+        train(windows, splits, out, stage=2, config=_config(tmp_path, epochs=2), resume=True)
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from dataclasses import replace
+sys.path.insert(0, {tests!r})
+from test_train import _config
+from pe_triage.training.train import train
+cfg = _config(Path({tmp!r}), epochs=4, samples_per_epoch=160)
+train({windows!r}, {splits!r}, {out!r}, stage=1, config=cfg, resume=True)
+"""
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(toy: tuple[str, str], tmp_path: Path) -> None:
+    windows, splits = toy
+    out = tmp_path / "killed"
+    ckpt = checkpoint_dir_for(out) / CHECKPOINT
+    code = _CHILD.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), windows=windows, splits=splits, out=str(out))
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 600
+    while not ckpt.exists():  # the end of epoch 1
+        assert child.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)  # into epoch 2
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not out.exists(), "the artifact appeared although the run was killed"
+    assert torch.load(ckpt, weights_only=False)["epoch"] in (1, 2)
+    resumed = subprocess.run([sys.executable, "-c", code], check=True)
+    assert resumed.returncode == 0
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-c", code.replace(repr(str(out)), repr(str(straight)))], check=True)
+    a = torch.load(out / "model.pt", weights_only=True)
+    b = torch.load(straight / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert json.loads((out / "history.json").read_text()) != [] and read_meta(out)["epochs_run"] == 4
+    h_resumed = [h["val_auroc"] for h in json.loads((out / "history.json").read_text())]
+    h_straight = [h["val_auroc"] for h in json.loads((straight / "history.json").read_text())]
+    assert h_resumed == h_straight
