@@ -11,3 +11,4 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e ".[test]"
+bash scripts/install-helm.sh >/dev/null

@@ -152,3 +152,29 @@ def write_splits(path: Path, assignment: dict[tuple[str, str], str], fold: str =
     rows = [(fold, site, pid, "wnl", split) for (site, pid), split in assignment.items()]
     pq.write_table(pa.table(list(map(list, zip(*rows))), schema=S.SPLITS_SCHEMA), path)
     return path
+
+
+def _square_images(labels: list[str], rng: np.random.Generator, size: int) -> np.ndarray:
+    """Noise; disease slices carry a bright square (vascular window), PE ones a dark hole in it."""
+    stacks = rng.integers(60, 100, (len(labels), 3, size, size), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        if label != "wnl":
+            y, x = rng.integers(4, size - 12, 2)
+            stacks[i, 0, y : y + 8, x : x + 8] = 230
+            if label == "pe":
+                stacks[i, 0, y + 2 : y + 6, x + 2 : x + 6] = 20
+    return stacks
+
+
+def write_toy_cohort(root: Path, size: int = 32) -> tuple[str, str]:
+    """12 patients of 10 slices (4 wnl, 3 pe, 3 other) on two sites, split 6/4/2 by patient, with a
+    visible, learnable difference between the classes: (windows dataset, splits file)."""
+    rng = np.random.default_rng(0)
+    series, images, assignment = {}, {}, {}
+    splits = ["train"] * 6 + ["val"] * 4 + ["test"] * 2
+    for p in range(12):
+        key = ("site-a" if p % 2 else "site-b", f"p{p}")
+        labels = ["wnl"] * 4 + ["pe"] * 3 + ["other"] * 3
+        series[key], images[key], assignment[key] = labels, _square_images(labels, rng, size), splits[p]
+    write_windows(root / "windows", series, size=size, images=images)
+    return str(root / "windows"), str(write_splits(root / "splits.parquet", assignment))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import write_splits, write_windows
+from factories import write_splits, write_toy_cohort, write_windows
 
 from pe_triage.config import Config, LoaderConfig, ModelConfig, TrainConfig
 from pe_triage.training.artifact import load_model, read_meta
@@ -51,32 +51,9 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     assert factors[-1] < 0.01 and lr_factor(100, 100, 10) == pytest.approx(0.0)
 
 
-def _square_images(labels: list[str], rng: np.random.Generator) -> np.ndarray:
-    """Noise; disease slices carry a bright square (vascular window), PE ones a dark hole in it."""
-    n = len(labels)
-    stacks = rng.integers(60, 100, (n, 3, SIZE, SIZE), dtype=np.uint8)
-    for i, label in enumerate(labels):
-        if label != "wnl":
-            y, x = rng.integers(4, SIZE - 12, 2)
-            stacks[i, 0, y : y + 8, x : x + 8] = 230
-            if label == "pe":
-                stacks[i, 0, y + 2 : y + 6, x + 2 : x + 6] = 20
-    return stacks
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """12 patients of 10 slices: a visible, learnable difference between the classes."""
-    root = tmp_path_factory.mktemp("toy")
-    rng = np.random.default_rng(0)
-    series, images, assignment = {}, {}, {}
-    splits = ["train"] * 6 + ["val"] * 4 + ["test"] * 2
-    for p in range(12):
-        key = ("site-a" if p % 2 else "site-b", f"p{p}")
-        labels = ["wnl"] * 4 + ["pe"] * 3 + ["other"] * 3
-        series[key], images[key], assignment[key] = labels, _square_images(labels, rng), splits[p]
-    write_windows(root / "windows", series, size=SIZE, images=images)
-    return str(root / "windows"), str(write_splits(root / "splits.parquet", assignment))
+    return write_toy_cohort(tmp_path_factory.mktemp("toy"), SIZE)
 
 
 def _config(tmp_path: Path, **train: object) -> Config:

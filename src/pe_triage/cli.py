@@ -101,6 +101,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pe_triage.evaluation.evaluate import evaluate
+
+    metrics = evaluate(args.stage1, args.stage2, args.windows, args.splits, args.out, split=args.split, fold=args.fold,
+                       config=load_config(args.config), truth=args.truth, tracking_uri=args.tracking_uri)
+    print(json.dumps(metrics["summary"], indent=2))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _plugin_commands(sub: argparse._SubParsersAction) -> None:
     """Sub-commands other distributions (the pipelines package) register under ``pe_triage.commands``:
     the library itself never imports kfp."""
@@ -174,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--config", help="YAML configuration (sections model, train, loader, registry)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="per-slice, per-patient, per-site and cascade metrics + report of both stages")
+    p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
+    p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
+    p.add_argument("--windows", required=True, help="windows dataset")
+    p.add_argument("--splits", required=True, help="splits Parquet file")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--fold", default="default", help="fold of the splits file")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, report.md, report.html, plots)")
+    p.add_argument("--truth", help="synthetic ground truth folder (cohort/truth): Grad-CAM mass inside the lesion")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
+    p.add_argument("--config", help="YAML configuration (sections evaluate, loader, registry)")
+    p.set_defaults(func=_evaluate)
     _plugin_commands(sub)
     return parser
 

@@ -1,0 +1,165 @@
+"""The evaluation step: apply both stage models to one split, compute every table, render the report.
+
+Both stages are applied to every slice of the split (stage 2's probability exists for all slices so
+the cascade can be formed; its own table uses true disease slices, as the study reports it).
+Grad-CAM overlays are drawn for a seeded sample of true positives, false positives and false
+negatives of each stage; when the generator's ground truth is given (synthetic cohorts), the lesion
+mask is carried through the same crop and resize as the pixels and the fraction of Grad-CAM mass
+inside it is measured.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+
+from pe_triage import schema as S
+from pe_triage.config import Config
+from pe_triage.evaluation.gradcam import grad_cam, gradcam_samples, inside_fraction, overlay_png
+from pe_triage.evaluation.metrics import evaluate_predictions
+from pe_triage.evaluation.report import write_report
+from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
+from pe_triage.registry.tracking import start_run
+from pe_triage.training.artifact import StageModel, load_model
+from pe_triage.training.data import WindowsDataset
+from pe_triage.windows import uint8_to_centred
+
+log = logging.getLogger(__name__)
+
+PRED_COLUMNS = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL, "p_disease", "p_pe"]
+
+
+class EvaluationError(ValueError):
+    """The models and the data do not fit together; the message says how."""
+
+
+def _channels(model: StageModel, available: list[dict[str, Any]], where: str) -> list[int]:
+    """Channel indices of the model's windows in the loaded stack; their definitions must match."""
+    by_name = {d["name"]: (i, d) for i, d in enumerate(available)}
+    out = []
+    for window in model.meta["windows"]:
+        if window["name"] not in by_name:
+            raise EvaluationError(f"{where}: model window {window['name']!r} is not in the windows dataset ({sorted(by_name)})")
+        i, stored = by_name[window["name"]]
+        if (stored["lo"], stored["hi"]) != (window["lo"], window["hi"]):
+            raise EvaluationError(f"{where}: window {window['name']!r} is {stored} in the dataset but {window} in the model")
+        out.append(i)
+    return out
+
+
+def _lesion_masks(truth: str, pred: pd.DataFrame, boxes: pd.DataFrame, size: int) -> dict[int, np.ndarray]:
+    """Row of ``pred`` -> its lesion mask in model-input pixels (crop box + resize, as the pixels)."""
+    table = pads.dataset(truth, format="parquet").to_table(columns=[S.SOURCE_SHA256, S.ROWS, S.COLS, S.T_MASK])
+    wanted = set(boxes[S.SOURCE_SHA256])
+    table = table.filter(pc.is_in(table[S.SOURCE_SHA256], value_set=pa.array(sorted(wanted))))
+    by_sha = {r[S.SOURCE_SHA256]: r for r in table.to_pylist()}
+    out = {}
+    for i, row in boxes.iterrows():
+        found = by_sha.get(row[S.SOURCE_SHA256])
+        if found is None:
+            continue
+        mask = np.frombuffer(found[S.T_MASK], np.uint8).reshape(found[S.ROWS], found[S.COLS])
+        patch = mask[row[S.CROP_Y0] : row[S.CROP_Y1], row[S.CROP_X0] : row[S.CROP_X1]].astype(np.float32)
+        out[int(i)] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA) > 0
+    return out
+
+
+def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: WindowsDataset, pred: pd.DataFrame,
+             masks: dict[int, np.ndarray] | None, out: Path, config: Config) -> list[dict[str, Any]]:
+    items = []
+    folder = out / "gradcam"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage, model in models.items():
+        sample = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.threshold,
+                                 per_category=config.evaluate.gradcam_per_category, seed=config.evaluate.seed)
+        for n, row in enumerate(sample.itertuples(index=False)):
+            image = np.asarray(ds.array[int(row.index)])[channels[stage]]
+            x = torch.from_numpy(uint8_to_centred(image))[None]
+            cam = grad_cam(model.model, x)[0]
+            mask = None if masks is None else masks.get(int(row.index))
+            has_lesion = mask is not None and bool(mask.any())
+            fraction = max((inside_fraction(c, mask) or 0.0) for c in cam) if has_lesion else None
+            path = folder / f"stage{stage}-{row.category}-{n:02d}.png"
+            overlay_png(image, cam, path, mask=mask if has_lesion else None, titles=model.window_names,
+                        caption=f"stage {stage} {row.category}: {row.site}, slice {row.slice_index}, label {row.label}")
+            items.append({"stage": stage, "category": row.category, "png": str(path), "inside_fraction": fraction,
+                          "site": row.site, "slice_index": int(row.slice_index)})
+    return items
+
+
+def evaluate(
+    stage1: str,
+    stage2: str,
+    windows: str,
+    splits: str,
+    out: str,
+    *,
+    split: str = "test",
+    fold: str = S.DEFAULT_FOLD,
+    config: Config = Config(),
+    truth: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate the stage models on ``split`` of ``fold``; write metrics.json, report.md, report.html,
+    plots and Grad-CAM overlays to ``out``; return the metrics."""
+    models = {1: load_model(stage1), 2: load_model(stage2)}
+    for stage, model in models.items():
+        if model.stage != stage:
+            raise EvaluationError(f"--stage{stage} model is a stage {model.stage} model")
+    names = list(dict.fromkeys(models[1].window_names + models[2].window_names))
+    try:
+        ds = WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    out_dir = Path(out)
+    with ds:
+        channels = {s: _channels(m, ds.window_defs, f"stage {s} model") for s, m in models.items()}
+        pred = ds.index[[S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL]].copy()
+        for stage, column in ((1, "p_disease"), (2, "p_pe")):
+            log.info("evaluate: stage %d on %d %s slices", stage, len(ds), split)
+            pred[column] = _predict(models[stage], ds.array, channels[stage])
+        t1, t2 = models[1].threshold, models[2].threshold
+        metrics = evaluate_predictions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config.evaluate)
+        metrics["test_data"] = {"windows_digest": dataset_digest(windows), "splits_digest": file_digest(splits), "split": split,
+                                "fold": fold, "slices": len(pred), "patients": int(pred[[S.SITE, S.PATIENT_ID]].drop_duplicates().shape[0])}
+        metrics["models"] = {f"stage{s}": {k: m.meta.get(k) for k in ("model", "threshold", "target_sensitivity", "val", "git_commit",
+                                                                      "config_hash", "mlflow_run_id", "data")}
+                             for s, m in models.items()}
+        masks = None
+        if truth is not None:
+            boxes = _boxes(windows, ds.index)
+            masks = _lesion_masks(truth, pred, boxes, ds.shape[-1])
+        gradcam = _gradcam(models, channels, ds, pred, masks, out_dir, config) if config.evaluate.gradcam_per_category else []
+    paths = write_report(metrics, pred, out_dir, gradcam=gradcam or None)
+    pred.to_parquet(out_dir / "predictions.parquet", index=False)
+    with start_run(experiment=config.registry.experiment, run_name=f"evaluate-{split}", uri=tracking_uri,
+                   tags={"step": "evaluate", "split": split, "fold": fold, "git_commit": git_commit(),
+                         "package_version": package_version(), "windows_digest": metrics["test_data"]["windows_digest"],
+                         "stage1_run_id": models[1].meta.get("mlflow_run_id"), "stage2_run_id": models[2].meta.get("mlflow_run_id")}) as tracker:
+        tracker.log_metrics({k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float))})
+        tracker.log_artifacts(out_dir, "evaluation")
+        metrics["mlflow_run_id"] = tracker.run_id
+    log.info("evaluate: report at %s", paths["report_html"])
+    return metrics
+
+
+def _predict(model: StageModel, array: np.ndarray, channels: list[int], batch: int = 256) -> np.ndarray:
+    return np.concatenate([model.predict_proba(np.asarray(array[i : i + batch])[:, channels]) for i in range(0, len(array), batch)])
+
+
+def _boxes(windows: str, index: pd.DataFrame) -> pd.DataFrame:
+    """source_sha256 and crop box of every evaluated slice, in the order of ``index``."""
+    keys = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX]
+    table = pads.dataset(windows, format="parquet", partitioning="hive").to_table(
+        columns=[*keys, S.SOURCE_SHA256, S.CROP_Y0, S.CROP_Y1, S.CROP_X0, S.CROP_X1])
+    merged = index[keys].merge(table.to_pandas(), on=keys, how="left", validate="one_to_one")
+    return merged.set_index(index.index)
