@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pe_triage.config import ConfigError, load_config
+from pe_triage.registry.cli import add_commands as add_registry_commands
 
 log = logging.getLogger("pe_triage")
 
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--config", help="YAML configuration (sections evaluate, loader, registry)")
     p.set_defaults(func=_evaluate)
+
+    add_registry_commands(sub)
     _plugin_commands(sub)
     return parser
 

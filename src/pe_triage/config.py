@@ -99,10 +99,16 @@ class CropConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """``slices`` -> ``windows``. Defaults: the study's three windows as printed, 256 px output."""
+    """``slices`` -> ``windows``. Defaults: the study's vascular and mediastinal windows and the
+    clinical lung window, 256 px output.
+
+    The study's lung window as printed (-400..1500 HU, preset ``lung``) maps aerated lung (-900..-700)
+    and ground glass (-700..-400) to black, so parenchymal disease other than consolidation is
+    invisible in it; the clinical lung window (L-600/W1500: -1350..150 HU) shows both. ``lung`` stays
+    available to replicate the study."""
 
     #: window names, in channel order: presets of ``pe_triage.windows.PRESETS`` or ``custom_windows``
-    windows: tuple[str, ...] = ("vascular", "mediastinal", "lung")
+    windows: tuple[str, ...] = ("vascular", "mediastinal", "clinical_lung")
     custom_windows: tuple[WindowConfig, ...] = ()
     size: int = 256
     crop: CropConfig = field(default_factory=CropConfig)
@@ -156,8 +162,9 @@ class TrainConfig:
     """One stage's training run. Defaults: DWL input (the study's best), AdamW + cosine schedule,
     early stopping on validation AUROC, threshold for 95% validation sensitivity."""
 
-    #: window names fed to the model, in branch order (DWL = vascular + lung)
-    windows: tuple[str, ...] = ("vascular", "lung")
+    #: window names fed to the model, in branch order (DWL = vascular + lung; see PreprocessConfig
+    #: for why the lung branch uses the clinical lung window)
+    windows: tuple[str, ...] = ("vascular", "clinical_lung")
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3

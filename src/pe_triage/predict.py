@@ -1,0 +1,358 @@
+"""Triage: both stage models in cascade, on HU slices or straight from a DICOM study.
+
+The math is the training path's, so a deployed model sees what it was trained and evaluated on:
+DICOM goes through :func:`pe_triage.ingest.ingest_site` and :func:`pe_triage.preprocess.preprocess`
+(into a temporary folder), HU slices through the functions ``preprocess`` applies per slice
+(``slice_box``, ``crop_resize``, ``window_stack``), each stage picks its windows by name, and
+the per-study decision is :func:`pe_triage.evaluation.metrics.patient_predictions` with the rule
+the metrics were computed with. No mlflow here: ``pe_triage.registry.pyfunc`` wraps :class:`Triage`.
+
+Output: one row per slice (:data:`OUTPUT_COLUMNS`): ``p_disease`` (stage 1), ``p_pe`` (stage 2, on
+every slice, as in evaluation), ``triage`` (``wnl`` | ``other`` | ``pe``; ``skipped`` when the slice
+cannot be scored: too small, or no body), ``flagged`` (triage is ``pe``) and ``study_triage`` (the
+patient rule over the study's slices, repeated on each of its rows).
+
+Privacy: DICOM input is pseudonymised with a fresh random key per call, and the output names
+studies and series by ordinals (``study-1``, ``series-1``), so nothing in it links to the patient.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pe_triage import schema as S
+from pe_triage.config import EvalConfig, IngestConfig, PreprocessConfig, WindowConfig, from_dict
+from pe_triage.dicom import Pseudonymizer
+from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_predictions
+from pe_triage.ingest import ingest_site
+from pe_triage.lung_crop import Box, NoBodyError, crop_resize
+from pe_triage.preprocess import preprocess, resolve_windows, slice_box, window_stack
+from pe_triage.storage import location
+from pe_triage.training.artifact import StageModel, load_model
+from pe_triage.windows import Window
+
+FORMAT = "pe-triage-triage/1"
+#: HU input: int16 little-endian, row-major (what ``array.astype("<i2").tobytes()`` gives)
+HU_INPUT = "hu"
+DICOM_PATH = "dicom_path"
+P_DISEASE, P_PE, TRIAGE, FLAGGED, STUDY_TRIAGE = "p_disease", "p_pe", "triage", "flagged", "study_triage"
+SKIPPED = "skipped"
+KEY_COLUMNS = [S.STUDY_UID, S.SERIES_UID, S.SLICE_INDEX]
+SLICE_INPUT_COLUMNS = [*KEY_COLUMNS, S.ROWS, S.COLS, S.PIXEL_SPACING_ROW, S.PIXEL_SPACING_COL]
+OUTPUT_COLUMNS = [*KEY_COLUMNS, P_DISEASE, P_PE, TRIAGE, FLAGGED, STUDY_TRIAGE]
+_SITE = "predict"  # the temporary dataset's site name (never in the output)
+#: preprocess settings that only change how a run executes
+_EXECUTION_ONLY = ("workers", "row_group_slices", "zstd_level")
+
+
+class PredictError(ValueError):
+    """The models or the input cannot be used; the message says why (and holds no PHI)."""
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """The per-patient rule (``EvalConfig.patient_rule`` and ``k``) applied to each study."""
+
+    rule: str = "any"
+    k: int = 2
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES or self.k < 1:
+            raise PredictError(f"patient rule {self.rule!r} with k={self.k}: rule must be one of {list(RULES)}, k >= 1")
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(patient_rule=self.rule, k=self.k)
+
+
+def _windows_of(meta: dict[str, Any]) -> list[Window]:
+    return [Window(d["name"], float(d["lo"]), float(d["hi"])) for d in meta["windows"]]
+
+
+def composite_preprocess(meta1: dict[str, Any], meta2: dict[str, Any]) -> PreprocessConfig:
+    """The preprocessing both stages were trained on, producing every window either one needs
+    (the union, stage 1's first). The stages must agree on everything but the windows."""
+    configs = []
+    for meta in (meta1, meta2):
+        stored = {k: v for k, v in meta["preprocess"].items() if k not in _EXECUTION_ONLY}
+        configs.append(replace(from_dict(PreprocessConfig, stored), windows=("vascular",), custom_windows=()))
+    if configs[0] != configs[1]:
+        diff = [f for f in ("size", "crop", "min_image_size") if getattr(configs[0], f) != getattr(configs[1], f)]
+        raise PredictError(f"the stage models were trained on different preprocessing ({', '.join(diff)}): "
+                           "not a consistent pair")
+    union: dict[str, Window] = {}
+    for w in [*_windows_of(meta1), *_windows_of(meta2)]:
+        if union.setdefault(w.name, w) != w:
+            raise PredictError(f"window {w.name!r} differs between the stages ({union[w.name]} vs {w}): "
+                               "not a consistent pair")
+    return replace(configs[0], windows=tuple(union), workers=1,
+                   custom_windows=tuple(WindowConfig(w.name, lo=w.lo, hi=w.hi) for w in union.values()))
+
+
+def _channels(windows: Sequence[Window], stage: StageModel) -> list[int]:
+    """Indices of the stage's windows (by name, in its branch order) in a stack of ``windows``."""
+    have = {w.name: (i, w) for i, w in enumerate(windows)}
+    out = []
+    for w in _windows_of(stage.meta):
+        if w.name not in have or have[w.name][1] != w:
+            raise PredictError(f"stage {stage.stage} needs window {w} but the input has {list(windows)}")
+        out.append(have[w.name][0])
+    return out
+
+
+def _hu(row: Any, hu_column: str) -> np.ndarray:
+    rows, cols, value = int(getattr(row, S.ROWS)), int(getattr(row, S.COLS)), getattr(row, hu_column)
+    if hu_column == S.HU:
+        return S.decode_hu(value, rows, cols)
+    hu = np.frombuffer(value, "<i2") if isinstance(value, (bytes, bytearray, memoryview)) else np.asarray(value, np.int16)
+    if hu.size != rows * cols:
+        raise PredictError(f"{hu_column} holds {hu.size} values, expected {rows}x{cols}")
+    return hu.reshape(rows, cols)
+
+
+def series_boxes(hus: Sequence[np.ndarray], spacings: Sequence[tuple[float, float]],
+                 config: PreprocessConfig) -> list[Box | None]:
+    """The crop of each slice of one series (None: skipped), as ``preprocess.process_series`` makes
+    them: too-small images and slices without a body are skipped; ``series`` mode uses the union of
+    the lung boxes (of the body boxes when no slice shows lung)."""
+    found = []
+    for hu, spacing in zip(hus, spacings, strict=True):
+        try:
+            found.append(None if min(hu.shape) < config.min_image_size else slice_box(hu, spacing, config))
+        except NoBodyError:
+            found.append(None)
+    if config.crop.mode != "series":
+        return [f.box if f else None for f in found]
+    lung = [f.box for f in found if f and f.lung_found]
+    body = [f.box for f in found if f and not f.lung_found]
+    union = None
+    for box in lung or body:
+        union = box if union is None else union.union(box)
+    return [union if f else None for f in found]
+
+
+@dataclass
+class Triage:
+    """A consistent pair of stage models, the preprocessing they need and the per-patient rule."""
+
+    stage1: StageModel
+    stage2: StageModel
+    rule: DecisionRule
+    preprocess: PreprocessConfig
+
+    @classmethod
+    def load(cls, stage1: str | Path, stage2: str | Path, *, rule: DecisionRule = DecisionRule()) -> Triage:
+        m1, m2 = load_model(stage1), load_model(stage2)
+        if (m1.stage, m2.stage) != (1, 2):
+            raise PredictError(f"expected a stage 1 and a stage 2 model, got stages {m1.stage} and {m2.stage}")
+        return cls(m1, m2, rule, composite_preprocess(m1.meta, m2.meta))
+
+    def config(self) -> dict[str, Any]:
+        """What the registered model stores next to the two artifacts (and the model card shows)."""
+        return {
+            "format": FORMAT,
+            "rule": {"rule": self.rule.rule, "k": self.rule.k},
+            "thresholds": {"stage1": self.stage1.threshold, "stage2": self.stage2.threshold},
+            "windows": [{"name": w.name, "lo": w.lo, "hi": w.hi} for w in resolve_windows(self.preprocess)],
+            "size": self.preprocess.size,
+            "crop_mode": self.preprocess.crop.mode,
+        }
+
+    @classmethod
+    def from_config(cls, stage1: str | Path, stage2: str | Path, config_file: str | Path) -> Triage:
+        stored = json.loads(Path(config_file).read_text())
+        if stored.get("format") != FORMAT:
+            raise PredictError(f"{config_file}: format {stored.get('format')!r}, this version reads {FORMAT!r}")
+        return cls.load(stage1, stage2, rule=DecisionRule(**stored["rule"]))
+
+    # ---------------------------------------------------------------------------- scoring
+    def score(self, stack: np.ndarray, windows: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 window stacks ``[N, C, H, W]`` (channels = ``windows``) -> (p_disease, p_pe)."""
+        if len(stack) == 0:
+            return np.empty(0, np.float32), np.empty(0, np.float32)
+        p_disease = self.stage1.predict_proba(stack[:, _channels(windows, self.stage1)])
+        p_pe = self.stage2.predict_proba(stack[:, _channels(windows, self.stage2)])
+        return p_disease, p_pe
+
+    def _per_slice(self, keys: pd.DataFrame, p_disease: np.ndarray, p_pe: np.ndarray) -> pd.DataFrame:
+        """Keys + probabilities (NaN: skipped) -> the output frame, with the per-study decision."""
+        out = keys[KEY_COLUMNS].reset_index(drop=True).copy()
+        out[P_DISEASE], out[P_PE] = p_disease.astype(float), p_pe.astype(float)
+        scored = out[P_DISEASE].notna().to_numpy()
+        triage = np.full(len(out), SKIPPED, dtype=object)
+        triage[scored] = cascade_labels(p_disease[scored], p_pe[scored], self.stage1.threshold, self.stage2.threshold)
+        out[TRIAGE] = triage
+        out[FLAGGED] = triage == "pe"
+        decisions = study_decisions(out[scored], self)
+        by_study = dict(zip(decisions[S.STUDY_UID], decisions["triage"], strict=True))
+        out[STUDY_TRIAGE] = [by_study.get(str(study), SKIPPED) for study in out[S.STUDY_UID]]
+        return out
+
+    def predict_slices(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """One output row per input row (same order). Input: :data:`SLICE_INPUT_COLUMNS` and the
+        pixels as ``hu`` (int16 bytes or a nested list) or ``hu_planes`` (a slices dataset row)."""
+        hu_column = next((c for c in (HU_INPUT, S.HU) if c in frame.columns and frame[c].notna().all()), None)
+        missing = [c for c in SLICE_INPUT_COLUMNS if c not in frame.columns or frame[c].isna().any()]
+        if missing or hu_column is None:
+            raise PredictError(f"slice input needs columns {SLICE_INPUT_COLUMNS} and {HU_INPUT!r} (or {S.HU!r}); "
+                               f"missing or null: {missing + ([] if hu_column else [HU_INPUT])}")
+        windows = resolve_windows(self.preprocess)
+        size = self.preprocess.size
+        stack = np.zeros((len(frame), len(windows), size, size), np.uint8)
+        kept = np.zeros(len(frame), bool)
+        patch = np.empty((size, size), np.int16)
+        rows = list(frame.itertuples(index=False))
+        for idx in frame.reset_index(drop=True).groupby([S.STUDY_UID, S.SERIES_UID], sort=False).indices.values():
+            idx = idx[np.argsort(frame[S.SLICE_INDEX].to_numpy()[idx], kind="stable")]
+            hus = [_hu(rows[i], hu_column) for i in idx]
+            spacings = [(float(getattr(rows[i], S.PIXEL_SPACING_ROW)), float(getattr(rows[i], S.PIXEL_SPACING_COL)))
+                        for i in idx]
+            for i, hu, box in zip(idx, hus, series_boxes(hus, spacings, self.preprocess), strict=True):
+                if box is not None:
+                    crop_resize(hu, box, size, out=patch)
+                    window_stack(patch, windows, stack[i])
+                    kept[i] = True
+        p_disease, p_pe = np.full(len(frame), np.nan), np.full(len(frame), np.nan)
+        p_disease[kept], p_pe[kept] = self.score(stack[kept], windows)
+        return self._per_slice(frame, p_disease, p_pe)
+
+    def predict_dicom(self, sources: str | Sequence[str], *,
+                      ingest: IngestConfig = IngestConfig()) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """DICOM files or folders (local or ``s3://``) -> (per-slice frame, input summary).
+
+        Several studies give one decision each. Raises :class:`PredictError` when nothing in the
+        input is a usable CT slice."""
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        if not sources:
+            raise PredictError("no DICOM input given")
+        with tempfile.TemporaryDirectory(prefix="pe-triage-predict-") as tmp:
+            root = Path(tmp)
+            pseudo = Pseudonymizer(secrets.token_bytes(32), _SITE)  # unlinkable: the key dies with the call
+            files: Counter[str] = Counter()
+            reasons: Counter[str] = Counter()
+            for source in _folders(sources, root / "files"):
+                report = ingest_site(_SITE, source, str(root / "slices"), pseudo=pseudo, config=replace(ingest, workers=1))
+                files.update(report["files"])
+                reasons.update(report["quarantine_reasons"])
+            summary: dict[str, Any] = {"files": dict(files), "quarantine_reasons": dict(sorted(reasons.items()))}
+            if not list((root / "slices").glob(f"{S.SITE}=*/*.parquet")):
+                raise PredictError(f"no CT slices in the input: {files['seen']} file(s) seen, "
+                                   f"{files['quarantined']} quarantined ({dict(reasons) or 'none'})")
+            report = preprocess(str(root / "slices"), str(root / "windows"), config=self.preprocess)
+            summary["slices_skipped"] = dict(Counter(s["reason"] for s in report["slices_skipped"]))
+            keys, stack, windows = _read_windows(sorted((root / "windows").glob(f"{S.SITE}=*/*.parquet")))
+        if not len(keys):
+            raise PredictError(f"no slice of the input could be scored (skipped: {summary['slices_skipped']})")
+        keys[P_DISEASE], keys[P_PE] = self.score(stack, windows)
+        slices = _ordinal_ids(keys)
+        return self._per_slice(slices, slices[P_DISEASE].to_numpy(), slices[P_PE].to_numpy()), summary
+
+
+def _read_windows(paths: Sequence[Path]) -> tuple[pd.DataFrame, np.ndarray, list[Window]]:
+    """Keys (pseudonyms and source sha256, for ordering), the window stacks and their windows of
+    a windows dataset, all series together: one batched pass through each model."""
+    keys, stacks, windows = [], [], None
+    for path in paths:
+        table = pq.read_table(path)
+        defs = json.loads((table.schema.metadata or {})[S.META_WINDOWS.encode()])
+        windows = windows or [Window(d["name"], float(d["lo"]), float(d["hi"])) for d in defs]  # one run: same in every file
+        stacks.append(S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS))))
+        keys.append(table.select([*KEY_COLUMNS, S.SOURCE_SHA256]).to_pandas())
+    if not keys:
+        return pd.DataFrame(columns=[*KEY_COLUMNS, S.SOURCE_SHA256]), np.empty((0, 0, 0, 0), np.uint8), []
+    return pd.concat(keys, ignore_index=True), np.concatenate(stacks), windows or []
+
+
+def _folders(sources: Sequence[str], staging: Path) -> list[str]:
+    """Folders and prefixes as they are; single files copied into one staging folder (ingest reads folders)."""
+    folders, copied = [], 0
+    for source in sources:
+        loc = location(source)
+        kind = loc.fs.get_file_info(loc.root).type
+        if kind == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{source}: no such file, folder or prefix")
+        if kind == pafs.FileType.Directory:
+            folders.append(source)
+            continue
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / f"{copied:06d}.dcm").write_bytes(loc.read(loc.root))
+        copied += 1
+    return folders + ([str(staging)] if copied else [])
+
+
+def _ordinal_ids(frame: pd.DataFrame) -> pd.DataFrame:
+    """Pseudonyms -> ``study-N`` / ``series-N``, numbered in an order that does not depend on the
+    random key (by the content hash of the first slice), so two calls on the same input agree."""
+    first = frame.groupby([S.STUDY_UID, S.SERIES_UID])[S.SOURCE_SHA256].min()
+    study_n = first.groupby(level=0).min().rank(method="first").astype(int)
+    series_n = first.groupby(level=0).rank(method="first").astype(int)
+    keys = pd.MultiIndex.from_frame(frame[[S.STUDY_UID, S.SERIES_UID]])
+    out = frame.drop(columns=[S.SOURCE_SHA256]).assign(
+        _study=frame[S.STUDY_UID].map(study_n).to_numpy(), _series=series_n.reindex(keys).to_numpy())
+    out = out.sort_values(["_study", "_series", S.SLICE_INDEX]).reset_index(drop=True)
+    out[S.STUDY_UID] = "study-" + out.pop("_study").astype(str)
+    out[S.SERIES_UID] = "series-" + out.pop("_series").astype(str)
+    return out
+
+
+def study_decisions(per_slice: pd.DataFrame, triage: Triage) -> pd.DataFrame:
+    """One row per study: ``study_uid``, ``triage`` (wnl | other | pe), ``disease_score``,
+    ``pe_score``, ``slices``. The evaluation's per-patient rule, a study standing for the patient."""
+    if per_slice.empty:
+        return pd.DataFrame({S.STUDY_UID: [], "triage": [], "disease_score": [], "pe_score": [], "slices": []})
+    pred = pd.DataFrame({
+        "site": _SITE, "patient_id": per_slice[S.STUDY_UID].astype(str), "series_uid": per_slice[S.SERIES_UID].astype(str),
+        "slice_index": per_slice[S.SLICE_INDEX].astype(int), "label": "wnl",  # no truth here; only the decisions are used
+        "p_disease": per_slice[P_DISEASE], "p_pe": per_slice[P_PE],
+    })
+    pt = patient_predictions(pred, threshold_stage1=triage.stage1.threshold, threshold_stage2=triage.stage2.threshold,
+                             config=triage.rule.eval_config())
+    return pd.DataFrame({S.STUDY_UID: pt["patient_id"], "triage": pt["predicted"], "disease_score": pt["disease_score"],
+                         "pe_score": pt["pe_score"], "slices": pt["slices"]})
+
+
+def triage_report(per_slice: pd.DataFrame, triage: Triage, *, model: str,
+                  input_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON report of ``pe-triage predict``: per study its decision, flagged slices and every
+    slice's probabilities (slice_index counts from the lowest position along the patient axis)."""
+    studies = []
+    for study, rows in per_slice.groupby(S.STUDY_UID, sort=False):
+        series = []
+        for uid, s in rows.groupby(S.SERIES_UID, sort=False):
+            series.append({
+                "series": uid,
+                "slices": [{"slice_index": int(r[S.SLICE_INDEX]), P_DISEASE: _num(r[P_DISEASE]), P_PE: _num(r[P_PE]),
+                            TRIAGE: r[TRIAGE]} for r in s.to_dict("records")],
+            })
+        flagged = rows[rows[FLAGGED]]
+        studies.append({
+            "study": study,
+            "triage": rows[STUDY_TRIAGE].iloc[0],
+            "slices": len(rows),
+            "slice_counts": {k: int(v) for k, v in rows[TRIAGE].value_counts().sort_index().items()},
+            "flagged_slices": [{"series": r[S.SERIES_UID], "slice_index": int(r[S.SLICE_INDEX]), P_PE: _num(r[P_PE])}
+                               for r in flagged.to_dict("records")],
+            "series": series,
+        })
+    return {
+        "model": model,
+        "rule": triage.config()["rule"],
+        "thresholds": triage.config()["thresholds"],
+        "input": input_summary or {},
+        "studies": studies,
+    }
+
+
+def _num(value: float) -> float | None:
+    return None if pd.isna(value) else round(float(value), 6)

@@ -1,0 +1,125 @@
+"""``pe-triage register | promote | rollback | predict``: the registry sub-commands.
+
+:func:`add_commands` adds them to the main parser. Exit codes: 0 done (a promotion that changes
+nothing included), 1 promotion refused (the message names the failed gates), 2 error (tracking
+server unreachable, bad input). mlflow is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pe_triage.config import Config, ConfigError, load_config
+
+log = logging.getLogger("pe_triage")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML configuration (sections 'registry', 'evaluate')")
+    p.add_argument("--tracking-uri", help="MLflow tracking server (default: MLFLOW_TRACKING_URI)")
+
+
+def _guarded(handler: Callable[[argparse.Namespace, Config], tuple[int, Any]]) -> Callable[[argparse.Namespace], int]:
+    """Run a handler: its result as JSON on stdout (whatever MLflow prints goes to stderr, so stdout
+    stays machine-readable); errors a user can act on become one log line and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from mlflow.exceptions import MlflowException
+
+        from pe_triage.predict import PredictError
+        from pe_triage.registry.registry import RegistryError
+        from pe_triage.registry.tracking import TrackingUnavailable
+        from pe_triage.training.artifact import ArtifactError
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                code, result = handler(args, load_config(args.config))
+            json.dump(result, sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+            return code
+        except TrackingUnavailable as e:
+            log.error("%s (start the server or check --tracking-uri / MLFLOW_TRACKING_URI)", e)
+        except (RegistryError, PredictError, ArtifactError, ConfigError, FileNotFoundError) as e:
+            log.error("%s", e)
+        except MlflowException as e:
+            log.error("MLflow: %s", e.message)
+        return 2
+
+    return run
+
+
+def _register(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
+    from pe_triage.registry.registry import register
+
+    return 0, register(args.stage1, args.stage2, args.metrics, config=config.registry, evaluate=config.evaluate,
+                       uri=args.tracking_uri, actor=args.actor)
+
+
+def _promote(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
+    from pe_triage.registry.registry import promote
+
+    decision = promote(args.version, config=config.registry, uri=args.tracking_uri, actor=args.actor,
+                       champion_metrics=args.champion_metrics)
+    if decision["outcome"] == "refused":
+        log.error("version %s not promoted: %s", decision["version"], decision["reason"])
+        return 1, decision
+    return 0, decision
+
+
+def _rollback(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
+    from pe_triage.registry.registry import rollback
+
+    return 0, rollback(config=config.registry, uri=args.tracking_uri, actor=args.actor)
+
+
+def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
+    from pe_triage.predict import triage_report
+    from pe_triage.registry.registry import load_registered
+
+    model_uri = args.model or f"models:/{config.registry.model_name}@champion"
+    triage, version = load_registered(model_uri, uri=args.tracking_uri)
+    per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest)
+    report = triage_report(per_slice, triage, model=model_uri, input_summary=summary)
+    report["model_version"] = version
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        return 0, [{k: s[k] for k in ("study", "triage", "slices", "flagged_slices")} for s in report["studies"]]
+    return 0, report
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``register``, ``promote``, ``rollback`` and ``predict`` to the ``pe-triage`` parser."""
+    p = subparsers.add_parser("register", help="register a stage 1 + stage 2 pair as a new composite version (challenger)")
+    p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
+    p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
+    p.add_argument("--metrics", required=True, help="metrics folder of pe-triage evaluate (metrics.json, report)")
+    p.add_argument("--actor", help="who registers (default: PE_TRIAGE_ACTOR or USER)")
+    _common(p)
+    p.set_defaults(func=_guarded(_register))
+
+    p = subparsers.add_parser("promote", help="promote a version to champion if it passes the gates")
+    p.add_argument("--version", type=int, help="version to promote (default: the challenger)")
+    p.add_argument("--champion-metrics", help="metrics of the current champion evaluated on the candidate's test data")
+    p.add_argument("--actor", help="who decides (default: PE_TRIAGE_ACTOR or USER)")
+    _common(p)
+    p.set_defaults(func=_guarded(_promote))
+
+    p = subparsers.add_parser("rollback", help="move champion back to the previous champion")
+    p.add_argument("--actor", help="who decides (default: PE_TRIAGE_ACTOR or USER)")
+    _common(p)
+    p.set_defaults(func=_guarded(_rollback))
+
+    p = subparsers.add_parser("predict", help="triage DICOM studies with a registered model (no PHI in the output)")
+    p.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion) or a local model folder")
+    p.add_argument("--dicom", required=True, nargs="+", help="DICOM folder(s), file(s) or s3:// prefix(es)")
+    p.add_argument("--out", help="write the full JSON report here (default: print it)")
+    _common(p)
+    p.set_defaults(func=_guarded(_predict))

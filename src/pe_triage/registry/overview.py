@@ -1,0 +1,43 @@
+"""Where the registry stands: the newest version, which versions hold the aliases, and the newest
+version's evaluation (downloaded from its registration run). What ``pe-triage demo`` reports after
+a retraining run, read from the tracking server rather than from pipeline internals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pe_triage.config import RegistryConfig
+from pe_triage.registry.registry import (
+    CHALLENGER,
+    CHAMPION,
+    EVALUATION_DIR,
+    METRICS_FILE,
+    PREVIOUS,
+    RegistryError,
+)
+from pe_triage.registry.tracking import tracking_uri, wait_for_server
+
+
+def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None) -> dict[str, Any]:
+    """``{"name", "latest": version, "aliases": {alias: version}, "metrics": metrics.json of the latest
+    version, "evaluation": local folder}``; the latest version's evaluation folder is downloaded
+    into ``dst``."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    resolved = tracking_uri(uri)
+    if resolved is None:
+        raise RegistryError("no tracking URI: pass one or set MLFLOW_TRACKING_URI")
+    wait_for_server(resolved)
+    client = MlflowClient(tracking_uri=resolved)
+    versions = client.search_model_versions(f"name = '{config.model_name}'")
+    if not versions:
+        raise RegistryError(f"model {config.model_name!r} has no versions")
+    latest = max(versions, key=lambda v: int(v.version))
+    aliases = {a: int(v.version) for v in versions for a in v.aliases if a in (CHAMPION, CHALLENGER, PREVIOUS)}
+    folder = mlflow.artifacts.download_artifacts(run_id=latest.run_id, artifact_path=EVALUATION_DIR, dst_path=str(dst),
+                                                 tracking_uri=resolved)
+    return {"name": config.model_name, "latest": int(latest.version), "run_id": latest.run_id, "aliases": aliases,
+            "metrics": json.loads((Path(folder) / METRICS_FILE).read_text()), "evaluation": folder}

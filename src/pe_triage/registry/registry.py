@@ -1,0 +1,490 @@
+"""The model registry: register a composite version, promote it through gates, roll back.
+
+One registered model (``RegistryConfig.model_name``); each version is the pyfunc of
+:mod:`pe_triage.registry.pyfunc` (a consistent pair of stage models + the triage configuration),
+logged by a ``register`` run together with its evaluation (``evaluation/metrics.json``, the report)
+and its model card. Aliases, not stages: ``challenger`` (the latest registration), ``champion``
+(what radiology IT loads), ``previous-champion`` (what :func:`rollback` restores).
+
+Promotion gates (``RegistryConfig.gates``) read the ``summary`` of the version's metrics: minimum
+per-patient PE sensitivity and per-slice disease sensitivity, and, when a champion exists, at most
+``max_regression`` lost on each of :data:`REGRESSION_METRICS`. A regression is only judged on the
+same test data (``test_data`` of both metrics files equal); a champion evaluated on other data fails
+the ``same_test_data`` gate, and the remedy is to evaluate the champion's stage models on the
+candidate's test data and pass that metrics folder as ``champion_metrics``.
+
+Every decision is recorded on the version(s) it concerns: ``decision.<UTC time>`` (JSON, kept as
+history) and ``last_decision.*`` (action, outcome, actor, time, reason, gates).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pe_triage import __version__
+from pe_triage.config import EvalConfig, RegistryConfig
+from pe_triage.predict import DecisionRule, Triage
+from pe_triage.provenance import config_hash, git_commit
+from pe_triage.registry.tracking import start_run, tracking_uri, wait_for_server
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+METRICS_FILE = "metrics.json"
+EVALUATION_DIR = "evaluation"
+MODEL_DIR = "model"
+CARD_FILE = "model_card.md"
+#: version tag: the champion a version replaced when it was promoted (rollback walks this chain)
+REPLACED_TAG = "champion.replaced"
+#: metrics on which a candidate may lose at most ``gates.max_regression`` against the champion
+REGRESSION_METRICS = (
+    "patient_pe_sensitivity", "slice_disease_sensitivity", "patient_cascade_accuracy", "slice_cascade_accuracy",
+)
+_EPS = 1e-9  # a metric exactly at its threshold passes despite float rounding
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot proceed; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _client(uri: str | None) -> Any:
+    """An MlflowClient on a reachable server (health check with backoff: safe to retry)."""
+    from mlflow.tracking import MlflowClient
+
+    resolved = tracking_uri(uri)
+    if resolved is None:
+        raise RegistryError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    wait_for_server(resolved)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+
+
+def _actor(actor: str | None) -> str:
+    if actor:
+        return actor
+    try:
+        fallback = getpass.getuser()
+    except (KeyError, OSError):
+        fallback = "unknown"
+    return os.environ.get("PE_TRIAGE_ACTOR") or os.environ.get("USER") or fallback
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _alias(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        # no such model, or a model without that alias (MLflow reports the latter as an invalid parameter)
+        missing_alias = e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in e.message
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
+            return None
+        raise
+
+
+def _version(client: Any, name: str, version: int | str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"model {name!r} has no version {version}") from None
+        raise
+
+
+def read_metrics(metrics_dir: str | Path) -> dict[str, Any]:
+    """``metrics.json`` of ``pe-triage evaluate``, checked for what the gates and the card need."""
+    path = Path(metrics_dir) / METRICS_FILE
+    if not path.is_file():
+        raise RegistryError(f"{metrics_dir}: no {METRICS_FILE} (run pe-triage evaluate first)")
+    metrics = json.loads(path.read_text())
+    for key in ("summary", "test_data"):
+        if not isinstance(metrics.get(key), dict):
+            raise RegistryError(f"{path}: no {key!r} section; not a pe-triage evaluation")
+    return metrics
+
+
+def _version_metrics(client: Any, version: Any) -> dict[str, Any] | None:
+    """The metrics logged with a version's registration run (None: a version without metrics)."""
+    import mlflow.artifacts
+
+    path = f"{EVALUATION_DIR}/{METRICS_FILE}"
+    if not version.run_id or path not in {a.path for a in client.list_artifacts(version.run_id, EVALUATION_DIR)}:
+        return None  # registered by other means than register()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=path, dst_path=tmp,
+                                                    tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri)
+        return read_metrics(Path(local).parent)
+
+
+def _record(client: Any, name: str, version: str, decision: Mapping[str, Any]) -> None:
+    """History tag (one per decision, never overwritten) + the readable latest decision."""
+    stamp = re.sub(r"[^0-9TZ]", "", decision["time"])
+    client.set_model_version_tag(name, version, f"decision.{stamp}", json.dumps(decision, sort_keys=True))
+    for key in ("action", "outcome", "actor", "time", "reason"):
+        client.set_model_version_tag(name, version, f"last_decision.{key}", str(decision[key]))
+    client.set_model_version_tag(name, version, "last_decision.gates", json.dumps(decision.get("gates", [])))
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+# ------------------------------------------------------------------------------------ model card
+_SUMMARY_NAMES = {
+    "slice_stage1_accuracy": "slice: stage 1 accuracy (WNL vs disease)",
+    "slice_disease_sensitivity": "slice: disease sensitivity",
+    "slice_wnl_sensitivity": "slice: WNL sensitivity (specificity)",
+    "slice_stage1_auroc": "slice: stage 1 AUROC",
+    "slice_stage2_accuracy": "slice: stage 2 accuracy (PE vs other, disease slices)",
+    "slice_pe_sensitivity": "slice: PE sensitivity (stage 2)",
+    "slice_stage2_auroc": "slice: stage 2 AUROC",
+    "slice_cascade_accuracy": "slice: cascade accuracy (wnl/other/pe)",
+    "patient_accuracy": "patient: disease accuracy",
+    "patient_disease_sensitivity": "patient: disease sensitivity",
+    "patient_wnl_sensitivity": "patient: WNL sensitivity",
+    "patient_pe_sensitivity": "patient: PE sensitivity",
+    "patient_cascade_accuracy": "patient: cascade accuracy",
+    "slices": "slices",
+    "patients": "patients",
+}
+
+
+def _sites(meta1: Mapping[str, Any], meta2: Mapping[str, Any]) -> list[str]:
+    return sorted({*((meta1.get("data") or {}).get("sites") or []), *((meta2.get("data") or {}).get("sites") or [])})
+
+
+def _windows(meta: Mapping[str, Any]) -> str:
+    return ", ".join(f"{w['name']} ({w['lo']:g}..{w['hi']:g} HU)" for w in meta["windows"])
+
+
+def model_card(meta1: Mapping[str, Any], meta2: Mapping[str, Any], metrics: Mapping[str, Any], *,
+               rule: DecisionRule = DecisionRule(), name: str = "pe-triage") -> str:
+    """The Markdown model card of a composite version: intended use, models, data, metrics
+    overall and per site, limits, provenance."""
+    d1, v1, v2 = meta1.get("data") or {}, meta1.get("val") or {}, meta2.get("val") or {}
+    sites = _sites(meta1, meta2)
+    per_site = metrics.get("per_site") or {}
+    test = metrics["test_data"]
+    pre = meta1.get("preprocess") or {}
+    lines = [
+        f"# {name}: two-stage chest-CT pulmonary-embolism triage",
+        "",
+        "## Intended use",
+        "",
+        "Worklist triage of contrast-enhanced chest CT (CT pulmonary angiography) of adults: each axial slice is",
+        "classified WNL vs disease (stage 1), disease slices PE vs other disease (stage 2), and studies the",
+        "per-patient rule calls PE are flagged for an earlier read. Decision support for radiologists only:",
+        "not a diagnosis, and never a reason to skip or delay reading a study.",
+        "",
+        "## Models",
+        "",
+        "| | stage 1 | stage 2 |",
+        "|---|---|---|",
+        "| task | WNL vs disease, every slice | PE vs other disease, disease slices |",
+        (f"| architecture | {meta1['model']['arch']} (width {meta1['model'].get('width', 1.0)}) | "
+         f"{meta2['model']['arch']} (width {meta2['model'].get('width', 1.0)}) |"),
+        f"| windows | {_windows(meta1)} | {_windows(meta2)} |",
+        (f"| operating threshold | {_fmt(float(meta1['threshold']))} (validation sensitivity target "
+         f"{_fmt(meta1.get('target_sensitivity'))}) | {_fmt(float(meta2['threshold']))} (target "
+         f"{_fmt(meta2.get('target_sensitivity'))}) |"),
+        f"| validation AUROC | {_fmt(v1.get('auroc'))} | {_fmt(v2.get('auroc'))} |",
+        "",
+        f"Input: {pre.get('size', '?')} px crops, crop mode `{(pre.get('crop') or {}).get('mode', '?')}`. Per-patient rule: "
+        f"`{rule.rule}`" + ("" if rule.rule == "any" else f" (k = {rule.k})") + ".",
+        "",
+        "## Data",
+        "",
+        f"- Training sites: {', '.join(sites) or 'unknown'}; fold `{d1.get('fold', '?')}`.",
+        f"- Windows dataset digest `{d1.get('windows_digest', '?')}`, splits digest `{d1.get('splits_digest', '?')}`.",
+        (f"- Test data: split `{test.get('split', '?')}` of fold `{test.get('fold', '?')}`, {test.get('patients', '?')} "
+         f"patients, {test.get('slices', '?')} slices (windows digest `{test.get('windows_digest', '?')}`, splits digest "
+         f"`{test.get('splits_digest', '?')}`)."),
+        "",
+        "## Metrics on the test data",
+        "",
+        "| metric | all sites | " + " | ".join(per_site) + " |",
+        "|---|---|" + "---|" * len(per_site),
+    ]
+    for key, label in _SUMMARY_NAMES.items():
+        row = [_fmt(metrics["summary"].get(key)), *(_fmt((s.get("summary") or {}).get(key)) for s in per_site.values())]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "## Limits",
+        "",
+        f"- Trained and tested on {len(sites) or 'unknown'} site(s) ({', '.join(sites) or 'unknown'}). Other hospitals,",
+        "  scanners, kernels and protocols (non-contrast, low-dose) are untested: evaluate on a new site's data first.",
+        "- Thresholds were chosen on validation data for a target sensitivity; predictive values depend on prevalence.",
+        "- Small test sets give wide confidence intervals (see the evaluation report); `n/a` means a metric could not",
+        "  be measured (a class was absent).",
+        "- Slices that ingest quarantines (not CT, lossy compression, burned-in annotation, ...) or that show no",
+        "  body are not scored; a study with no scorable slice gets no decision.",
+        "",
+        "## Provenance",
+        "",
+        "| | stage 1 | stage 2 |",
+        "|---|---|---|",
+    ]
+    for key in ("git_commit", "config_hash", "mlflow_run_id", "package_version"):
+        lines.append(f"| {key} | `{meta1.get(key)}` | `{meta2.get(key)}` |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ register
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Two-stage chest-CT PE triage (stage 1 WNL vs disease, stage 2 "
+                                                          "PE vs other disease); each version's model card is in its run.")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _check_pair(meta1: Mapping[str, Any], meta2: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+    """Both stages from the same data, and metrics computed for these models at their operating points."""
+    d1, d2 = meta1.get("data") or {}, meta2.get("data") or {}
+    for key in ("windows_digest", "splits_digest", "fold"):
+        if d1.get(key) != d2.get(key):
+            raise RegistryError(f"the stage models were trained on different data ({key}: {d1.get(key)} vs {d2.get(key)})")
+    measured, evaluated = metrics.get("thresholds") or {}, metrics.get("models") or {}
+    for stage, meta in (("stage1", meta1), ("stage2", meta2)):
+        if stage in measured and abs(float(measured[stage]) - float(meta["threshold"])) > _EPS:
+            raise RegistryError(f"the metrics were computed at {stage} threshold {measured[stage]}, the model operates at "
+                                f"{meta['threshold']}: evaluate these models")
+        for key in ("mlflow_run_id", "config_hash"):
+            if stage in evaluated and evaluated[stage].get(key) != meta.get(key):
+                raise RegistryError(f"the metrics are of another {stage} model ({key} {evaluated[stage].get(key)} vs "
+                                    f"{meta.get(key)}): evaluate these models")
+
+
+def _rule(metrics: Mapping[str, Any], evaluate: EvalConfig) -> DecisionRule:
+    """The rule the metrics were computed with (what the version is judged on), else the config's."""
+    stored = metrics.get("config") or {}
+    return DecisionRule(stored.get("patient_rule", evaluate.patient_rule), int(stored.get("k", evaluate.k)))
+
+
+def _version_tags(triage: Triage, metrics: Mapping[str, Any], actor: str, when: str) -> dict[str, str]:
+    tags: dict[str, str] = {"registered_by": actor, "registered_at": when, "package_version": __version__,
+                            "config_hash": config_hash(triage.config())}
+    for stage, model in (("stage1", triage.stage1), ("stage2", triage.stage2)):
+        meta = model.meta
+        tags |= {f"{stage}.git_commit": str(meta.get("git_commit")), f"{stage}.config_hash": str(meta.get("config_hash")),
+                 f"{stage}.training_run_id": str(meta.get("mlflow_run_id")), f"{stage}.threshold": repr(model.threshold),
+                 f"{stage}.windows": ",".join(model.window_names), f"{stage}.arch": meta["model"]["arch"]}
+    data = triage.stage1.meta.get("data") or {}
+    tags |= {f"dataset.{k}": str(data.get(k)) for k in ("windows_digest", "splits_digest", "fold")}
+    tags["dataset.sites"] = ",".join(_sites(triage.stage1.meta, triage.stage2.meta))
+    tags |= {f"test_data.{k}": str(v) for k, v in metrics["test_data"].items()}
+    tags |= {f"metric.{k}": repr(v) for k, v in metrics["summary"].items() if v is not None}
+    return tags
+
+
+def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConfig = RegistryConfig(),
+             evaluate: EvalConfig = EvalConfig(), uri: str | None = None, actor: str | None = None) -> dict[str, Any]:
+    """Log the composite model of ``stage1`` + ``stage2`` with its metrics and card, register it as a
+    new version of ``config.model_name`` and point ``challenger`` at it."""
+    metrics = read_metrics(metrics_dir)
+    rule = _rule(metrics, evaluate)
+    triage = Triage.load(stage1, stage2, rule=rule)  # fails early on an inconsistent pair
+    _check_pair(triage.stage1.meta, triage.stage2.meta, metrics)
+    client = _client(uri)
+    name, who, when = config.model_name, _actor(actor), _now()
+    card = model_card(triage.stage1.meta, triage.stage2.meta, metrics, rule=rule, name=name)
+    run_tags = {"step": "register", "registered_model": name, "git_commit": git_commit(), "package_version": __version__}
+    with tempfile.TemporaryDirectory() as tmp, start_run(experiment=config.experiment, run_name=f"register-{name}",
+                                                          tags=run_tags, uri=client.tracking_uri) as tracker:
+        from pe_triage.registry.pyfunc import save_composite
+
+        model_dir = save_composite(Path(tmp) / MODEL_DIR, stage1, stage2, triage)
+        (model_dir / CARD_FILE).write_text(card)
+        (Path(tmp) / CARD_FILE).write_text(card)
+        tracker.log_params({"triage": triage.config(), "stage1": {"arch": triage.stage1.meta["model"]["arch"]},
+                            "stage2": {"arch": triage.stage2.meta["model"]["arch"]}})
+        tracker.log_metrics({k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float))})
+        tracker.log_artifacts(model_dir, MODEL_DIR)
+        tracker.log_artifacts(metrics_dir, EVALUATION_DIR)
+        tracker.log_artifact(Path(tmp) / CARD_FILE)
+        _ensure_registered_model(client, name)
+        summary = metrics["summary"]
+        description = (f"{triage.stage1.meta['model']['arch']} + {triage.stage2.meta['model']['arch']}; test patient PE "
+                       f"sensitivity {_fmt(summary.get('patient_pe_sensitivity'))}, slice disease sensitivity "
+                       f"{_fmt(summary.get('slice_disease_sensitivity'))}. Model card: {CARD_FILE} in the run's artifacts.")
+        version = client.create_model_version(name, f"runs:/{tracker.run_id}/{MODEL_DIR}", run_id=tracker.run_id,
+                                              tags=_version_tags(triage, metrics, who, when), description=description)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    _record(client, name, version.version, {"action": "register", "outcome": "registered", "actor": who, "time": when,
+                                            "reason": f"registered as {CHALLENGER}", "gates": []})
+    log.info("registered %s version %s (run %s) as %s", name, version.version, tracker.run_id, CHALLENGER)
+    return {"name": name, "version": int(version.version), "run_id": tracker.run_id, "alias": CHALLENGER,
+            "model_uri": f"models:/{name}/{version.version}", "rule": triage.config()["rule"], "summary": metrics["summary"]}
+
+
+# ------------------------------------------------------------------------------------ promote
+def _min_gate(name: str, value: Any, threshold: float) -> dict[str, Any]:
+    passed = value is not None and float(value) + _EPS >= threshold
+    return {"name": name, "value": value, "threshold": threshold, "passed": passed,
+            "detail": f"{_fmt(value)} {'>=' if passed else '<'} {threshold}" if value is not None else "not measured"}
+
+
+def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None,
+                   config: RegistryConfig) -> list[dict[str, Any]]:
+    """Gate results (name, value, threshold, passed, detail) of candidate metrics against the
+    thresholds and, when a champion is given, against the champion's metrics."""
+    g, summary = config.gates, candidate["summary"]
+    gates = [
+        _min_gate("min_patient_pe_sensitivity", summary.get("patient_pe_sensitivity"), g.min_patient_pe_sensitivity),
+        _min_gate("min_slice_disease_sensitivity", summary.get("slice_disease_sensitivity"),
+                  g.min_slice_disease_sensitivity),
+    ]
+    if champion is None:
+        return gates
+    same = dict(candidate["test_data"]) == dict(champion["test_data"])
+    gates.append({
+        "name": "same_test_data", "value": candidate["test_data"], "threshold": champion["test_data"], "passed": same,
+        "detail": "same test data" if same else "the champion was evaluated on other test data: evaluate its stage models "
+                  "on the candidate's test data and pass that metrics folder as the champion's metrics",
+    })
+    if not same:
+        return gates
+    for key in REGRESSION_METRICS:
+        new, old = summary.get(key), champion["summary"].get(key)
+        if old is None:
+            continue  # nothing measured to regress from
+        delta = None if new is None else float(new) - float(old)
+        passed = delta is not None and delta + _EPS >= -g.max_regression
+        gates.append({"name": f"max_regression.{key}", "value": delta, "threshold": -g.max_regression, "passed": passed,
+                      "detail": f"{_fmt(new)} vs champion {_fmt(old)} (change {_fmt(delta)}, allowed -{g.max_regression})"})
+    return gates
+
+
+def _gates(client: Any, candidate: Any, current: Any | None, config: RegistryConfig,
+           champion_metrics: str | None) -> list[dict[str, Any]]:
+    """The gates of promoting ``candidate`` over ``current``; a missing metrics file is a failed gate."""
+    metrics = _version_metrics(client, candidate)
+    if metrics is None:
+        return [{"name": "metrics", "value": None, "threshold": None, "passed": False,
+                 "detail": f"version {candidate.version} has no {EVALUATION_DIR}/{METRICS_FILE}: "
+                           "register it with pe-triage register --metrics"}]
+    if current is None:
+        return evaluate_gates(metrics, None, config)  # the first champion: thresholds only
+    champion = read_metrics(champion_metrics) if champion_metrics else _version_metrics(client, current)
+    if champion is None:
+        return [{"name": "champion_metrics", "value": None, "threshold": None, "passed": False,
+                 "detail": f"the champion (version {current.version}) has no metrics to compare with: pass its "
+                           "metrics on the candidate's test data"}]
+    return evaluate_gates(metrics, champion, config)
+
+
+def promote(version: int | None = None, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None,
+            actor: str | None = None, champion_metrics: str | None = None) -> dict[str, Any]:
+    """Promote ``version`` (default: the ``challenger``) to ``champion`` when every gate passes;
+    the replaced champion becomes ``previous-champion``. Returns (and records) the decision:
+    ``outcome`` promoted | refused | unchanged, ``gates``, ``reason``."""
+    client = _client(uri)
+    name, who, when = config.model_name, _actor(actor), _now()
+    if version is None:
+        challenger = _alias(client, name, CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"model {name!r} has no {CHALLENGER}: register a version or pass --version")
+        version = int(challenger.version)
+    candidate = _version(client, name, version)
+    current = _alias(client, name, CHAMPION)
+    decision: dict[str, Any] = {"action": "promote", "name": name, "version": int(version), "actor": who, "time": when,
+                                "champion_before": int(current.version) if current else None, "gates": []}
+    if current is not None and current.version == candidate.version:
+        decision |= {"outcome": "unchanged", "promoted": False, "reason": f"version {version} is already {CHAMPION}"}
+        _record(client, name, candidate.version, decision)
+        return decision
+    decision["gates"] = gates = _gates(client, candidate, current, config, champion_metrics)
+    if failed := [g for g in gates if not g["passed"]]:
+        reason = "refused: " + "; ".join(f"gate {g['name']} failed ({g['detail']})" for g in failed)
+        decision |= {"outcome": "refused", "promoted": False, "reason": reason}
+        _record(client, name, candidate.version, decision)
+        log.warning("%s version %s not promoted: %s", name, version, reason)
+        return decision
+    client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+        client.set_model_version_tag(name, candidate.version, REPLACED_TAG, current.version)
+    challenger = _alias(client, name, CHALLENGER)
+    if challenger is not None and challenger.version == candidate.version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    replaced = " (first champion: thresholds only)" if current is None else f"; replaces version {current.version}"
+    decision |= {"outcome": "promoted", "promoted": True, "reason": f"every gate passed{replaced}"}
+    _record(client, name, candidate.version, decision)
+    log.info("%s version %s is now %s", name, version, CHAMPION)
+    return decision
+
+
+def rollback(*, config: RegistryConfig = RegistryConfig(), uri: str | None = None,
+             actor: str | None = None) -> dict[str, Any]:
+    """Move ``champion`` back to ``previous-champion``; the alias then walks one step further back
+    (the version that one replaced), or is removed. Recorded on both versions."""
+    client = _client(uri)
+    name, who, when = config.model_name, _actor(actor), _now()
+    current = _alias(client, name, CHAMPION)
+    previous = _alias(client, name, PREVIOUS)
+    if current is None:
+        raise RegistryError(f"model {name!r} has no {CHAMPION}: nothing to roll back")
+    if previous is None:
+        raise RegistryError(f"model {name!r} has no {PREVIOUS}: version {current.version} is the first champion")
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    before = previous.tags.get(REPLACED_TAG)
+    before = before if before and before != current.version else None
+    if before:
+        client.set_registered_model_alias(name, PREVIOUS, before)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    decision = {"action": "rollback", "name": name, "actor": who, "time": when, "champion_before": int(current.version),
+                "champion": int(previous.version), "previous_champion": int(before) if before else None,
+                "reason": f"rolled back from version {current.version} to version {previous.version}", "gates": []}
+    _record(client, name, previous.version, decision | {"outcome": "restored"})
+    _record(client, name, current.version, decision | {"outcome": "rolled_back"})
+    log.info("%s: %s moved back from version %s to %s", name, CHAMPION, current.version, previous.version)
+    return decision | {"outcome": "rolled_back"}
+
+
+def load_registered(model_uri: str, *, uri: str | None = None) -> tuple[Triage, int | None]:
+    """The :class:`Triage` of a composite model and its registered version (None when not given
+    as ``models:/name@alias`` or ``models:/name/N``): registry URIs are resolved through the
+    tracking server (checked first, and named explicitly: MLflow resolves ``models:/`` against its
+    global URI otherwise); other URIs and local folders are loaded as they are."""
+    import mlflow.artifacts
+
+    from pe_triage.registry.pyfunc import load_triage
+
+    if Path(model_uri).is_dir():
+        return load_triage(model_uri), None
+    client = _client(uri)
+    version = None
+    if match := re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri):
+        name, alias = match.group(1), match.group(2)
+        if alias:
+            found = _alias(client, name, alias)
+            if found is None:
+                raise RegistryError(f"{model_uri}: model {name!r} has no alias {alias!r}")
+            version = int(found.version)
+        else:
+            version = int(match.group(3))
+        model_uri = client.get_model_version_download_uri(name, str(version))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp, tracking_uri=client.tracking_uri,
+                                                    registry_uri=client.tracking_uri)
+        return load_triage(local), version
