@@ -17,6 +17,7 @@ from pe_triage.evaluation import (
     evaluate_predictions,
     format_proportion,
     leave_one_site_out_summary,
+    patient_decisions,
     patient_predictions,
     proportion,
     wilson_interval,
@@ -228,6 +229,18 @@ def test_patient_with_no_positive_slice_and_counts_add_up_per_patient() -> None:
     assert m["summary"]["patient_pe_sensitivity"] is None and m["summary"]["patient_wnl_sensitivity"] == 1.0
     full = evaluate()
     assert np.sum(full["patient"]["cascade"]["confusion"]["matrix"]) == full["summary"]["patients"] == 4
+
+
+@pytest.mark.parametrize("rule", ["any", "k_consecutive", "top_k_mean"])
+def test_decisions_need_no_truth_and_are_the_evaluations(rule: str) -> None:
+    config = EvalConfig(patient_rule=rule, k=2)
+    unlabelled = cohort().drop(columns=["label"])
+    decided = patient_decisions(unlabelled, threshold_stage1=T1, threshold_stage2=T2, config=config)
+    evaluated = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2, config=config)
+    pd.testing.assert_frame_equal(decided, evaluated[list(decided.columns)])
+    assert list(evaluated.columns) == ["site", "patient_id", "truth", *decided.columns[2:], "wnl_slices", "wnl_slices_correct"]
+    with pytest.raises(ValueError, match="lack column"):
+        patient_predictions(unlabelled, threshold_stage1=T1, threshold_stage2=T2, config=config)
 
 
 @pytest.mark.parametrize("rule", ["any", "k_consecutive", "top_k_mean"])

@@ -58,7 +58,7 @@ def test_windows_dataset_contract(tmp_path: Path) -> None:
     assert len(files) == 1
     pf = pq.ParquetFile(files[0])
     meta = json.loads(pf.schema_arrow.metadata[S.META_WINDOWS.encode()])
-    assert [m["name"] for m in meta] == ["vascular", "mediastinal", "lung"] and meta[0]["hi"] == 650
+    assert [m["name"] for m in meta] == ["vascular", "mediastinal", "clinical_lung"] and meta[0]["hi"] == 650
     table = pf.read()
     stack = S.windows_stack(table.column(S.WINDOWS), S.windows_shape(table.schema.field(S.WINDOWS)))
     assert stack.shape[1:] == (3, 64, 64) and stack.dtype == np.uint8

@@ -2,9 +2,9 @@
 
 The math is the training path's, so a deployed model sees what it was trained and evaluated on:
 DICOM goes through :func:`pe_triage.ingest.ingest_site` and :func:`pe_triage.preprocess.preprocess`
-(into a temporary folder), HU slices through the functions ``preprocess`` applies per slice
-(``slice_box``, ``crop_resize``, ``window_stack``), each stage picks its windows by name, and
-the per-study decision is :func:`pe_triage.evaluation.metrics.patient_predictions` with the rule
+(into a temporary folder), HU slices through the functions ``preprocess`` applies per series and
+slice (``too_small``, ``series_box``, ``window_slice``), each stage picks its windows by name, and
+the per-study decision is :func:`pe_triage.evaluation.metrics.patient_decisions` with the rule
 the metrics were computed with. No mlflow here: ``pe_triage.registry.pyfunc`` wraps :class:`Triage`.
 
 Output: one row per slice (:data:`OUTPUT_COLUMNS`): ``p_disease`` (stage 1), ``p_pe`` (stage 2, on
@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 from pe_triage import schema as S
 from pe_triage.config import EvalConfig, IngestConfig, PreprocessConfig, WindowConfig, from_dict
 from pe_triage.dicom import Pseudonymizer
-from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_predictions
+from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_decisions
 from pe_triage.ingest import ingest_site
-from pe_triage.lung_crop import Box, NoBodyError, crop_resize
-from pe_triage.preprocess import preprocess, resolve_windows, slice_box, window_stack
+from pe_triage.lung_crop import NoBodyError
+from pe_triage.preprocess import preprocess, resolve_windows, series_box, too_small, window_slice
 from pe_triage.storage import location
 from pe_triage.training.artifact import StageModel, load_model
 from pe_triage.windows import Window
@@ -121,27 +121,6 @@ def _hu(row: Any, hu_column: str) -> np.ndarray:
     return hu.reshape(rows, cols)
 
 
-def series_boxes(hus: Sequence[np.ndarray], spacings: Sequence[tuple[float, float]],
-                 config: PreprocessConfig) -> list[Box | None]:
-    """The crop of each slice of one series (None: skipped), as ``preprocess.process_series`` makes
-    them: too-small images and slices without a body are skipped; ``series`` mode uses the union of
-    the lung boxes (of the body boxes when no slice shows lung)."""
-    found = []
-    for hu, spacing in zip(hus, spacings, strict=True):
-        try:
-            found.append(None if min(hu.shape) < config.min_image_size else slice_box(hu, spacing, config))
-        except NoBodyError:
-            found.append(None)
-    if config.crop.mode != "series":
-        return [f.box if f else None for f in found]
-    lung = [f.box for f in found if f and f.lung_found]
-    body = [f.box for f in found if f and not f.lung_found]
-    union = None
-    for box in lung or body:
-        union = box if union is None else union.union(box)
-    return [union if f else None for f in found]
-
-
 @dataclass
 class Triage:
     """A consistent pair of stage models, the preprocessing they need and the per-patient rule."""
@@ -218,11 +197,15 @@ class Triage:
             hus = [_hu(rows[i], hu_column) for i in idx]
             spacings = [(float(getattr(rows[i], S.PIXEL_SPACING_ROW)), float(getattr(rows[i], S.PIXEL_SPACING_COL)))
                         for i in idx]
-            for i, hu, box in zip(idx, hus, series_boxes(hus, spacings, self.preprocess), strict=True):
-                if box is not None:
-                    crop_resize(hu, box, size, out=patch)
-                    window_stack(patch, windows, stack[i])
-                    kept[i] = True
+            union = series_box(zip(hus, spacings, strict=True), self.preprocess)
+            for i, hu, spacing in zip(idx, hus, spacings, strict=True):
+                if too_small(hu.shape[0], hu.shape[1], self.preprocess):
+                    continue
+                try:
+                    window_slice(hu, spacing, self.preprocess, windows, stack[i], union=union, patch=patch)
+                except NoBodyError:
+                    continue
+                kept[i] = True
         p_disease, p_pe = np.full(len(frame), np.nan), np.full(len(frame), np.nan)
         p_disease[kept], p_pe[kept] = self.score(stack[kept], windows)
         return self._per_slice(frame, p_disease, p_pe)
@@ -313,11 +296,10 @@ def study_decisions(per_slice: pd.DataFrame, triage: Triage) -> pd.DataFrame:
         return pd.DataFrame({S.STUDY_UID: [], "triage": [], "disease_score": [], "pe_score": [], "slices": []})
     pred = pd.DataFrame({
         "site": _SITE, "patient_id": per_slice[S.STUDY_UID].astype(str), "series_uid": per_slice[S.SERIES_UID].astype(str),
-        "slice_index": per_slice[S.SLICE_INDEX].astype(int), "label": "wnl",  # no truth here; only the decisions are used
-        "p_disease": per_slice[P_DISEASE], "p_pe": per_slice[P_PE],
+        "slice_index": per_slice[S.SLICE_INDEX].astype(int), "p_disease": per_slice[P_DISEASE], "p_pe": per_slice[P_PE],
     })
-    pt = patient_predictions(pred, threshold_stage1=triage.stage1.threshold, threshold_stage2=triage.stage2.threshold,
-                             config=triage.rule.eval_config())
+    pt = patient_decisions(pred, threshold_stage1=triage.stage1.threshold, threshold_stage2=triage.stage2.threshold,
+                           config=triage.rule.eval_config())
     return pd.DataFrame({S.STUDY_UID: pt["patient_id"], "triage": pt["predicted"], "disease_score": pt["disease_score"],
                          "pe_score": pt["pe_score"], "slices": pt["slices"]})
 

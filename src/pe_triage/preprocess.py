@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,45 @@ def slice_box(hu: np.ndarray, spacing: tuple[float, float], config: PreprocessCo
     return find_lung_box(hu, spacing, crop)
 
 
+def too_small(rows: int, cols: int, config: PreprocessConfig) -> str | None:
+    """Why a slice of this size is skipped (not diagnostic CT), or None."""
+    if min(rows, cols) < config.min_image_size:
+        return f"image {rows}x{cols} smaller than {config.min_image_size} px"
+    return None
+
+
+def series_box(slices: Iterable[tuple[np.ndarray, tuple[float, float]]], config: PreprocessConfig) -> Box | None:
+    """The one crop of every slice of a series in ``series`` mode: the union of the lung boxes of
+    its ``(hu, spacing)`` slices, or of the body boxes when none shows lung. None in the other modes
+    (``slices`` is then not consumed, so a lazy pass over a file costs nothing) or without a body."""
+    if config.crop.mode != "series":
+        return None
+    lung: Box | None = None
+    body: Box | None = None
+    for hu, spacing in slices:
+        try:
+            found = find_lung_box(hu, spacing, config.crop)
+        except NoBodyError:
+            continue
+        if found.lung_found:
+            lung = found.box if lung is None else lung.union(found.box)
+        else:
+            body = found.box if body is None else body.union(found.box)
+    return lung or body
+
+
+def window_slice(hu: np.ndarray, spacing: tuple[float, float], config: PreprocessConfig, windows: list[Window],
+                 out: np.ndarray, *, union: Box | None, patch: np.ndarray | None = None) -> LungBox:
+    """Crop one slice (to the series' ``union`` when given, else to its own box), resize it and write
+    its windows into ``out`` [n_windows, size, size]; returns the box used and whether the slice shows
+    lung. One function, so that prediction crops exactly as the training data was cropped.
+    Raises :class:`NoBodyError` for a slice without a patient (it is skipped)."""
+    found = slice_box(hu, spacing, config)
+    box = union if union is not None else found.box
+    window_stack(crop_resize(hu, box, config.size, out=patch), windows, out)
+    return LungBox(box, found.lung_found)
+
+
 @dataclass(frozen=True)
 class SeriesJob:
     src: Location
@@ -111,20 +150,8 @@ def _hu(row: dict[str, Any]) -> np.ndarray:
     return S.decode_hu(row[S.HU], row[S.ROWS], row[S.COLS])
 
 
-def _series_box(job: SeriesJob) -> Box | None:
-    """Union of the lung boxes of the series (first pass over its slices)."""
-    lung: Box | None = None
-    body: Box | None = None
-    for row in _rows(job):
-        try:
-            found = find_lung_box(_hu(row), (row[S.PIXEL_SPACING_ROW], row[S.PIXEL_SPACING_COL]), job.config.crop)
-        except NoBodyError:
-            continue
-        if found.lung_found:
-            lung = found.box if lung is None else lung.union(found.box)
-        else:
-            body = found.box if body is None else body.union(found.box)
-    return lung or body
+def _spacing(row: dict[str, Any]) -> tuple[float, float]:
+    return row[S.PIXEL_SPACING_ROW], row[S.PIXEL_SPACING_COL]
 
 
 def process_series(job: SeriesJob) -> SeriesResult:
@@ -134,7 +161,7 @@ def process_series(job: SeriesJob) -> SeriesResult:
     windows = resolve_windows(cfg)
     schema = S.windows_schema(len(windows), cfg.size).with_metadata(job.metadata)
     cv2.setNumThreads(1)  # the parallelism is the worker processes'
-    union = _series_box(job) if cfg.crop.mode == "series" else None
+    union = series_box(((_hu(row), _spacing(row)) for row in _rows(job)), cfg)  # a first pass, series mode only
     stack = np.empty((cfg.row_group_slices, len(windows), cfg.size, cfg.size), np.uint8)
     patch = np.empty((cfg.size, cfg.size), np.int16)
     batch: list[dict[str, Any]] = []
@@ -154,21 +181,20 @@ def process_series(job: SeriesJob) -> SeriesResult:
             where = {"series_uid": job.series_uid, "slice_index": row[S.SLICE_INDEX]}
             rows, cols = row[S.ROWS], row[S.COLS]
             shapes.add((rows, cols))
-            if min(rows, cols) < cfg.min_image_size:
-                result.skipped.append({**where, "reason": f"image {rows}x{cols} smaller than {cfg.min_image_size} px"})
+            reason = too_small(rows, cols, cfg)
+            if reason:
+                result.skipped.append({**where, "reason": reason})
                 continue
             hu = _hu(row)
             lo, hi = int(hu.min()), int(hu.max())
             if lo < CT_HU_RANGE[0] or hi > CT_HU_RANGE[1]:
                 result.warnings.append(f"{job.series_uid} slice {row[S.SLICE_INDEX]}: HU {lo}..{hi} outside {CT_HU_RANGE} (clipped by the windows)")
             try:
-                found = slice_box(hu, (row[S.PIXEL_SPACING_ROW], row[S.PIXEL_SPACING_COL]), cfg)
+                found = window_slice(hu, _spacing(row), cfg, windows, stack[len(batch)], union=union, patch=patch)
             except NoBodyError:
                 result.skipped.append({**where, "reason": "no body in the slice (empty table or air)"})
                 continue
-            box = union if union is not None else found.box
-            crop_resize(hu, box, cfg.size, out=patch)
-            window_stack(patch, windows, stack[len(batch)])
+            box = found.box
             batch.append({**{k: row[k] for k in S.WINDOWS_KEYS}, S.CROP_Y0: box.y0, S.CROP_Y1: box.y1,
                           S.CROP_X0: box.x0, S.CROP_X1: box.x1, S.LUNG_FOUND: found.lung_found})
             result.labels[row[S.LABEL] or "unlabelled"] += 1

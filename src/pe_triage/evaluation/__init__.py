@@ -15,6 +15,7 @@ from pe_triage.evaluation.metrics import (
     evaluate_predictions,
     format_proportion,
     leave_one_site_out_summary,
+    patient_decisions,
     patient_predictions,
     proportion,
     wilson_interval,
@@ -24,5 +25,5 @@ from pe_triage.evaluation.report import write_report
 __all__ = [
     "SUMMARY_KEYS", "auroc", "average_precision", "cascade_labels", "evaluate_predictions", "format_proportion",
     "grad_cam", "gradcam_samples", "gradcam_summary", "inside_fraction", "leave_one_site_out_summary",
-    "overlay_png", "patient_predictions", "proportion", "wilson_interval", "write_report",
+    "overlay_png", "patient_decisions", "patient_predictions", "proportion", "wilson_interval", "write_report",
 ]

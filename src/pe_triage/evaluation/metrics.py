@@ -319,13 +319,14 @@ def _run_codes(s: pd.DataFrame, keys: list[str]) -> np.ndarray:
     return np.cumsum(change)
 
 
-def _validate(pred: pd.DataFrame, config: EvalConfig) -> None:
-    missing = [c for c in COLUMNS if c not in pred.columns]
+def _validate(pred: pd.DataFrame, config: EvalConfig, *, labelled: bool = True) -> None:
+    missing = [c for c in COLUMNS if c not in pred.columns and (labelled or c != "label")]
     if missing:
         raise ValueError(f"predictions lack column(s) {missing}")
-    bad = sorted(set(pred["label"].dropna().unique()) - set(CLASSES)) + (["<null>"] if pred["label"].isna().any() else [])
-    if bad:
-        raise ValueError(f"labels must be one of {list(CLASSES)}, found {bad}")
+    if labelled:
+        bad = sorted(set(pred["label"].dropna().unique()) - set(CLASSES)) + (["<null>"] if pred["label"].isna().any() else [])
+        if bad:
+            raise ValueError(f"labels must be one of {list(CLASSES)}, found {bad}")
     for col in ("p_disease", "p_pe"):
         v = pred[col].to_numpy(float)
         if not np.all((v >= 0) & (v <= 1)):
@@ -336,36 +337,52 @@ def _validate(pred: pd.DataFrame, config: EvalConfig) -> None:
         raise ValueError(f"k must be >= 1, got {config.k}")
 
 
-def patient_predictions(pred: pd.DataFrame, *, threshold_stage1: float, threshold_stage2: float,
-                        config: EvalConfig) -> pd.DataFrame:
-    """One row per patient: ``site``, ``patient_id``, ``truth``, ``disease_score``, ``pe_score``
-    (``-inf``: nothing the rule can count), ``disease_positive``, ``pe_positive``, ``predicted``,
-    ``slices``, ``wnl_slices``, ``wnl_slices_correct`` (stage 1 called them WNL)."""
-    _validate(pred, config)
-    s = _sorted(pred)
+def _decisions(s: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """The per-patient decisions of a ``_sorted`` frame and each slice's patient code (row of the result)."""
     patient, series = _run_codes(s, ["site", "patient_id"]), _run_codes(s, ["site", "patient_id", "series_uid"])
     n = int(patient.max()) + 1 if patient.size else 0
     p_d, p_pe = s["p_disease"].to_numpy(float), s["p_pe"].to_numpy(float)
-    label = s["label"].to_numpy(object)
     disease_score = _rule_scores(p_d, patient, series, n, rule=config.patient_rule, k=config.k)
-    disease_positive = disease_score >= threshold_stage1
-    gated = np.where(p_d >= threshold_stage1, p_pe, -np.inf)
+    disease_positive = disease_score >= t1
+    gated = np.where(p_d >= t1, p_pe, -np.inf)
     pe_score = np.where(disease_positive, _rule_scores(gated, patient, series, n, rule=config.patient_rule, k=config.k), -np.inf)
-    pe_positive = pe_score >= threshold_stage2
-    has_pe = np.bincount(patient, (label == "pe").astype(float), minlength=n) > 0
-    has_other = np.bincount(patient, (label == "other").astype(float), minlength=n) > 0
-    wnl = label == "wnl"
+    pe_positive = pe_score >= t2
     first = s.loc[np.r_[True, patient[1:] != patient[:-1]] if n else [], ["site", "patient_id"]]
     return pd.DataFrame({
         "site": first["site"].to_numpy(object), "patient_id": first["patient_id"].to_numpy(object),
-        "truth": np.where(has_pe, "pe", np.where(has_other, "other", "wnl")),
         "disease_score": disease_score, "pe_score": pe_score,
         "disease_positive": disease_positive, "pe_positive": pe_positive,
         "predicted": np.where(pe_positive, "pe", np.where(disease_positive, "other", "wnl")),
         "slices": np.bincount(patient, minlength=n),
-        "wnl_slices": np.bincount(patient, wnl.astype(float), minlength=n).astype(int),
-        "wnl_slices_correct": np.bincount(patient, (wnl & (p_d < threshold_stage1)).astype(float), minlength=n).astype(int),
-    })
+    }), patient
+
+
+def patient_decisions(pred: pd.DataFrame, *, threshold_stage1: float, threshold_stage2: float,
+                      config: EvalConfig) -> pd.DataFrame:
+    """One row per patient from the probabilities alone (``label`` is not read), for prediction
+    where there is no truth: ``site``, ``patient_id``, ``disease_score``, ``pe_score`` (``-inf``:
+    nothing the rule can count), ``disease_positive``, ``pe_positive``, ``predicted``, ``slices``."""
+    _validate(pred, config, labelled=False)
+    return _decisions(_sorted(pred), threshold_stage1, threshold_stage2, config)[0]
+
+
+def patient_predictions(pred: pd.DataFrame, *, threshold_stage1: float, threshold_stage2: float,
+                        config: EvalConfig) -> pd.DataFrame:
+    """:func:`patient_decisions` with the truth beside them: ``truth`` (after ``patient_id``),
+    ``wnl_slices`` and ``wnl_slices_correct`` (stage 1 called them WNL)."""
+    _validate(pred, config)
+    s = _sorted(pred)
+    out, patient = _decisions(s, threshold_stage1, threshold_stage2, config)
+    n = len(out)
+    label = s["label"].to_numpy(object)
+    has_pe = np.bincount(patient, (label == "pe").astype(float), minlength=n) > 0
+    has_other = np.bincount(patient, (label == "other").astype(float), minlength=n) > 0
+    out.insert(2, "truth", np.where(has_pe, "pe", np.where(has_other, "other", "wnl")))
+    wnl = label == "wnl"
+    out["wnl_slices"] = np.bincount(patient, wnl.astype(float), minlength=n).astype(int)
+    correct = wnl & (s["p_disease"].to_numpy(float) < threshold_stage1)
+    out["wnl_slices_correct"] = np.bincount(patient, correct.astype(float), minlength=n).astype(int)
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation
