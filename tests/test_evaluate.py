@@ -24,7 +24,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str, st
     config = Config(
         model=ModelConfig(arch="cbam_drn_d_22", width=0.125),
         loader=LoaderConfig(cache_dir=str(root / "cache"), augment=False),
-        train=TrainConfig(epochs=4, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=48, patience=0),
+        train=TrainConfig(windows=("vascular", "lung"), epochs=4, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=48, patience=0),
         evaluate=EvalConfig(bootstrap=200, gradcam_per_category=2),
     )
     for stage in (1, 2):

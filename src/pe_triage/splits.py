@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from fractions import Fraction
@@ -34,6 +32,7 @@ import pyarrow.parquet as pq
 
 from pe_triage import schema as S
 from pe_triage.config import SplitConfig
+from pe_triage.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -261,18 +260,6 @@ def _counts(splits: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def _write_atomic(table: pa.Table, out: str) -> None:
-    """Write to a hidden temp file beside ``out`` and rename: readers never see a partial file."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def split_dataset(windows: str, out: str, *, config: SplitConfig, by_site: bool = False) -> dict[str, Any]:
     """Split the patients of the windows dataset at ``windows``; write the splits table to ``out``.
 
@@ -297,7 +284,8 @@ def split_dataset(windows: str, out: str, *, config: SplitConfig, by_site: bool 
     warnings += check_splits(table)
     for message in warnings:
         log.warning("split: %s", message)
-    _write_atomic(table, out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
     return {
         "windows": windows,
         "out": out,

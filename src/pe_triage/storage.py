@@ -7,7 +7,11 @@ S3 settings come from the standard AWS environment (credentials chain, ``AWS_REG
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -107,3 +111,17 @@ class RowGroupWriter:
         if self._writer is not None:
             self._writer.close()
 
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary path beside ``path``, renamed onto it when the block succeeds: readers see
+    the old file or the new one, never half of one (a killed writer leaves no partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -61,7 +61,9 @@ class StageModel:
 
 
 def predict_proba(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
-    """Sigmoid of the single logit, batched, in eval mode without gradients."""
+    """Sigmoid of the single logit, batched, in eval mode without gradients (denormals flushed: see
+    ``train``)."""
+    torch.set_flush_denormal(True)
     model.eval()
     out = np.empty(len(windows), dtype=np.float32)
     with torch.inference_mode():
