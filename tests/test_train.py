@@ -57,7 +57,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def _config(tmp_path: Path, **train: object) -> Config:
-    base = TrainConfig(epochs=3, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=48, warmup_epochs=0.5, patience=0)
+    base = TrainConfig(windows=("vascular", "lung"), epochs=3, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=48, warmup_epochs=0.5, patience=0)
     return Config(
         model=ModelConfig(arch="cbam_drn_d_22", width=0.125),
         loader=LoaderConfig(cache_dir=str(tmp_path / "cache"), augment=False),
