@@ -58,7 +58,8 @@ def _channels(model: StageModel, available: list[dict[str, Any]], where: str) ->
 
 def _lesion_masks(truth: str, pred: pd.DataFrame, boxes: pd.DataFrame, size: int) -> dict[int, np.ndarray]:
     """Row of ``pred`` -> its lesion mask in model-input pixels (crop box + resize, as the pixels)."""
-    table = pads.dataset(truth, format="parquet").to_table(columns=[S.SOURCE_SHA256, S.ROWS, S.COLS, S.T_MASK])
+    files = sorted(str(p) for p in Path(truth).glob("*.parquet")) if Path(truth).is_dir() else [truth]
+    table = pads.dataset(files, format="parquet").to_table(columns=[S.SOURCE_SHA256, S.ROWS, S.COLS, S.T_MASK])
     wanted = set(boxes[S.SOURCE_SHA256])
     table = table.filter(pc.is_in(table[S.SOURCE_SHA256], value_set=pa.array(sorted(wanted))))
     by_sha = {r[S.SOURCE_SHA256]: r for r in table.to_pylist()}

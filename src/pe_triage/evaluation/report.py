@@ -253,8 +253,9 @@ def _site_plot(per_site: dict[str, Any]) -> bytes:
             p = per_site[site][path[0]][path[1]][path[2]]
             v = np.nan if p["value"] is None else p["value"]
             values.append(v)
-            lo.append(0.0 if p["ci"] is None else v - p["ci"][0])
-            hi.append(0.0 if p["ci"] is None else p["ci"][1] - v)
+            # max(0, ...): a Wilson bound equal to the value can come out a rounding error beyond it
+            lo.append(0.0 if p["ci"] is None else max(0.0, v - p["ci"][0]))
+            hi.append(0.0 if p["ci"] is None else max(0.0, p["ci"][1] - v))
         x = np.arange(len(sites)) + (j - (len(SITE_BARS) - 1) / 2) * width
         ax.bar(x, values, width, yerr=[lo, hi], capsize=2, label=label)
     ax.set_xticks(range(len(sites)), sites)
