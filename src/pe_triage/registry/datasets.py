@@ -57,8 +57,8 @@ def _log_dataset_input(run: Tracker, report: dict[str, Any]) -> None:
     labels = {f"slices_{k}": v for k, v in report["class_balance"]["slices"].items()}
     summary = pd.DataFrame([{"site": report["site"], **counts, **labels}])
     source = report["version"]["uri"].rstrip("/") + f"/site={report['site']}"
-    with warnings.catch_warnings():  # MLflow 3 registers its local artifact source twice and says so
+    with warnings.catch_warnings():  # MLflow 3 registers its local artifact source twice, and hints at integer columns
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(summary, source=source, name=f"slices:{report['site']}",
-                                          digest=report["version"]["digest"][:_DIGEST_CHARS])
-    run.client.log_inputs(run.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "onboarding")])])
+                                          digest=report["version"]["digest"][:_DIGEST_CHARS])._to_mlflow_entity()
+    run.client.log_inputs(run.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "onboarding")])])

@@ -36,7 +36,7 @@ def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfi
     if not versions:
         raise RegistryError(f"model {config.model_name!r} has no versions")
     latest = max(versions, key=lambda v: int(v.version))
-    aliases = {a: int(v.version) for v in versions for a in v.aliases if a in (CHAMPION, CHALLENGER, PREVIOUS)}
+    aliases = {a: int(v) for a, v in client.get_registered_model(config.model_name).aliases.items() if a in (CHAMPION, CHALLENGER, PREVIOUS)}
     folder = mlflow.artifacts.download_artifacts(run_id=latest.run_id, artifact_path=EVALUATION_DIR, dst_path=str(dst),
                                                  tracking_uri=resolved)
     return {"name": config.model_name, "latest": int(latest.version), "run_id": latest.run_id, "aliases": aliases,

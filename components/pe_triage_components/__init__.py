@@ -1,0 +1,62 @@
+"""KFP components of pe-triage: one per pipeline step, each a thin typed shell over one library call.
+
+The step functions (``data``, ``model``, ``registry``) become lightweight Python components here,
+with the project image as ``base_image``: the package is installed there, so nothing is installed
+at run time (``install_kfp_package=False``, no ``packages_to_install``), and the image tag (the
+package version) is part of every component spec, so a new code version is a cache miss. Images
+are arguments of :func:`build` because a hospital usually mirrors them into its own registry.
+
+Configuration travels as a YAML string parameter (the text of a config file, ``""`` for the
+defaults): recorded with each run and part of each cache key, unlike a mounted file. Secrets never
+do: they arrive as environment variables from Kubernetes secrets (``pe_triage_pipelines.cluster``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kfp import dsl
+from kfp.dsl.python_component import PythonComponent
+
+from pe_triage_components import data, model, registry
+from pe_triage_components.images import CPU_IMAGE, CUDA_IMAGE
+
+
+@dataclass(frozen=True)
+class Components:
+    ingest: PythonComponent
+    data_quality: PythonComponent
+    dataset_version: PythonComponent
+    preprocess: PythonComponent
+    split: PythonComponent
+    train: PythonComponent
+    evaluate: PythonComponent
+    register: PythonComponent
+    check_gates: PythonComponent
+    promote: PythonComponent
+    record_outcome: PythonComponent
+
+
+def build(cpu_image: str = CPU_IMAGE, cuda_image: str = CUDA_IMAGE) -> Components:
+    """Every component, on the given images (training on the CUDA one)."""
+
+    def cpu(func):
+        return dsl.component(func, base_image=cpu_image, install_kfp_package=False)
+
+    return Components(
+        ingest=cpu(data.ingest),
+        data_quality=cpu(data.data_quality),
+        dataset_version=cpu(data.dataset_version),
+        preprocess=cpu(data.preprocess),
+        split=cpu(data.split),
+        train=dsl.component(model.train, base_image=cuda_image, install_kfp_package=False),
+        evaluate=cpu(model.evaluate),
+        register=cpu(registry.register),
+        check_gates=cpu(registry.check_gates),
+        promote=cpu(registry.promote),
+        record_outcome=cpu(registry.record_outcome),
+    )
+
+
+#: the components on the released images
+COMPONENTS = build()

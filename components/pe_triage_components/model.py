@@ -1,0 +1,64 @@
+"""Model steps: train one stage (GPU image), evaluate the two-stage cascade."""
+
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+    SlicedClassificationMetrics,
+)
+
+
+def train(windows: Input[Dataset], splits: Input[Dataset], stage: int, config: str, tracking_uri: str, model: Output[Model]):
+    """Train stage 1 (WNL vs disease) or stage 2 (PE vs other) into a model artifact folder. Resumes
+    from the checkpoint beside the artifact when a retry finds one."""
+    import yaml
+
+    from pe_triage.config import Config, from_dict
+    from pe_triage.training.train import train
+
+    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    meta = train(windows.path, splits.path, model.path, stage=stage, config=cfg, resume=True, tracking_uri=tracking_uri or None)
+    model.metadata.update(stage=stage, threshold=meta["threshold"], best_epoch=meta["best_epoch"],
+                          mlflow_run_id=meta.get("mlflow_run_id") or "", **{f"val_{k}": v for k, v in meta["val"].items()})
+
+
+def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset], splits: Input[Dataset], config: str,
+             tracking_uri: str, evaluation: Output[Artifact], metrics: Output[Metrics], cascade: Output[ClassificationMetrics],
+             per_site: Output[SlicedClassificationMetrics], report: Output[HTML], summary: Output[Markdown]):
+    """Evaluate the cascade on the test split: ``evaluation`` is the folder the registry reads
+    (metrics.json, report, plots); the other outputs are the views the KFP UI renders (summary
+    numbers, the per-slice 3-class cascade confusion and stage-1 ROC, the same per site)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from pe_triage.config import Config, from_dict
+    from pe_triage.evaluation.evaluate import evaluate
+
+    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    result = evaluate(stage1.path, stage2.path, windows.path, splits.path, evaluation.path, config=cfg, tracking_uri=tracking_uri or None)
+    for name, value in result["summary"].items():
+        if value is not None:
+            metrics.log_metric(name, float(value))
+    confusion = result["slice"]["cascade"]["confusion"]
+    cascade.log_confusion_matrix(confusion["labels"], confusion["matrix"])
+    if roc := (result["curves"]["stage1"] or {}).get("roc"):
+        cascade.log_roc_curve(roc["fpr"], roc["tpr"], roc["threshold"])
+    slices = []  # SlicedClassificationMetrics' own log methods fail in kfp 2.17 (no _sliced_metrics): same schema, by hand
+    for site, sub in result["per_site"].items():
+        site_metrics = ClassificationMetrics()
+        site_metrics.log_confusion_matrix(sub["slice"]["cascade"]["confusion"]["labels"], sub["slice"]["cascade"]["confusion"]["matrix"])
+        slices.append({"slice": site, "sliceClassificationMetrics": site_metrics.metadata})
+    per_site.metadata["evaluationSlices"] = slices
+    shutil.copyfile(f"{evaluation.path}/report.html", report.path)
+    shutil.copyfile(f"{evaluation.path}/report.md", summary.path)
+    for view in (metrics, cascade, per_site):  # a file behind every output: kfp.local's cache skips entries without one
+        with open(view.path, "w") as f:
+            json.dump(view.metadata, f)

@@ -1,0 +1,179 @@
+"""``pe-triage demo``: the whole system on one machine. A synthetic multi-site cohort is onboarded and
+a model retrained, evaluated, registered and (gates permitting) promoted by the real pipelines under
+kfp.local, tracked by a real MLflow server on SQLite. A second run on the same folder reuses the
+cohort and every cached step (ingest and the quality reports run again: they are cheap and the
+store is theirs to check).
+
+Layout of ``--out``: ``cohort/`` (DICOM + manifests), ``slices/`` (the store), ``kfp/`` (step
+outputs and cache), ``mlflow/`` (server state), ``results/`` (the evaluation of the newest
+registered version), ``kfp.log`` (every step's full log).
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+from pe_triage.config import Config, load_config, to_dict
+from pe_triage.evaluation.metrics import format_proportion
+from pe_triage.registry.overview import registry_overview
+from pe_triage.registry.server import free_port, local_server
+from pe_triage.synth import generate_cohort
+from pe_triage_pipelines.local import run_local
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_CACHED = re.compile(r"Task (\S+) cache hit")
+_SKIPPED = re.compile(r"Skipping conditional task (\S+)")
+
+
+class _StepLines(io.TextIOBase):
+    """kfp.local's output goes to the log file; one line per finished, cached or skipped task to the terminal."""
+
+    def __init__(self, log: io.TextIOBase, terminal: io.TextIOBase) -> None:
+        self.log, self.terminal, self.pending = log, terminal, ""
+        self.started: dict[str, list[float]] = {}
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in (_ANSI.sub("", raw) for raw in lines):
+            if m := _STARTED.search(line):
+                self.started.setdefault(m.group(1), []).append(time.monotonic())
+            elif (m := _FINISHED.search(line)) and self.started.get(m.group(1)):  # kfp logs some finishes twice
+                seconds = time.monotonic() - self.started[m.group(1)].pop(0)
+                self._say(m.group(1), f"{'ok' if m.group(2) == 'SUCCESS' else m.group(2)} ({seconds:.0f} s)")
+            elif m := _CACHED.search(line):
+                self._say(m.group(1), "cached")
+            elif m := _SKIPPED.search(line):
+                self._say(m.group(1), "skipped (condition false)")
+        return len(text)
+
+    def _say(self, task: str, what: str) -> None:
+        self.terminal.write(f"      {task:<18} {what}\n")
+        self.terminal.flush()
+
+
+@contextmanager
+def _captured(log_path: Path, terminal: io.TextIOBase) -> Iterator[None]:
+    """kfp.local prints step logs to stdout and logs cache hits to the root logger: both go to the
+    log file, the step lines to the terminal."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, builtins.print
+    with open(log_path, "a") as log:
+        lines = _StepLines(log, terminal)
+        root.handlers, root.level = [logging.StreamHandler(lines)], logging.INFO
+        try:
+            with redirect_stdout(lines):
+                yield
+        finally:  # kfp.local indents by replacing builtins.print, and a cache hit can leave it replaced
+            root.handlers, root.level, builtins.print = saved
+
+
+@contextmanager
+def _step(n: int, title: str, terminal: io.TextIOBase) -> Iterator[None]:
+    print(f"[{n}/5] {title}", file=terminal, flush=True)
+    started = time.monotonic()
+    yield
+    print(f"      done in {time.monotonic() - started:.0f} s", file=terminal, flush=True)
+
+
+def _cohort(folder: Path, config: Config, terminal: io.TextIOBase) -> list[dict[str, str]]:
+    """Generate the cohort unless ``folder`` holds one made with the same settings; the onboarding sites."""
+    made = folder / "truth" / "cohort.json"
+    if made.exists():
+        if json.loads(made.read_text())["config"] != json.loads(json.dumps(to_dict(config.synth))):
+            raise ValueError(f"{folder} holds a cohort made with other synth settings: use another --out")
+        print("      reusing the cohort already generated", file=terminal)
+    else:
+        generate_cohort(folder, config.synth)
+    return [{"site": d.name, "source": str(d / "dicom"), "labels": str(d / "labels.csv")}
+            for d in sorted((folder / "sites").iterdir()) if d.is_dir()]
+
+
+def _port(remembered: Path) -> int:
+    """The local server's port of the previous run when it is free: the tracking URI is a step
+    parameter, so a new port would make every step that tracks a cache miss."""
+    if remembered.exists():
+        port = int(remembered.read_text())
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    port = free_port()
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    remembered.write_text(str(port))
+    return port
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+def study_tables(metrics: dict[str, Any]) -> str:
+    """The study's per-slice and per-patient tables (accuracy and sensitivities as ``96.8% (525/542)``)."""
+    p = format_proportion
+    s1, s2, sc = metrics["slice"]["stage1"], metrics["slice"]["stage2"], metrics["slice"]["cascade"]
+    pd_, ppe, pc = metrics["patient"]["disease"], metrics["patient"]["pe"], metrics["patient"]["cascade"]
+    auc = lambda t: f"{t['auroc']['value']:.3f}" if t["auroc"]["value"] is not None else "—"
+    per_slice = _table(["per slice", "accuracy", "sensitivity", "specificity", "AUROC"], [
+        ["stage 1: disease vs WNL", p(s1["accuracy"]), p(s1["sensitivity"]), p(s1["specificity"]), auc(s1)],
+        ["stage 2: PE vs other", p(s2["accuracy"]), p(s2["sensitivity"]), p(s2["specificity"]), auc(s2)],
+        ["cascade: WNL / other / PE", p(sc["accuracy"]), "", "", ""]])
+    rule = metrics["patient"]["rule"]
+    per_patient = _table([f"per patient (rule: {rule['name']})", "accuracy", "sensitivity", "specificity", "AUROC"], [
+        ["disease detection", p(pd_["accuracy"]), p(pd_["sensitivity"]), p(pd_["specificity"]), auc(pd_)],
+        ["PE detection", p(ppe["accuracy"]), p(ppe["sensitivity"]), p(ppe["specificity"]), auc(ppe)],
+        ["cascade: WNL / other / PE", p(pc["accuracy"]), "", "", ""]])
+    sites = _table(["per site", "slice cascade accuracy", "patient PE sensitivity"], [
+        [site, p(sub["slice"]["cascade"]["accuracy"]), p(sub["patient"]["pe"]["sensitivity"])]
+        for site, sub in metrics["per_site"].items()])
+    return f"{per_slice}\n\n{per_patient}\n\n{sites}"
+
+
+def run_demo(out: Path, config_path: str | None) -> dict[str, Any]:
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_config(config_path)
+    text = Path(config_path).read_text() if config_path else ""
+    external = os.environ.get("MLFLOW_TRACKING_URI")
+    terminal = sys.stdout
+    with ExitStack() as stack:
+        with _step(1, "synthetic cohort", terminal):
+            sites = _cohort(out / "cohort", config, terminal)
+        with _step(2, "MLflow tracking server", terminal):
+            uri = external or stack.enter_context(local_server(out / "mlflow", port=_port(out / "mlflow" / "port")))
+            print(f"      {uri} ({'MLFLOW_TRACKING_URI' if external else 'SQLite in ' + str(out / 'mlflow')})", flush=True)
+        common = {"slices_store": str(out / "slices"), "config": text, "tracking_uri": uri}
+        with _captured(out / "kfp.log", terminal):
+            with _step(3, f"onboarding pipeline: {len(sites)} sites -> {out / 'slices'}", terminal):
+                run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=out / "kfp")
+            with _step(4, "retraining pipeline: preprocess, split, train x2, evaluate, register, gates, promote", terminal):
+                run_local("retraining", common, pipeline_root=out / "kfp")
+        with _step(5, "results", terminal):
+            result = registry_overview(out / "results", config=config.registry, uri=uri)
+    aliases = result["aliases"]
+    promoted = aliases.get("champion") == result["latest"]
+    print(f"\n{study_tables(result['metrics'])}\n")
+    print(f"registered: {result['name']} version {result['latest']}; "
+          f"{'champion' if promoted else 'not champion (see the check-gates and promote steps in kfp.log)'}; aliases {aliases}")
+    print(f"HTML report: {Path(result['evaluation']) / 'report.html'}")
+    db = out / "mlflow"
+    ui = uri if external else f"mlflow ui --backend-store-uri sqlite:///{db / 'mlflow.db'} --artifacts-destination {db / 'artifacts'}"
+    print(f"MLflow UI: {ui}")
+    print(f"full step logs: {out / 'kfp.log'}")
+    return {"registered_version": result["latest"], "champion": aliases.get("champion"), "promoted": promoted,
+            "aliases": aliases, "metrics": result["metrics"], "tracking_uri": uri}

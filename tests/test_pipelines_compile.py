@@ -1,0 +1,279 @@
+"""The compiled pipelines (KFP IR YAML, parsed back): task graphs, ParallelFor, dsl.If, the exit
+handler, GPU requests and scheduling, secrets wired as environment variables (never parameters),
+versioned images with nothing installed at run time, retries and caching; the CLI that compiles,
+submits and schedules (against a stand-in KFP client)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+from kfp.components import load_component_from_file
+from kfp.pipeline_spec import pipeline_spec_pb2
+from pe_triage_pipelines.cluster import ClusterOptions
+from pe_triage_pipelines.compile import compile_all
+
+from pe_triage import __version__
+from pe_triage.cli import main
+
+IO_TASKS = {"ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register", "promote", "record-outcome"}
+UNCACHED = {"ingest", "data-quality", "dataset-version", "promote", "record-outcome"}
+SECRETISH = ("key", "secret", "password", "token", "credential")
+
+
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every task of the pipeline, nested DAGs included: name -> (enclosing component, task spec)."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def walk(component: str, dag: dict[str, Any]) -> None:
+        for name, task in dag["tasks"].items():
+            found[name] = (component, task)
+            ref = spec["components"][task["componentRef"]["name"]]
+            if "dag" in ref:
+                walk(task["componentRef"]["name"], ref["dag"])
+
+    walk("root", spec["root"]["dag"])
+    return found
+
+
+def _executor(spec: dict[str, Any], task: dict[str, Any]) -> str:
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return compile_all(tmp_path_factory.mktemp("ir"))
+
+
+def test_both_pipelines_compile_and_load_back(compiled: dict[str, Path]) -> None:
+    assert set(compiled) == {"onboarding", "retraining"}
+    for name, path in compiled.items():
+        assert load_component_from_file(str(path)).name == f"pe-triage-{name}"
+        spec, _ = yaml.safe_load_all(path.read_text())
+        proto = pipeline_spec_pb2.PipelineSpec()
+        from google.protobuf import json_format
+
+        json_format.ParseDict(spec, proto)
+        assert proto.pipeline_info.name == f"pe-triage-{name}"
+
+
+def test_onboarding_fans_out_over_sites_ingest_then_quality(compiled: dict[str, Path]) -> None:
+    spec, _ = _load(compiled["onboarding"])
+    tasks = _tasks(spec)
+    loop_component, loop = tasks["for-loop-1"]
+    assert loop_component == "root" and loop["taskInfo"]["name"] == "sites"
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--sites"
+    assert loop["iteratorPolicy"]["parallelismLimit"] == ClusterOptions().parallel_sites
+    assert {n for n, (parent, _) in tasks.items() if parent == "comp-for-loop-1"} == {"ingest", "data-quality"}
+    assert tasks["data-quality"][1]["dependentTasks"] == ["ingest"]
+    assert tasks["data-quality"][1]["inputs"]["artifacts"]["slices"]["taskOutputArtifact"]["producerTask"] == "ingest"
+    selectors = {k: v["parameterExpressionSelector"] for k, v in tasks["ingest"][1]["inputs"]["parameters"].items()
+                 if "parameterExpressionSelector" in v}
+    assert selectors == {k: f'parseJson(string_value)["{k}"]' for k in ("site", "source", "labels")}
+
+
+def test_retraining_graph(compiled: dict[str, Path]) -> None:
+    spec, _ = _load(compiled["retraining"])
+    tasks = _tasks(spec)
+    deps = {name: set(task.get("dependentTasks", [])) for name, (_, task) in tasks.items()}
+    inner = {name for name, (parent, _) in tasks.items() if parent == "comp-exit-handler-1"}
+    assert inner == {"dataset-version", "importer", "preprocess", "split", "train", "train-2", "evaluate", "register",
+                     "check-gates", "condition-2"}
+    assert deps["importer"] == {"dataset-version"} and deps["preprocess"] == {"dataset-version", "importer"}
+    assert deps["split"] == {"preprocess"}
+    assert deps["train"] == deps["train-2"] == {"preprocess", "split"}  # the two stages train in parallel
+    assert {tasks[t][1]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] for t in ("train", "train-2")} == {1, 2}
+    assert deps["evaluate"] == {"preprocess", "split", "train", "train-2"}
+    assert deps["register"] == {"evaluate", "train", "train-2"}
+    assert deps["check-gates"] == {"evaluate", "register"}
+    condition = tasks["condition-2"][1]
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--check-gates-Output'] == true"
+    assert tasks["promote"][0] == "comp-condition-2"  # promote runs only inside the gates-passed branch
+    importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
+    assert importer["typeSchema"]["schemaTitle"] == "system.Dataset" and "digest" in importer["metadata"]
+    assert "reimport" not in importer  # the store is one artifact, versioned by its digest
+
+
+def test_exit_handler_records_the_outcome_whatever_happened(compiled: dict[str, Path]) -> None:
+    spec, _ = _load(compiled["retraining"])
+    parent, outcome = _tasks(spec)["record-outcome"]
+    assert parent == "root" and outcome["dependentTasks"] == ["exit-handler-1"]
+    assert outcome["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert outcome["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+
+
+def test_training_requests_gpus_on_gpu_nodes(compiled: dict[str, Path]) -> None:
+    spec, executors = _load(compiled["retraining"])
+    options = ClusterOptions()
+    for name in ("train", "train-2"):
+        label = _executor(spec, _tasks(spec)[name][1])
+        resources = spec["deploymentSpec"]["executors"][label]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu" and resources["accelerator"]["resourceCount"] == "1"
+        assert resources["resourceCpuRequest"] == options.train_cpu and resources["resourceMemoryRequest"] == options.train_memory
+        assert executors[label]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+        assert executors[label]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    cpu_only = [label for label, ex in spec["deploymentSpec"]["executors"].items()
+                if "container" in ex and "accelerator" in ex["container"].get("resources", {})]
+    assert sorted(cpu_only) == ["exec-train", "exec-train-2"]
+
+
+def test_secrets_come_from_kubernetes_never_from_parameters(compiled: dict[str, Path]) -> None:
+    for name, path in compiled.items():
+        spec, executors = _load(path)
+        definitions = spec["root"]["inputDefinitions"]["parameters"]
+        params = set(definitions)
+        assert params == ({"sites", "slices_store", "config", "tracking_uri", "demo_key"} if name == "onboarding"
+                          else {"slices_store", "config", "tracking_uri", "actor"})
+        # a secret would be a string; demo_key is only the switch that allows the public demo key
+        assert not [p for p, d in definitions.items() if d["parameterType"] == "STRING" and any(w in p for w in SECRETISH)]
+        for label in spec["deploymentSpec"]["executors"]:
+            if label == "exec-importer":
+                continue
+            env = {e["envVar"]: (s["secretName"], e["secretKey"], s["optional"])
+                   for s in executors.get(label, {}).get("secretAsEnv", []) for e in s["keyToEnv"]}
+            expected = {"AWS_ACCESS_KEY_ID": ("pe-triage-s3", "AWS_ACCESS_KEY_ID", True),
+                        "AWS_SECRET_ACCESS_KEY": ("pe-triage-s3", "AWS_SECRET_ACCESS_KEY", True),
+                        "MLFLOW_TRACKING_USERNAME": ("pe-triage-mlflow", "MLFLOW_TRACKING_USERNAME", True),
+                        "MLFLOW_TRACKING_PASSWORD": ("pe-triage-mlflow", "MLFLOW_TRACKING_PASSWORD", True)}
+            if label == "exec-ingest":  # only ingest sees the pseudonym key, and cannot start without it
+                expected["PE_TRIAGE_PSEUDONYM_KEY"] = ("pe-triage-pseudonym", "key", False)
+            if label == "exec-check-gates":  # reads its input artifact only
+                expected = {}
+            assert env == expected, label
+
+
+def test_images_carry_the_package_version_and_nothing_is_installed_at_run_time(compiled: dict[str, Path]) -> None:
+    for path in compiled.values():
+        spec, _ = _load(path)
+        for label, executor in spec["deploymentSpec"]["executors"].items():
+            if "container" not in executor:
+                continue
+            container = executor["container"]
+            repo = "pe-triage-cuda" if label.startswith("exec-train") else "pe-triage"
+            assert container["image"] == f"ghcr.io/pe-triage/{repo}:{__version__}", label
+            shell, script = container["command"][:2], container["command"][2]
+            assert shell == ["sh", "-ec"] and "python3 -m kfp.dsl.executor_main" in script, label
+            assert not re.search(r"\bpip\b|install", script), label  # the image has everything
+
+
+def test_retries_on_io_steps_and_caching_off_where_state_lives_outside_the_inputs(compiled: dict[str, Path]) -> None:
+    options = ClusterOptions()
+    for path in compiled.values():
+        spec, _ = _load(path)
+        for name, (_, task) in _tasks(spec).items():
+            if "componentRef" not in task or name.startswith(("for-loop", "exit-handler", "condition")):
+                continue
+            if name in IO_TASKS or name.startswith("train"):
+                assert task["retryPolicy"] == {"maxRetryCount": options.retries, "backoffDuration": options.backoff,
+                                               "backoffFactor": options.backoff_factor, "backoffMaxDuration": "600s"}, name
+            assert task.get("cachingOptions", {}).get("enableCache", False) is (name not in UNCACHED), name
+
+
+def test_cluster_config_of_the_helm_chart_sets_images_gpus_and_secret_names(tmp_path: Path) -> None:
+    chart_cluster_yaml = {
+        "images": {"cpu": "registry.example.org/pe-triage:9.9", "cuda": "registry.example.org/pe-triage-cuda:9.9"},
+        "mlflowTrackingUri": "http://mlflow:5000",
+        "gpu": {"resource": "nvidia.com/gpu", "count": 2, "nodeSelector": {"pool": "a100"},
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]},
+        "secrets": {"pseudonymKey": {"name": "hospital-key", "key": "pseudonym-key"},
+                    "s3": {"name": "s3-creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "secret"}},
+        "s3": {"endpointUrl": "http://minio:9000", "region": ""},
+    }
+    compiled = compile_all(tmp_path, ClusterOptions.from_cluster_config(chart_cluster_yaml))
+    spec, executors = _load(compiled["retraining"])
+    container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert container["image"] == "registry.example.org/pe-triage-cuda:9.9"
+    assert container["resources"]["accelerator"]["resourceCount"] == "2"
+    assert {e["name"]: e["value"] for e in container["env"]} == {"AWS_ENDPOINT_URL": "http://minio:9000"}
+    assert executors["exec-train"]["nodeSelector"] == {"labels": {"pool": "a100"}}
+    assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]
+    assert spec["deploymentSpec"]["executors"]["exec-split"]["container"]["image"] == "registry.example.org/pe-triage:9.9"
+    secrets = {s["secretName"]: {e["secretKey"]: e["envVar"] for e in s["keyToEnv"]} for s in executors["exec-split"]["secretAsEnv"]}
+    assert secrets == {"s3-creds": {"id": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}}  # no MLflow secret listed
+    _, on_executors = _load(compiled["onboarding"])
+    ingest = {s["secretName"]: s for s in on_executors["exec-ingest"]["secretAsEnv"]}
+    assert ingest["hospital-key"]["keyToEnv"] == [{"envVar": "PE_TRIAGE_PSEUDONYM_KEY", "secretKey": "pseudonym-key"}]
+
+
+class _FakeKfp:
+    """Records what the CLI asks of ``kfp.Client`` (no KFP server can run here)."""
+
+    calls: ClassVar[list[tuple]] = []
+    existing: ClassVar[list[str]] = []
+
+    def __init__(self, host: str, namespace: str | None = None) -> None:
+        self.calls.append(("client", host))
+
+    def create_run_from_pipeline_package(self, pipeline_file: str, **kw: Any) -> Any:
+        self.calls.append(("run", yaml.safe_load_all(Path(pipeline_file).read_text()).__next__()["pipelineInfo"]["name"], kw))
+        return SimpleNamespace(run_id="run-1")
+
+    def create_experiment(self, name: str, namespace: str | None = None) -> Any:
+        return SimpleNamespace(experiment_id="exp-1")
+
+    def list_recurring_runs(self, **kw: Any) -> Any:
+        runs = [SimpleNamespace(recurring_run_id=r, display_name="nightly") for r in self.existing]
+        return SimpleNamespace(recurring_runs=runs, next_page_token="")
+
+    def create_recurring_run(self, experiment_id: str, job_name: str, **kw: Any) -> Any:
+        self.calls.append(("recurring", job_name, kw))
+        return SimpleNamespace(recurring_run_id="rr-new")
+
+    def delete_recurring_run(self, recurring_run_id: str) -> dict:
+        self.calls.append(("delete", recurring_run_id))
+        return {}
+
+
+def test_cli_compiles_submits_and_schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kfp
+
+    monkeypatch.setattr(kfp, "Client", _FakeKfp)
+    monkeypatch.delenv("PE_TRIAGE_CLUSTER_CONFIG", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text("train: {epochs: 3}\n")
+    assert main(["pipeline", "compile", "--out", str(tmp_path / "ir")]) == 0
+    assert {p.name for p in (tmp_path / "ir").iterdir()} == {"onboarding.yaml", "retraining.yaml"}
+
+    _FakeKfp.calls = []
+    assert main(["pipeline", "submit", "onboarding", "--host", "http://kfp", "--slices-store", "s3://b/slices",
+                 "--site", "site-a", "s3://b/a/dicom", "s3://b/a/labels.csv", "--tracking-uri", "http://mlflow:5000",
+                 "--config", str(config)]) == 0
+    (_, name, kw), = [c for c in _FakeKfp.calls if c[0] == "run"]
+    assert name == "pe-triage-onboarding" and kw["experiment_name"] == "pe-triage"
+    assert kw["arguments"] == {"slices_store": "s3://b/slices", "config": "train: {epochs: 3}\n", "tracking_uri": "http://mlflow:5000",
+                               "sites": [{"site": "site-a", "source": "s3://b/a/dicom", "labels": "s3://b/a/labels.csv"}],
+                               "demo_key": False}
+
+    _FakeKfp.calls, _FakeKfp.existing = [], ["rr-old"]
+    assert main(["pipeline", "schedule", "--host", "http://kfp", "--cron", "0 0 2 * * 0", "--name", "nightly",
+                 "--slices-store", "s3://b/slices", "--tracking-uri", "http://mlflow:5000"]) == 0
+    recurring = [c for c in _FakeKfp.calls if c[0] in ("recurring", "delete")]
+    assert [c[0] for c in recurring] == ["recurring", "delete"]  # the new schedule exists before the old one goes
+    _, job, kw = recurring[0]
+    assert job == "nightly" and kw["cron_expression"] == "0 0 2 * * 0"
+    assert kw["max_concurrency"] == 1 and kw["no_catchup"] is True and kw["enabled"] is True
+    assert kw["params"] == {"slices_store": "s3://b/slices", "config": "", "tracking_uri": "http://mlflow:5000"}
+    assert recurring[1] == ("delete", "rr-old")
+    assert main(["pipeline", "schedule", "--host", "http://kfp", "--cron", "0 2 * * 0", "--slices-store", "s3://b/slices"]) == 2
+
+    # the Helm chart's scheduling Job: store, tracking URI and images from its cluster.yaml
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"slicesStore": "s3://h/slices", "mlflowTrackingUri": "http://mlflow.ns:5000",
+                                       "images": {"cpu": "r/pe:1", "cuda": "r/pe-cuda:1"}}))
+    monkeypatch.setenv("PE_TRIAGE_CLUSTER_CONFIG", str(cluster))
+    _FakeKfp.calls, _FakeKfp.existing = [], []
+    assert main(["pipeline", "schedule", "--host", "http://kfp", "--cron", "0 0 2 * * 0", "--config", str(config)]) == 0
+    ((_, _, kw),) = [c for c in _FakeKfp.calls if c[0] == "recurring"]
+    assert kw["params"] == {"slices_store": "s3://h/slices", "config": "train: {epochs: 3}\n", "tracking_uri": "http://mlflow.ns:5000"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochz: 3}\n")
+    assert main(["pipeline", "submit", "retraining", "--host", "http://kfp", "--slices-store", "s3://b/s", "--config", str(bad)]) == 2

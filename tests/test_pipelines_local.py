@@ -1,0 +1,104 @@
+"""Both pipelines end to end under kfp.local against a real MLflow server: a synthetic three-site
+cohort is onboarded (quality reports logged as dataset versions), a tiny model retrained, evaluated,
+registered and promoted; the registered model then loads by alias and predicts. A second retraining
+run is served from the step cache, and a failing run still records its outcome."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from pe_triage_pipelines.demo import study_tables
+from pe_triage_pipelines.local import run_local
+
+from pe_triage.config import RegistryConfig, SynthConfig
+from pe_triage.registry.overview import registry_overview
+from pe_triage.synth import generate_cohort
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "pe-triage-e2e"
+#: small enough for a 2-core CPU: 18 patients of 24 slices at 96 px, a 1/8-width DRN-D-22, 2 epochs
+CONFIG = f"""
+ingest: {{workers: 1}}
+preprocess: {{size: 64, workers: 1}}
+model: {{arch: cbam_drn_d_22, width: 0.125}}
+train: {{epochs: 2, batch_size: 16, num_workers: 0, patience: 0, samples_per_epoch: 96}}
+evaluate: {{bootstrap: 20, gradcam_per_category: 1}}
+registry: {{model_name: pe-triage, experiment: {EXPERIMENT}, gates: {{min_patient_pe_sensitivity: 0.0, min_slice_disease_sensitivity: 0.0}}}}
+"""
+SLICE_COLUMNS = ["study_uid", "series_uid", "slice_index", "rows", "cols", "pixel_spacing_row_mm", "pixel_spacing_col_mm", "hu_planes"]
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    generate_cohort(root / "cohort", SynthConfig(sites=3, patients_per_site=6, slices=24, size=96, seed=11))
+    sites = [{"site": d.name, "source": str(d / "dicom"), "labels": str(d / "labels.csv")} for d in sorted((root / "cohort" / "sites").iterdir())]
+    common = {"slices_store": str(root / "slices"), "config": CONFIG, "tracking_uri": mlflow_server}
+    run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=root / "kfp")
+    run_local("retraining", common, pipeline_root=root / "kfp")
+    return {"root": root, "common": common, "sites": sites}
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def test_onboarding_logged_one_dataset_version_per_site(ran: dict, mlflow_server: str) -> None:
+    client = _client(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-datasets").experiment_id])
+    assert sorted(r.data.tags["pe_triage.site"] for r in runs) == ["site-a", "site-b", "site-c"]
+    assert all(r.inputs.dataset_inputs and r.data.metrics["slices"] == 6 * 24 for r in runs)
+
+
+def test_retraining_registered_and_promoted_a_model_that_predicts(ran: dict, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pyfunc
+
+    client = _client(mlflow_server)
+    (version,) = client.search_model_versions("name = 'pe-triage'")
+    aliases = client.get_registered_model("pe-triage").aliases
+    assert aliases.get("champion") == version.version or aliases.get("challenger") == version.version
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/pe-triage@{'champion' if 'champion' in aliases else 'challenger'}")
+    rows = pads.dataset(Path(ran["common"]["slices_store"]) / "site=site-a", format="parquet").to_table().to_pandas()
+    rows = rows[rows["series_uid"] == rows["series_uid"].iloc[0]][SLICE_COLUMNS]
+    out = model.predict(rows)
+    assert len(out) == len(rows) and out["p_disease"].between(0, 1).all() and out["p_pe"].between(0, 1).all()
+    assert set(out["triage"]) <= {"wnl", "other", "pe"}
+    outcomes = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-pipelines").experiment_id])
+    assert [r.data.tags["pe_triage.outcome"] for r in outcomes] == ["SUCCEEDED"]
+
+
+def test_the_demo_summary_reads_the_registry(ran: dict, mlflow_server: str, tmp_path: Path) -> None:
+    overview = registry_overview(tmp_path, config=RegistryConfig(experiment=EXPERIMENT), uri=mlflow_server)
+    assert overview["latest"] == 1 and overview["aliases"] == {"champion": 1}  # promote moved challenger to champion
+    tables = study_tables(overview["metrics"])
+    assert "stage 1: disease vs WNL" in tables and "PE detection" in tables
+    assert overview["metrics"]["per_site"] and all(f"\n{site} " in tables for site in overview["metrics"]["per_site"])
+    assert (Path(overview["evaluation"]) / "report.html").is_file()
+
+
+def test_a_second_run_is_served_from_the_step_cache(ran: dict, mlflow_server: str, capsys: pytest.CaptureFixture,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    run_local("retraining", ran["common"], pipeline_root=ran["root"] / "kfp")
+    hits = {m.split()[1] for m in caplog.messages if "cache hit" in m}
+    assert hits == {"preprocess", "split", "train", "train-2", "evaluate", "register", "check-gates"}
+    assert "dataset-version" in re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # the store's version is read afresh
+    assert len(_client(mlflow_server).search_model_versions("name = 'pe-triage'")) == 1  # nothing registered twice
+
+
+def test_a_failed_run_still_records_its_outcome(ran: dict, mlflow_server: str, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError):
+        run_local("retraining", {**ran["common"], "slices_store": str(tmp_path / "empty")}, pipeline_root=tmp_path / "kfp")
+    client = _client(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-pipelines").experiment_id],
+                              order_by=["attributes.start_time DESC"])
+    assert runs[0].data.tags["pe_triage.outcome"] == "FAILED" and runs[0].data.metrics["succeeded"] == 0.0
