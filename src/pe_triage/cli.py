@@ -17,22 +17,12 @@ log = logging.getLogger("pe_triage")
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from pe_triage.demo import cohort_overview
-    from pe_triage.synth import generate_cohort
+    from pe_triage.synth import cohort_overview, generate_cohort
 
     cfg = load_config(args.config).synth
     overrides = {k: getattr(args, k) for k in ("sites", "patients_per_site", "slices", "size", "seed") if getattr(args, k) is not None}
     summary = generate_cohort(Path(args.out), replace(cfg, **overrides))
     print(json.dumps(cohort_overview(summary), indent=2))
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from pe_triage.demo import run_demo
-
-    summary = run_demo(Path(args.out), load_config(args.config))
-    print(json.dumps({k: summary[k] for k in ("ingest", "preprocess")}, indent=2))
-    print(f"outputs: {json.dumps(summary['outputs'])}")
     return 0
 
 
@@ -125,11 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="the main job end to end on generated data (synthetic cohort -> slices)")
-    p.add_argument("--out", default="demo-output", help="output folder")
-    p.add_argument("--config", default=None, help="YAML configuration (configs/demo.yaml is the small default)")
-    p.set_defaults(func=_demo)
 
     p = sub.add_parser("synth", help="generate a synthetic multi-site CTPA cohort (DICOM + label manifests)")
     p.add_argument("--out", required=True, help="output folder")

@@ -4,6 +4,6 @@
 and is usable on its own (tests, notebooks).
 """
 
-from .cohort import CohortSummary, SiteSummary, generate_cohort
+from .cohort import CohortSummary, SiteSummary, cohort_overview, generate_cohort
 
-__all__ = ["CohortSummary", "SiteSummary", "generate_cohort"]
+__all__ = ["CohortSummary", "SiteSummary", "cohort_overview", "generate_cohort"]

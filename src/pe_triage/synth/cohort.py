@@ -23,6 +23,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -462,4 +463,12 @@ def _patient_json(pat: _Patient) -> dict[str, object]:
                     "z_mm": [round(e.z_lo, 2), round(e.z_hi, 2)]} for e in an.emboli],
         "lesions": [{"kind": b.kind, "hu": round(b.hu, 1), "center_z_mm": round(b.center[2], 2)} for b in an.blobs]
         + [{"kind": "effusion", "hu": round(e.hu, 1), "top_z_mm": round(e.z_top, 2)} for e in an.effusions],
+    }
+
+
+def cohort_overview(cohort: CohortSummary) -> dict[str, Any]:
+    """Counts only: the summary's file list and injected PHI strings stay out of logs and reports."""
+    return {
+        "sites": {s.name: {"patients": s.patients, "slices": s.slices} for s in cohort.sites},
+        "patients_per_class": dict(cohort.class_counts),
     }
