@@ -277,3 +277,22 @@ def test_cli_compiles_submits_and_schedules(tmp_path: Path, monkeypatch: pytest.
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochz: 3}\n")
     assert main(["pipeline", "submit", "retraining", "--host", "http://kfp", "--slices-store", "s3://b/s", "--config", str(bad)]) == 2
+
+
+def test_demo_prints_one_line_per_step_and_logs_everything() -> None:
+    import io
+
+    from pe_triage_pipelines.demo import _StepLines
+
+    log, terminal = io.StringIO(), io.StringIO()
+    lines = _StepLines(log, terminal)
+    kfp_output = ("12:00 - INFO - Executing task \x1b[96m'ingest'\x1b[0m\n    streamed step log\n"
+                  "12:01 - INFO - Task \x1b[96m'ingest'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n"
+                  "ERROR root: Task 'ingest' finished with status SUCCESS\n"  # kfp logs some finishes twice
+                  "Task split cache hit (key=0123456789ab); skipping execution.\n"
+                  "Skipping conditional task condition-2 (condition evaluated to False)\n")
+    for part in (kfp_output[:30], kfp_output[30:]):  # lines arrive in pieces
+        lines.write(part)
+    assert log.getvalue() == kfp_output
+    assert [line.split() for line in terminal.getvalue().splitlines()] == [
+        ["ingest", "ok", "(0", "s)"], ["split", "cached"], ["promote", "skipped:", "the", "gates", "did", "not", "pass"]]
