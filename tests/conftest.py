@@ -16,6 +16,7 @@ from factories import pseudo
 
 from pe_triage.config import IngestConfig, SynthConfig
 from pe_triage.ingest import ingest_site
+from pe_triage.registry.server import free_port
 from pe_triage.synth import generate_cohort
 
 pytest_plugins = ["mlflow_fixtures"]
@@ -30,18 +31,12 @@ def real_ct() -> Path:
     return REAL_CT
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 endpoint (moto server mode) on loopback, with the AWS environment pointing at it."""
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     assert exe, "moto_server not installed (pip install 'moto[server]')"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
