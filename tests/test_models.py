@@ -8,6 +8,7 @@ import torch
 from pe_triage.config import ModelConfig
 from pe_triage.models import BACKBONES, build_model, drn_d_22, drn_d_54, parameter_count, resnet50
 from pe_triage.models.blocks import CBAM, ChannelAttention, SpatialAttention
+from pe_triage.models.multiwindow import global_pool
 
 
 @pytest.mark.parametrize(("builder", "cbam", "millions"), [
@@ -65,9 +66,25 @@ def test_separate_branches_give_each_window_its_own_filters() -> None:
     assert a.data_ptr() != b.data_ptr()
 
 
+@pytest.mark.parametrize(("pooling", "features"), [("avg", 128), ("max", 128), ("avgmax", 256)])
+def test_pooling_sets_the_head_width(pooling: str, features: int) -> None:
+    model = build_model(ModelConfig(arch="drn_d_22", width=0.125, pooling=pooling), n_windows=2)
+    assert model.head.in_features == features
+
+
+def test_max_pooling_keeps_a_one_cell_finding_that_average_pooling_dilutes() -> None:
+    """Why avgmax is the default: a lesion lighting one cell of a 16x16 map moves the max fully."""
+    f = torch.zeros(1, 4, 16, 16)
+    f[0, :, 5, 7] = 1.0
+    avg, mx = (t.flatten() for t in global_pool(f, "avgmax"))
+    assert torch.allclose(mx, torch.ones(4)) and torch.allclose(avg, torch.full((4,), 1 / 256))
+
+
 def test_mistakes_are_named() -> None:
     with pytest.raises(ValueError, match="unknown architecture 'drn_d_105'"):
         build_model(ModelConfig(arch="drn_d_105"), n_windows=2)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        build_model(ModelConfig(arch="drn_d_22", width=0.125, pooling="sum"), n_windows=2)
     model = build_model(ModelConfig(arch="drn_d_22", width=0.125), n_windows=2)
     with pytest.raises(ValueError, match="input has 3 windows, the model was built for 2"):
         model(torch.randn(1, 3, 32, 32))

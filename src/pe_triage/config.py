@@ -153,6 +153,9 @@ class ModelConfig:
     arch: str = "cbam_drn_d_54"
     width: float = 1.0
     shared_branches: bool = False
+    #: global pooling before the head: "avg" (the study's DRN head), "max" or "avgmax" (both,
+    #: concatenated: a small filling defect survives max pooling, average pooling dilutes it)
+    pooling: str = "avgmax"
     #: one logit: P(disease) in stage 1, P(PE) in stage 2
     num_outputs: int = 1
 

@@ -30,7 +30,8 @@ def build_model(config: ModelConfig, n_windows: int) -> MultiWindowNet:
     if config.arch not in BACKBONES:
         raise ValueError(f"unknown architecture {config.arch!r}; known: {sorted(BACKBONES)}")
     backbone = partial(BACKBONES[config.arch], in_channels=1, width=config.width)
-    return MultiWindowNet(backbone, n_windows, num_outputs=config.num_outputs, shared=config.shared_branches)
+    return MultiWindowNet(backbone, n_windows, num_outputs=config.num_outputs, shared=config.shared_branches,
+                          pooling=config.pooling)
 
 
 def parameter_count(model: nn.Module) -> int:
