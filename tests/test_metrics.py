@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from pe_triage.cli import main
 from pe_triage.config import EvalConfig
 from pe_triage.evaluation import (
     SUMMARY_KEYS,
@@ -22,6 +24,7 @@ from pe_triage.evaluation import (
     proportion,
     wilson_interval,
 )
+from pe_triage.evaluation.evaluate import EvaluationError, summarize_site_folds
 from pe_triage.evaluation.metrics import bootstrap_ranking, curves
 
 T1 = T2 = 0.5
@@ -330,3 +333,37 @@ def test_bootstrap_is_fast_enough_for_thousands_of_slices() -> None:
     start = time.perf_counter()
     bootstrap_ranking(y, rng.random(3000) + y, np.arange(3000) // 60, resamples=1000, confidence=0.95, seed=0)
     assert time.perf_counter() - start < 5.0  # about 0.2 s on a 2-core CPU; a per-resample loop is far slower
+
+
+def _fold_folder(root: Path, site: str, metrics: dict, **test_data: str) -> str:
+    folder = root / f"eval-{site}"
+    folder.mkdir()
+    data = {"fold": site, "split": "test", "windows_digest": "w1", "splits_digest": "s1", **test_data}
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "test_data": data}))
+    return str(folder)
+
+
+def test_summarize_site_folds_writes_the_table_and_refuses_unlike_folds(tmp_path: Path) -> None:
+    pred = cohort()
+    a, b = (evaluate(pred[pred["site"] == s]) for s in ("A", "B"))
+    folders = [_fold_folder(tmp_path, "A", a), _fold_folder(tmp_path, "B", b)]
+    assert main(["summarize-folds", *folders, "--out", str(tmp_path / "loso")]) == 0
+    written = json.loads((tmp_path / "loso" / "leave_one_site_out.json").read_text())
+    assert written["mean"]["slice_stage1_accuracy"] == pytest.approx((6 / 8 + 5 / 6) / 2)
+    assert written["evaluations"]["B"]["path"].endswith("eval-B/metrics.json")
+    md = (tmp_path / "loso" / "leave_one_site_out.md").read_text()
+    assert "| A | 8 | 2 |" in md and "Mean ± SD" in md
+    assert "<table" in (tmp_path / "loso" / "leave_one_site_out.html").read_text()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(EvaluationError, match="folds differ in splits_digest"):
+        summarize_site_folds([folders[0], _fold_folder(other, "B", b, splits_digest="s2")], str(tmp_path / "x"))
+    with pytest.raises(EvaluationError, match="fold 'A' appears twice"):
+        summarize_site_folds([folders[0], folders[0]], str(tmp_path / "x"))
+    with pytest.raises(EvaluationError, match="not a site fold"):
+        summarize_site_folds([folders[0], _fold_folder(other, "default", b)], str(tmp_path / "x"))
+    with pytest.raises(EvaluationError, match="at least two site folds"):
+        summarize_site_folds([folders[0]], str(tmp_path / "x"))
+    with pytest.raises(EvaluationError, match="no metrics.json"):
+        summarize_site_folds([folders[0], str(tmp_path)], str(tmp_path / "x"))

@@ -102,6 +102,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summarize_folds(args: argparse.Namespace) -> int:
+    from pe_triage.evaluation.evaluate import summarize_site_folds
+
+    summary = summarize_site_folds(args.evaluations, args.out)
+    print(json.dumps({"folds": sorted(summary["folds"]), "mean": summary["mean"]}, indent=2))
+    print(f"report: {Path(args.out) / 'leave_one_site_out.html'}")
+    return 0
+
+
 def _plugin_commands(sub: argparse._SubParsersAction) -> None:
     """Sub-commands other distributions (the pipelines package) register under ``pe_triage.commands``:
     the library itself never imports kfp."""
@@ -183,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--config", help="YAML configuration (sections evaluate, loader, registry)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("summarize-folds", help="leave-one-site-out table (mean ± SD) from the evaluations of site folds")
+    p.add_argument("evaluations", nargs="+", help="evaluate output folders, one per held-out site")
+    p.add_argument("--out", required=True, help="output folder (leave_one_site_out.json/.md/.html)")
+    p.set_defaults(func=_summarize_folds)
 
     add_registry_commands(sub)
     _plugin_commands(sub)

@@ -10,6 +10,7 @@ inside it is measured.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ import torch
 from pe_triage import schema as S
 from pe_triage.config import Config
 from pe_triage.evaluation.gradcam import grad_cam, gradcam_samples, inside_fraction, overlay_png
-from pe_triage.evaluation.metrics import evaluate_predictions
-from pe_triage.evaluation.report import write_report
+from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary
+from pe_triage.evaluation.report import write_loso_report, write_report
 from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
 from pe_triage.registry.tracking import start_run
 from pe_triage.training.artifact import StageModel, load_model
@@ -151,6 +152,40 @@ def evaluate(
         metrics["mlflow_run_id"] = tracker.run_id
     log.info("evaluate: report at %s", paths["report_html"])
     return metrics
+
+
+def summarize_site_folds(evaluations: list[str], out: str) -> dict[str, Any]:
+    """Leave-one-site-out summary of the evaluation folders of site folds (``evaluate --fold SITE``
+    of models trained with ``--fold SITE``): per-fold table, mean and SD, written to ``out``.
+
+    The folds must come from one splits file and one windows dataset, each site once: a summary
+    mixing data versions would compare unlike things.
+    """
+    per_fold: dict[str, dict[str, Any]] = {}
+    sources: dict[str, dict[str, Any]] = {}
+    for folder in evaluations:
+        path = Path(folder) / "metrics.json" if Path(folder).is_dir() else Path(folder)
+        if not path.is_file():
+            raise EvaluationError(f"{folder}: no metrics.json (not an evaluate output folder)")
+        metrics = json.loads(path.read_text())
+        data = metrics.get("test_data", {})
+        fold = data.get("fold")
+        if fold is None or fold == S.DEFAULT_FOLD:
+            raise EvaluationError(f"{folder}: evaluated on fold {fold!r}, not a site fold (split with --by-site leave-one-out)")
+        if fold in per_fold:
+            raise EvaluationError(f"{folder}: fold {fold!r} appears twice ({sources[fold]['path']})")
+        per_fold[fold] = metrics
+        sources[fold] = {"path": str(path), **{k: data.get(k) for k in ("windows_digest", "splits_digest", "split")}}
+    if len(per_fold) < 2:
+        raise EvaluationError(f"a leave-one-site-out summary needs at least two site folds, got {sorted(per_fold)}")
+    for key in ("windows_digest", "splits_digest", "split"):
+        values = {f: s[key] for f, s in sources.items()}
+        if len(set(values.values())) > 1:
+            raise EvaluationError(f"folds differ in {key}: {values}")
+    summary = {**leave_one_site_out_summary(per_fold), "evaluations": sources}
+    paths = write_loso_report(summary, out)
+    log.info("leave one site out: %d folds, report at %s", len(per_fold), paths["leave_one_site_out_html"])
+    return summary
 
 
 def _predict(model: StageModel, array: np.ndarray, channels: list[int], batch: int = 256) -> np.ndarray:

@@ -423,13 +423,28 @@ def write_report(metrics: dict[str, Any], pred: pd.DataFrame, out_dir: str | Pat
         written[f"plot_{name}"] = str(path)
         images.append(Image(name, caption, png, f"plots/{name}.png"))
     doc = {**metrics, "gradcam": gradcam_summary(gradcam)} if gradcam else metrics
-    paths = {"metrics_json": out / "metrics.json", "report_md": out / "report.md", "report_html": out / "report.html"}
-    paths["metrics_json"].write_text(json.dumps(doc, sort_keys=True, indent=2, allow_nan=False) + "\n")
-    blocks = _document(metrics, images, gradcam, out)
-    paths["report_md"].write_text("\n".join([f"# {title}", "", *_markdown(blocks, 2)]).rstrip() + "\n")
+    written.update(_write_documents(doc, _document(metrics, images, gradcam, out), out, "metrics", "report", title))
+    return written
+
+
+def write_loso_report(summary: dict[str, Any], out_dir: str | Path,
+                      title: str = "PE triage: leave one site out") -> dict[str, str]:
+    """``leave_one_site_out.json`` / ``.md`` / ``.html`` of a site-fold summary (see
+    :func:`~pe_triage.evaluation.metrics.leave_one_site_out_summary`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "leave_one_site_out"
+    return _write_documents(summary, [_loso_table(summary)], out, name, name, title)
+
+
+def _write_documents(doc: dict[str, Any], blocks: list[Any], out: Path, json_name: str, report_name: str,
+                     title: str) -> dict[str, str]:
+    paths = {f"{json_name}_json": out / f"{json_name}.json", f"{report_name}_md": out / f"{report_name}.md",
+             f"{report_name}_html": out / f"{report_name}.html"}
+    paths[f"{json_name}_json"].write_text(json.dumps(doc, sort_keys=True, indent=2, allow_nan=False) + "\n")
+    paths[f"{report_name}_md"].write_text("\n".join([f"# {title}", "", *_markdown(blocks, 2)]).rstrip() + "\n")
     body = "\n".join(_html(blocks, 2))
-    paths["report_html"].write_text(
+    paths[f"{report_name}_html"].write_text(
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
-    written.update({k: str(v) for k, v in paths.items()})
-    return written
+    return {k: str(v) for k, v in paths.items()}
