@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +14,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from pe_triage import schema as S
 from pe_triage.dicom import DEMO_KEY, Pseudonymizer
+
+#: (site, patient_id, slice_index) of one stored slice
+Key = tuple[str, str, int]
 
 
 def pseudo(site: str = "test-site") -> Pseudonymizer:

@@ -5,7 +5,6 @@ row-group reads, and a cache folder that goes away."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import pickle
 import tempfile
@@ -17,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from factories import DEFS, write_splits, write_windows
 from torch.utils.data import DataLoader
 
 from pe_triage import schema as S
 from pe_triage.config import LoaderConfig
 from pe_triage.training.data import WindowsDataset, balanced_sampler
-from factories import DEFS, write_splits, write_windows
 
 SIZE = 16
 Key = tuple[str, str, int]

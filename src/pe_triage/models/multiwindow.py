@@ -7,7 +7,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-
 #: global pooling of each branch's feature map before the head
 POOLINGS = ("avg", "max", "avgmax")
 
