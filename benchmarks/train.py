@@ -46,6 +46,7 @@ def _gpu_utilisation(samples: list[int], stop: threading.Event) -> None:
 
 def _measure(arch: str, width: float, size: int, batch: int, windows: int, steps: int, queue: Any) -> None:
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # as the trainer does
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(ModelConfig(arch=arch, width=width), windows).to(device)
