@@ -27,7 +27,7 @@ class BrightDark(nn.Module):
 
 def controlled_model(head: list[float]) -> MultiWindowNet:
     """Head over [bright0, dark0, bright1, dark1]: the logit's evidence is known per window."""
-    model = MultiWindowNet(BrightDark, 2)
+    model = MultiWindowNet(BrightDark, 2, pooling="avg")
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([head]))
         model.head.bias.zero_()

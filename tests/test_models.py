@@ -73,7 +73,7 @@ def test_pooling_sets_the_head_width(pooling: str, features: int) -> None:
 
 
 def test_max_pooling_keeps_a_one_cell_finding_that_average_pooling_dilutes() -> None:
-    """Why avgmax is the default: a lesion lighting one cell of a 16x16 map moves the max fully."""
+    """Why max pooling is offered: a lesion lighting one cell of a 16x16 map moves the max fully."""
     f = torch.zeros(1, 4, 16, 16)
     f[0, :, 5, 7] = 1.0
     avg, mx = (t.flatten() for t in global_pool(f, "avgmax"))

@@ -19,7 +19,7 @@ class MultiWindowNet(nn.Module):
     """
 
     def __init__(self, backbone: Callable[[], nn.Module], n_windows: int, *, num_outputs: int = 1, shared: bool = False,
-                 pooling: str = "avgmax") -> None:
+                 pooling: str = "avg") -> None:
         super().__init__()
         if n_windows < 1:
             raise ValueError("a model needs at least one window")
@@ -47,7 +47,7 @@ def global_pool(f: Tensor, pooling: str) -> list[Tensor]:
     """Global pooling of one branch's feature map.
 
     Average pooling (the study's DRN head) spreads a lesion that fills one cell of the 1/8-scale map
-    over all of them (1/256 of the signal at 128 px); max pooling keeps it whole. ``avgmax`` feeds
+    over all of them (1/256 of the signal at 128 px); max pooling keeps it whole; ``avgmax`` feeds
     both to the head: the context of the whole slice and the strongest local finding.
     """
     out = []

@@ -24,7 +24,7 @@ from pe_triage.config import ModelConfig, from_dict
 from pe_triage.models import MultiWindowNet, build_model
 from pe_triage.windows import uint8_to_centred
 
-FORMAT = "pe-triage-model/2"
+FORMAT = "pe-triage-model/1"
 WEIGHTS = "model.pt"
 META = "model.json"
 HISTORY = "history.json"
