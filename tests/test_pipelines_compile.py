@@ -145,7 +145,7 @@ def test_secrets_come_from_kubernetes_never_from_parameters(compiled: dict[str, 
                         "MLFLOW_TRACKING_USERNAME": ("pe-triage-mlflow", "MLFLOW_TRACKING_USERNAME", True),
                         "MLFLOW_TRACKING_PASSWORD": ("pe-triage-mlflow", "MLFLOW_TRACKING_PASSWORD", True)}
             if label == "exec-ingest":  # only ingest sees the pseudonym key, and cannot start without it
-                expected["PE_TRIAGE_PSEUDONYM_KEY"] = ("pe-triage-pseudonym", "key", False)
+                expected["PE_TRIAGE_PSEUDONYM_KEY"] = ("pe-triage-pseudonym-key", "pseudonym-key", False)
             if label == "exec-check-gates":  # reads its input artifact only
                 expected = {}
             assert env == expected, label

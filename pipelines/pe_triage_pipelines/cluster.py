@@ -33,7 +33,7 @@ class ClusterOptions:
     cpu_image: str = CPU_IMAGE
     cuda_image: str = CUDA_IMAGE
     #: ingest only; required (ingest refuses to run without a key)
-    pseudonym_key: SecretEnv = SecretEnv("pe-triage-pseudonym", {"key": KEY_ENV})
+    pseudonym_key: SecretEnv = SecretEnv("pe-triage-pseudonym-key", {"pseudonym-key": KEY_ENV})
     #: optional: a pod identity (IRSA, workload identity) may stand in for keys
     s3: SecretEnv | None = SecretEnv("pe-triage-s3", {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}, optional=True)
@@ -70,7 +70,7 @@ class ClusterOptions:
             kw.update(accelerator=gpu.get("resource", cls.accelerator), gpus=int(gpu.get("count", cls.gpus)),
                       gpu_node_selector=dict(gpu.get("nodeSelector") or {}), gpu_tolerations=tuple(gpu.get("tolerations") or ()))
         if key := secrets.get("pseudonymKey"):
-            kw["pseudonym_key"] = SecretEnv(key["name"], {key.get("key", "key"): KEY_ENV})
+            kw["pseudonym_key"] = SecretEnv(key["name"], {key.get("key", "pseudonym-key"): KEY_ENV})
         if secrets:  # the chart lists exactly the secrets that exist
             s3_secret, ml = secrets.get("s3"), secrets.get("mlflow")
             kw["s3"] = SecretEnv(s3_secret["name"], {s3_secret["accessKeyIdKey"]: "AWS_ACCESS_KEY_ID",
