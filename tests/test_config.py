@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pe_triage.config import Config, ConfigError, IngestConfig, load_config
+from pe_triage.config import Config, ConfigError, IngestConfig, load_config, parse_config
 
 
 def test_defaults_without_a_file() -> None:
@@ -37,3 +37,11 @@ def test_mistakes_are_named(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_text_configuration_is_read_like_a_file() -> None:
+    """Pipeline components get the YAML as text: same defaults, same checks as a file."""
+    assert parse_config("") == Config()
+    assert parse_config("ingest:\n  workers: 3\n").ingest == IngestConfig(workers=3)
+    with pytest.raises(ConfigError, match=r"^configuration: top level must be a mapping"):
+        parse_config("- a\n")

@@ -17,13 +17,11 @@ def ingest(site: str, source: str, labels: str, store: str, config: str, demo_ke
     key, for synthetic data only."""
     import json
 
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.dicom import Pseudonymizer, load_key
     from pe_triage.ingest import ingest_site
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     pseudo = Pseudonymizer(load_key(demo=demo_key), site)
     report = ingest_site(site, source, store, pseudo=pseudo, labels=labels or None, config=cfg.ingest)
     with open(slices.path, "w") as f:
@@ -38,13 +36,11 @@ def data_quality(slices: Input[Dataset], config: str, tracking_uri: str, report:
     version of the experiment's ``-datasets`` companion."""
     import json
 
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.quality import flat_metrics, site_report, to_markdown
     from pe_triage.registry.datasets import log_quality_report
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     result = site_report(slices.metadata["store"], slices.metadata["site"])
     run_id = log_quality_report(result, experiment=cfg.registry.experiment, uri=tracking_uri or None)
     with open(report.path, "w") as f:
@@ -67,12 +63,10 @@ def dataset_version(store: str) -> str:
 def preprocess(slices: Input[Dataset], slices_digest: str, config: str, windows: Output[Dataset]):
     """slices -> windows (HU windows, lung crop, resize). ``slices_digest`` is the store version
     being read: part of the cache key, and recorded on the windows for lineage."""
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.preprocess import preprocess
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     report = preprocess(slices.path, windows.path, config=cfg.preprocess)
     windows.metadata.update(slices_digest=slices_digest, windows=report["windows"], size=report["size"],
                             series=report["series"]["total"], labels=report["labels_written"])
@@ -80,11 +74,9 @@ def preprocess(slices: Input[Dataset], slices_digest: str, config: str, windows:
 
 def split(windows: Input[Dataset], config: str, splits: Output[Dataset]):
     """Patient-level train/val/test splits, stratified by site and patient class."""
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.splits import split_dataset
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     report = split_dataset(windows.path, splits.path, config=cfg.split)
     splits.metadata.update(patients=report["patients"], excluded=len(report["excluded"]), warnings=report["warnings"])

@@ -17,12 +17,10 @@ from kfp.dsl import (
 def train(windows: Input[Dataset], splits: Input[Dataset], stage: int, config: str, tracking_uri: str, model: Output[Model]):
     """Train stage 1 (WNL vs disease) or stage 2 (PE vs other) into a model artifact folder. Resumes
     from the checkpoint beside the artifact when a retry finds one."""
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.training.train import train
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     meta = train(windows.path, splits.path, model.path, stage=stage, config=cfg, resume=True, tracking_uri=tracking_uri or None)
     model.metadata.update(stage=stage, threshold=meta["threshold"], best_epoch=meta["best_epoch"],
                           mlflow_run_id=meta.get("mlflow_run_id") or "", **{f"val_{k}": v for k, v in meta["val"].items()})
@@ -37,12 +35,10 @@ def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset]
     import json
     import shutil
 
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.evaluation.evaluate import evaluate
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     result = evaluate(stage1.path, stage2.path, windows.path, splits.path, evaluation.path, config=cfg, tracking_uri=tracking_uri or None)
     for name, value in result["summary"].items():
         if value is not None:

@@ -11,12 +11,10 @@ def register(stage1: Input[Model], stage2: Input[Model], evaluation: Input[Artif
              actor: str) -> NamedTuple("Registered", name=str, version=int, model_uri=str):
     """Register both stages as one pyfunc model version with alias ``challenger``, its evaluation
     and model card attached."""
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.registry.registry import register
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     result = register(stage1.path, stage2.path, evaluation.path, config=cfg.registry, evaluate=cfg.evaluate,
                       uri=tracking_uri or None, actor=actor)
     return result["name"], int(result["version"]), result["model_uri"]
@@ -27,12 +25,10 @@ def check_gates(evaluation: Input[Artifact], config: str) -> bool:
     champion needs the registry's state at the moment of the move, so ``promote`` makes it (and
     checks the minimums again). One output on purpose: kfp.local resolves a ``dsl.If`` on a task's
     only output, not on a named one."""
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.registry.registry import evaluate_gates, read_metrics
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     gates = evaluate_gates(read_metrics(evaluation.path), None, cfg.registry)
     for gate in gates:
         print(f"gate {gate['name']}: {'passed' if gate['passed'] else 'FAILED'} ({gate['detail']})")
@@ -42,12 +38,10 @@ def check_gates(evaluation: Input[Artifact], config: str) -> bool:
 def promote(version: int, config: str, tracking_uri: str, actor: str) -> bool:
     """Move alias ``champion`` to ``version`` if every gate passes, including no regression against
     the current champion; the decision is recorded on the version either way."""
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.registry.registry import promote
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     decision = promote(version, config=cfg.registry, uri=tracking_uri or None, actor=actor)
     print(f"version {version}: {decision['outcome']}: {decision['reason']}")
     return bool(decision["promoted"])
@@ -55,12 +49,10 @@ def promote(version: int, config: str, tracking_uri: str, actor: str) -> bool:
 
 def record_outcome(status: dsl.PipelineTaskFinalStatus, pipeline: str, config: str, tracking_uri: str):
     """Exit handler: one MLflow run per pipeline run with its final state, whatever failed before."""
-    import yaml
-
-    from pe_triage.config import Config, from_dict
+    from pe_triage.config import parse_config
     from pe_triage.registry.tracking import start_run
 
-    cfg = from_dict(Config, yaml.safe_load(config) or {})
+    cfg = parse_config(config)
     tags = {"pe_triage.kind": "pipeline_outcome", "pe_triage.pipeline": pipeline, "pe_triage.outcome": status.state,
             "kfp.job": status.pipeline_job_resource_name, "kfp.error": status.error_message or "-"}
     with start_run(experiment=f"{cfg.registry.experiment}-pipelines", run_name=f"{pipeline} {status.state.lower()}",

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pe_triage.config import ConfigError, load_config
+from pe_triage.config import ConfigError, parse_config
 
 #: where the Helm chart's scheduling Job finds the chart's cluster.yaml
 CLUSTER_CONFIG_ENV = "PE_TRIAGE_CLUSTER_CONFIG"
@@ -19,8 +19,9 @@ def _config_text(path: str | None) -> str:
     """The configuration file's text (validated first: a typo fails here, not in a pod)."""
     if not path:
         return ""
-    load_config(path)
-    return Path(path).read_text()
+    text = Path(path).read_text()
+    parse_config(text, source=path)
+    return text
 
 
 def _cluster(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

@@ -288,9 +288,15 @@ def load_config(path: str | Path | None = None) -> Config:
     """Defaults, overridden by the YAML file at ``path`` when given."""
     if path is None:
         return Config()
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    return parse_config(Path(path).read_text(), source=str(path))
+
+
+def parse_config(text: str, *, source: str = "configuration") -> Config:
+    """Defaults, overridden by YAML ``text`` (``""`` for the defaults): the pipeline components
+    receive the configuration as text, the CLI as a file."""
+    data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{source}: top level must be a mapping")
     return from_dict(Config, data)
 
 
