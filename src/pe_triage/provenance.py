@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from pe_triage import __version__
 from pe_triage import schema as S
+from pe_triage.storage import location
 
 #: set at image build time (there is no .git inside a container)
 GIT_COMMIT_ENV = "PE_TRIAGE_GIT_COMMIT"
@@ -49,23 +50,33 @@ def file_digest(path: str | Path) -> str:
 
 
 def dataset_digest(folder: str | Path) -> str:
-    """Digest of a Parquet dataset folder: per file, its relative path, row count and the source
-    digest its writer stored (content hash of the inputs + config); the file's own bytes otherwise.
+    """Digest of a Parquet dataset (folder or ``s3://`` URI): see :func:`parquet_dataset_digest`."""
+    return parquet_dataset_digest(str(folder))[0]
+
+
+def parquet_dataset_digest(uri: str, subfolder: str | None = None) -> tuple[str, int, int]:
+    """(digest, files, rows) of a Parquet dataset, or of ``subfolder`` of it: per file, its relative
+    path, row count and the source digest its writer stored (content hash of the inputs + config);
+    the file's own bytes otherwise.
 
     Cheap on large datasets (footers only, for files written by pe-triage) and stable across
     re-runs, since the steps write byte-identical files for identical inputs.
     """
-    root = Path(folder)
-    files = sorted(p for p in root.rglob("*.parquet") if not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts))
+    loc = location(uri)
+    root = loc.join(subfolder) if subfolder else loc.root
+    files = [rel for rel, _ in loc.list_files(root) if rel.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel.split("/"))]
     if not files:
-        raise ValueError(f"{folder}: no Parquet files to digest")
-    h = hashlib.sha256()
-    for path in files:
-        meta = pq.ParquetFile(path).metadata
+        raise ValueError(f"{uri}{f' {subfolder}' if subfolder else ''}: no Parquet files to digest")
+    h, rows = hashlib.sha256(), 0
+    for rel in files:
+        path = f"{root}/{rel}"
+        with loc.fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
         stored = (meta.metadata or {}).get(S.META_SOURCE_DIGEST.encode())
-        h.update(f"{path.relative_to(root).as_posix()}\0{meta.num_rows}\0".encode())
-        h.update(stored if stored else file_digest(path).encode())
-    return h.hexdigest()
+        h.update(f"{rel}\0{meta.num_rows}\0".encode())
+        h.update(stored if stored else hashlib.sha256(loc.read(path)).hexdigest().encode())
+        rows += meta.num_rows
+    return h.hexdigest(), len(files), rows
 
 
 def package_version() -> str:

@@ -13,7 +13,6 @@ Reads the dataset at a folder or ``s3://`` URI; the pixel column only for a samp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -28,6 +27,7 @@ from scipy.stats import ks_2samp
 
 from pe_triage import __version__
 from pe_triage import schema as S
+from pe_triage.provenance import parquet_dataset_digest
 from pe_triage.splits import classify_patients
 from pe_triage.storage import Location, location
 
@@ -57,27 +57,14 @@ class QualityError(ValueError):
 
 # ------------------------------------------------------------------------------ dataset version
 def dataset_version(uri: str, site: str | None = None) -> dict[str, Any]:
-    """Digest, file and row counts of a Parquet dataset (or of one site's partition of it).
-
-    Same digest as :func:`pe_triage.provenance.dataset_digest` for a local folder (relative path,
-    row count and the writer's stored source digest per file, else the file's bytes), from Parquet
-    footers only, on a folder or an ``s3://`` URI: cheap enough to run before every retraining.
-    """
-    loc = location(uri)
-    root = loc.join(f"{S.SITE}={site}") if site else loc.root
-    files = [rel for rel, _ in loc.list_files(root) if rel.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel.split("/"))]
-    if not files:
-        raise QualityError(f"{uri}{f' site {site!r}' if site else ''}: no Parquet files")
-    h, rows = hashlib.sha256(), 0
-    for rel in files:
-        path = f"{root}/{rel}"
-        with loc.fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
-        stored = (meta.metadata or {}).get(S.META_SOURCE_DIGEST.encode())
-        h.update(f"{rel}\0{meta.num_rows}\0".encode())
-        h.update(stored if stored else hashlib.sha256(loc.read(path)).hexdigest().encode())
-        rows += meta.num_rows
-    return {"uri": uri, "site": site, "digest": h.hexdigest(), "files": len(files), "rows": rows}
+    """Digest, file and row counts of a Parquet dataset (or of one site's partition of it), from
+    Parquet footers only: cheap enough to run before every retraining. The digest is
+    :func:`pe_triage.provenance.dataset_digest`'s."""
+    try:
+        digest, files, rows = parquet_dataset_digest(uri, f"{S.SITE}={site}" if site else None)
+    except ValueError as e:
+        raise QualityError(str(e)) from None
+    return {"uri": uri, "site": site, "digest": digest, "files": files, "rows": rows}
 
 
 # ------------------------------------------------------------------------------ statistics
