@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pe_triage.config import ModelConfig
-from pe_triage.evaluation import grad_cam, gradcam_samples, gradcam_summary, inside_fraction, overlay_png
+from pe_triage.evaluation import (
+    grad_cam,
+    gradcam_samples,
+    gradcam_summary,
+    inside_fraction,
+    overlay_png,
+    peak_on_lesion,
+)
 from pe_triage.models import MultiWindowNet, build_model
 
 SIZE = 64
@@ -110,6 +117,23 @@ def test_inside_fraction() -> None:
         inside_fraction(cam, mask[:2])
 
 
+def test_peak_on_lesion_is_the_pointing_game_with_a_tolerance() -> None:
+    mask = np.zeros((16, 16), bool)
+    mask[4:6, 4:6] = True
+    cam = np.zeros((16, 16))
+    cam[5, 5] = 1.0
+    assert peak_on_lesion(cam, mask, 0) is True
+    cam[5, 5], cam[5, 9] = 0.0, 1.0  # 4 px right of the lesion's edge (column 5)
+    assert peak_on_lesion(cam, mask, 3) is False
+    assert peak_on_lesion(cam, mask, 4) is True
+    cam[12, 12] = 2.0  # only the maximum counts, not where other heat is
+    assert peak_on_lesion(cam, mask, 4) is False
+    assert peak_on_lesion(cam, np.zeros((16, 16), bool), 4) is None
+    assert peak_on_lesion(np.zeros((16, 16)), mask, 4) is None
+    with pytest.raises(ValueError, match="shape"):
+        peak_on_lesion(cam, mask[:8], 4)
+
+
 def test_overlay_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
     x, bright, _ = squares()
     cam = grad_cam(controlled_model([1.0, -1.0, -1.0, 1.0]), x)[0]
@@ -137,10 +161,13 @@ def test_gradcam_samples_pick_each_category_of_each_stage() -> None:
 
 
 def test_gradcam_summary() -> None:
-    items = [{"stage": 1, "category": "tp", "inside_fraction": 0.6}, {"stage": 1, "category": "tp", "inside_fraction": 0.8},
+    items = [{"stage": 1, "category": "tp", "inside_fraction": 0.6, "lesion_area_fraction": 0.01, "peak_on_lesion": True},
+             {"stage": 1, "category": "tp", "inside_fraction": 0.8, "lesion_area_fraction": 0.03, "peak_on_lesion": False},
+             {"stage": 1, "category": "tp", "inside_fraction": 0.7, "lesion_area_fraction": 0.02, "peak_on_lesion": True},
              {"stage": 1, "category": "fp", "inside_fraction": None}]
     s = gradcam_summary(items)
     assert list(s) == ["stage1"]
-    assert s["stage1"]["tp"] == {"overlays": 2, "with_mask": 2, "mean_inside_fraction": pytest.approx(0.7),
-                                 "min_inside_fraction": 0.6, "max_inside_fraction": 0.8}
-    assert s["stage1"]["fp"]["mean_inside_fraction"] is None and s["stage1"]["fn"]["overlays"] == 0
+    assert s["stage1"]["tp"] == {"overlays": 3, "with_mask": 3, "mean_inside_fraction": pytest.approx(0.7),
+                                 "min_inside_fraction": 0.6, "max_inside_fraction": 0.8,
+                                 "mean_lesion_area_fraction": pytest.approx(0.02), "peak_on_lesion_rate": pytest.approx(2 / 3)}
+    assert s["stage1"]["fp"]["mean_inside_fraction"] is None and s["stage1"]["fp"]["peak_on_lesion_rate"] is None and s["stage1"]["fn"]["overlays"] == 0

@@ -58,6 +58,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pd.DataFra
         path = cams / f"cam{n}.png"
         imsave(path, np.random.default_rng(n).random((8, 16)))
         gradcam.append({"stage": stage, "category": category, "png": str(path), "inside_fraction": frac,
+                        "lesion_area_fraction": None if frac is None else 0.004, "peak_on_lesion": None if frac is None else True,
                         "site": SITES[n % 2], "slice_index": n})
     paths = write_report(metrics, pred, out, gradcam=gradcam, title="Test <report>")
     return metrics, pred, paths, gradcam
@@ -78,7 +79,8 @@ def test_metrics_json_is_the_metrics_with_sorted_keys_and_a_gradcam_summary(rend
     metrics, _, paths, _ = rendered
     text = Path(paths["metrics_json"]).read_text()
     data = json.loads(text)
-    assert data.pop("gradcam")["stage1"]["tp"]["mean_inside_fraction"] == pytest.approx(0.62)
+    cam = data.pop("gradcam")["stage1"]["tp"]
+    assert cam["mean_inside_fraction"] == pytest.approx(0.62) and cam["peak_on_lesion_rate"] == 1.0
     assert data == json.loads(json.dumps(metrics))
     assert text == json.dumps({**metrics, "gradcam": json.loads(text)["gradcam"]}, sort_keys=True, indent=2) + "\n"
 
@@ -112,7 +114,8 @@ def test_markdown_has_the_study_tables(rendered) -> None:  # type: ignore[no-unt
                     "## Plots", "## Grad-CAM"):
         assert heading + "\n" in md
     for row in ("| Stage 1: WNL vs disease |", "| Stage 2: other vs PE (true disease slices) |", "| Cascade: WNL / other / PE |",
-                "| True \\ predicted | WNL | Other disease | PE |", "WNL per-slice sensitivity", "| Mean ± SD |"):
+                "| True \\ predicted | WNL | Other disease | PE |", "WNL per-slice sensitivity", "| Mean ± SD |",
+                "| Stage 1 | true positives | 1 | 1 | 62.0% | 62.0%–62.0% | 0.4% | 100.0% |"):
         assert row in md
     matrix = metrics["slice"]["cascade"]["confusion"]["matrix"]
     assert "| WNL | " + " | ".join(map(str, matrix[0])) + " |" in md

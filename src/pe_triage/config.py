@@ -210,6 +210,9 @@ class EvalConfig:
     seed: int = 0
     #: Grad-CAM overlays per category (true positive, false positive, false negative) and stage
     gradcam_per_category: int = 4
+    #: pointing game: a map's peak counts as on the lesion within this many model-input pixels (one
+    #: cell of the output-stride-8 feature map the heat map is upsampled from)
+    gradcam_pointing_tolerance_px: float = 8.0
 
 
 @dataclass(frozen=True)

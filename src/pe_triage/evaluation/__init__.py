@@ -6,6 +6,7 @@ from pe_triage.evaluation.gradcam import (
     gradcam_summary,
     inside_fraction,
     overlay_png,
+    peak_on_lesion,
 )
 from pe_triage.evaluation.metrics import (
     SUMMARY_KEYS,
@@ -24,6 +25,6 @@ from pe_triage.evaluation.report import write_report
 
 __all__ = [
     "SUMMARY_KEYS", "auroc", "average_precision", "cascade_labels", "evaluate_predictions", "format_proportion",
-    "grad_cam", "gradcam_samples", "gradcam_summary", "inside_fraction", "leave_one_site_out_summary",
+    "grad_cam", "gradcam_samples", "gradcam_summary", "inside_fraction", "leave_one_site_out_summary", "peak_on_lesion",
     "overlay_png", "patient_decisions", "patient_predictions", "proportion", "wilson_interval", "write_report",
 ]

@@ -25,7 +25,13 @@ import torch
 
 from pe_triage import schema as S
 from pe_triage.config import Config
-from pe_triage.evaluation.gradcam import grad_cam, gradcam_samples, inside_fraction, overlay_png
+from pe_triage.evaluation.gradcam import (
+    grad_cam,
+    gradcam_samples,
+    inside_fraction,
+    overlay_png,
+    peak_on_lesion,
+)
 from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary
 from pe_triage.evaluation.report import write_loso_report, write_report
 from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
@@ -79,6 +85,7 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
              masks: dict[int, np.ndarray] | None, out: Path, config: Config) -> list[dict[str, Any]]:
     items = []
     folder = out / "gradcam"
+    tolerance = config.evaluate.gradcam_pointing_tolerance_px
     folder.mkdir(parents=True, exist_ok=True)
     for stage, model in models.items():
         sample = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.threshold,
@@ -90,10 +97,12 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
             mask = None if masks is None else masks.get(int(row.index))
             has_lesion = mask is not None and bool(mask.any())
             fraction = max((inside_fraction(c, mask) or 0.0) for c in cam) if has_lesion else None
+            on_lesion = any(peak_on_lesion(c, mask, tolerance) for c in cam) if has_lesion else None
             path = folder / f"stage{stage}-{row.category}-{n:02d}.png"
             overlay_png(image, cam, path, mask=mask if has_lesion else None, titles=model.window_names,
                         caption=f"stage {stage} {row.category}: {row.site}, slice {row.slice_index}, label {row.label}")
             items.append({"stage": stage, "category": row.category, "png": str(path), "inside_fraction": fraction,
+                          "lesion_area_fraction": float(mask.mean()) if has_lesion else None, "peak_on_lesion": on_lesion,
                           "site": row.site, "slice_index": int(row.slice_index)})
     return items
 

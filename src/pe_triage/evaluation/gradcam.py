@@ -1,7 +1,11 @@
 """Grad-CAM per window branch: the study used it to check that the model looks at the lesion.
 
 ``inside_fraction`` turns that check into a number: the share of the heat map's mass that falls
-inside the lesion mask of the synthetic cohort (or of a radiologist's outline).
+inside the lesion mask of the synthetic cohort (or of a radiologist's outline). Read it against the
+lesion's share of the image (what a map spread evenly would score): a map from an output-stride-8
+network is coarse, so a small lesion holds little mass even when the map points at it.
+``peak_on_lesion`` is the pointing game (Zhang et al., ECCV 2016): is the map's maximum on the
+lesion, within a tolerance of about one feature-map cell?
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ def inside_fraction(cam: np.ndarray, mask: np.ndarray) -> float | None:
     return float(cam[mask].sum() / total)
 
 
+def peak_on_lesion(cam: np.ndarray, mask: np.ndarray, tolerance: float) -> bool | None:
+    """Whether the heat map's maximum lies within ``tolerance`` pixels of ``mask``; None when the
+    mask is empty or the map is zero."""
+    cam, mask = np.asarray(cam, float), np.asarray(mask, bool)
+    if cam.shape != mask.shape:
+        raise ValueError(f"cam {cam.shape} and mask {mask.shape} differ in shape")
+    if not mask.any() or cam.max() <= 0:
+        return None
+    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    ys, xs = np.nonzero(mask)
+    return bool(((ys - y) ** 2 + (xs - x) ** 2).min() <= tolerance**2)
+
+
 def gradcam_samples(pred: pd.DataFrame, *, stage: int, threshold: float, per_category: int,
                     seed: int = 0) -> pd.DataFrame:
     """A seeded random sample of up to ``per_category`` true positives, false positives and false
@@ -89,18 +106,23 @@ def gradcam_samples(pred: pd.DataFrame, *, stage: int, threshold: float, per_cat
 
 
 def gradcam_summary(items: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per stage and category: overlays, how many had a lesion mask, mean/min/max inside fraction."""
+    """Per stage and category: overlays, how many had a lesion mask, mean/min/max inside fraction, the
+    lesions' mean share of the image (the inside fraction of an even map) and the pointing-game hit rate."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for stage in sorted({int(i["stage"]) for i in items}):
         out[f"stage{stage}"] = {}
         for category in CATEGORIES:
             chosen = [i for i in items if int(i["stage"]) == stage and i["category"] == category]
             fractions = [float(i["inside_fraction"]) for i in chosen if i.get("inside_fraction") is not None]
+            areas = [float(i["lesion_area_fraction"]) for i in chosen if i.get("lesion_area_fraction") is not None]
+            hits = [bool(i["peak_on_lesion"]) for i in chosen if i.get("peak_on_lesion") is not None]
             out[f"stage{stage}"][category] = {
                 "overlays": len(chosen), "with_mask": len(fractions),
                 "mean_inside_fraction": float(np.mean(fractions)) if fractions else None,
                 "min_inside_fraction": min(fractions) if fractions else None,
                 "max_inside_fraction": max(fractions) if fractions else None,
+                "mean_lesion_area_fraction": float(np.mean(areas)) if areas else None,
+                "peak_on_lesion_rate": float(np.mean(hits)) if hits else None,
             }
     return out
 

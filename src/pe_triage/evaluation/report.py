@@ -316,12 +316,14 @@ def _overview(metrics: dict[str, Any]) -> str:
 
 def _gradcam_section(items: list[dict[str, Any]], out_dir: Path) -> Section:
     summary = gradcam_summary(items)
-    table = Table("Grad-CAM mass inside the lesion mask",
-                  ["Stage", "Category", "Overlays", "With mask", "Mean inside fraction", "Range"],
+    table = Table("Grad-CAM on the lesion: mass inside the mask (vs the lesion's share of the image, what an even "
+                  "map would score) and the pointing game (map peak on the lesion)",
+                  ["Stage", "Category", "Overlays", "With mask", "Mean inside fraction", "Range", "Lesion area", "Peak on lesion"],
                   [[stage.replace("stage", "Stage "), CATEGORY_NAMES[cat], str(v["overlays"]), str(v["with_mask"]),
                     _rate(v["mean_inside_fraction"]),
                     "—" if v["min_inside_fraction"] is None else
-                    f"{_rate(v['min_inside_fraction'])}–{_rate(v['max_inside_fraction'])}"]
+                    f"{_rate(v['min_inside_fraction'])}–{_rate(v['max_inside_fraction'])}",
+                    _rate(v["mean_lesion_area_fraction"]), _rate(v["peak_on_lesion_rate"])]
                    for stage, cats in summary.items() for cat, v in cats.items()])
     blocks: list[Any] = [table]
     for stage in sorted({int(i["stage"]) for i in items}):

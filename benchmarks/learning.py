@@ -1,0 +1,189 @@
+"""How fast and how well the two stages learn: the training issue's bar (a small CBAMDRN-DWL reaches
+validation AUROC >= 0.90 for stage 1 and stage 2 on a synthetic cohort) as a measurement, and where
+a model fails when it does not reach it.
+
+    python benchmarks/learning.py --work /tmp/learning [--patients-per-site 300 --slices 8]
+        [--samples 10000 --epoch-samples 2000] [--arch cbam_drn_d_22 --width 0.125]
+        [--windows vascular,clinical_lung] [--device auto] [--out benchmarks/results/learning.json]
+
+The cohort is built once in ``--work`` with the project's own steps (synth -> ingest -> preprocess
+-> split, demo pseudonym key) and reused while its configuration is unchanged. Each stage is trained
+by the real trainer for a fixed number of samples (deterministic, unlike a time budget; seconds are
+reported). From the generator's ground truth, the best model's validation AUROC is then broken down
+by lesion kind (stage 1: each kind vs WNL slices; stage 2: PE vs each other kind) and by the PE
+lesion's area in model-input pixels, since a model that misses small emboli and one that learned
+nothing look alike in one AUROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import torch
+
+from pe_triage.config import (
+    Config,
+    LoaderConfig,
+    ModelConfig,
+    PreprocessConfig,
+    SplitConfig,
+    SynthConfig,
+    TrainConfig,
+    to_dict,
+)
+from pe_triage.dicom import Pseudonymizer, load_key
+from pe_triage.evaluation.metrics import auroc
+from pe_triage.ingest import ingest_site
+from pe_triage.preprocess import preprocess
+from pe_triage.splits import split_dataset
+from pe_triage.synth import generate_cohort
+from pe_triage.training.artifact import load_model
+from pe_triage.training.train import train
+
+#: PE lesion area bins at model resolution (pixels): below ~8 px a segmental clot is a dot or less
+PE_AREA_BINS = ((0.0, 8.0), (8.0, 30.0), (30.0, float("inf")))
+
+
+def prepare(work: Path, synth: SynthConfig, pre: PreprocessConfig) -> None:
+    """The cohort, windows and splits in ``work`` (rebuilt only when the configuration changed)."""
+    stamp = work / "cohort-config.json"
+    wanted = json.dumps({"synth": to_dict(synth), "preprocess": to_dict(pre)}, sort_keys=True)
+    if stamp.exists() and stamp.read_text() == wanted and (work / "splits.parquet").exists():
+        return
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"{work} holds another cohort or a partial one; give an empty --work folder")
+    generate_cohort(work / "cohort", synth)
+    for site in sorted(p.name for p in (work / "cohort" / "sites").iterdir()):
+        ingest_site(site, str(work / "cohort" / "sites" / site / "dicom"), str(work / "slices"),
+                    pseudo=Pseudonymizer(load_key(demo=True), site), labels=str(work / "cohort" / "sites" / site / "labels.csv"))
+    preprocess(str(work / "slices"), str(work / "windows"), config=pre)
+    split_dataset(str(work / "windows"), str(work / "splits.parquet"), config=SplitConfig())
+    stamp.write_text(wanted)
+
+
+def val_slices(work: Path, size: int) -> pd.DataFrame:
+    """Validation slices with their window stacks, lesion kind and lesion area at model resolution."""
+    splits = pd.read_parquet(work / "splits.parquet")
+    val = splits[(splits["fold"] == "default") & (splits["split"] == "val")]["patient_id"]
+    cols = ["patient_id", "source_sha256", "label", "windows", "crop_y0", "crop_y1", "crop_x0", "crop_x1"]
+    frame = pads.dataset(work / "windows", format="parquet", partitioning="hive").to_table(columns=cols).to_pandas()
+    frame = frame[frame["patient_id"].isin(set(val))]
+    truth = pads.dataset(sorted((work / "cohort" / "truth").glob("*.parquet")), format="parquet").to_table(
+        columns=["source_sha256", "lesion", "lesion_mask", "rows", "cols"]).to_pandas()
+    frame = frame.merge(truth, on="source_sha256", how="left", validate="one_to_one")
+
+    def area(r: Any) -> float:
+        mask = np.frombuffer(r.lesion_mask, np.uint8).reshape(r.rows, r.cols)[r.crop_y0 : r.crop_y1, r.crop_x0 : r.crop_x1]
+        return float(cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA).sum())
+
+    frame["lesion_px"] = [area(r) for r in frame.itertuples()]
+    return frame.drop(columns=["lesion_mask"]).reset_index(drop=True)
+
+
+def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, Any]:
+    """Validation AUROC per lesion kind and per PE area bin (with the number of positive slices)."""
+    kind = frame["lesion"].to_numpy()
+    negative = kind == "none" if stage == 1 else (frame["label"] == "other").to_numpy()
+    out: dict[str, Any] = {}
+
+    def add(name: str, positive: np.ndarray, against: np.ndarray) -> None:
+        sel = positive | against
+        if positive.any() and against.any():
+            out[name] = {"auroc": auroc(positive[sel].astype(int), prob[sel]), "positives": int(positive.sum())}
+
+    if stage == 1:
+        for k in sorted(set(kind) - {"none"}):
+            add(k, kind == k, negative)
+    else:
+        pe = (frame["label"] == "pe").to_numpy()
+        for k in sorted(set(kind) - {"none", "pe"}):
+            add(f"pe_vs_{k}", pe, (kind == k) & negative)
+    for lo, hi in PE_AREA_BINS:
+        in_bin = (kind == "pe") & (frame["lesion_px"] >= lo).to_numpy() & (frame["lesion_px"] < hi).to_numpy()
+        add(f"pe_area_{lo:g}_{hi:g}px", in_bin, negative)
+    return out
+
+
+def run_stage(stage: int, work: Path, config: Config, frame: pd.DataFrame) -> dict[str, Any]:
+    out = work / f"model-stage{stage}"
+    t0 = time.monotonic()
+    meta = train(str(work / "windows"), str(work / "splits.parquet"), str(out), stage=stage, config=config)
+    seconds = time.monotonic() - t0
+    history = json.loads((out / "history.json").read_text())
+    model = load_model(out)
+    schema = pads.dataset(work / "windows", format="parquet", partitioning="hive").schema
+    names = [w["name"] for w in json.loads(schema.metadata[b"pe_triage.windows"])]
+    channels = [names.index(n) for n in model.window_names]
+    rows = frame if stage == 1 else frame[frame["label"] != "wnl"].reset_index(drop=True)
+    stacks = np.stack([np.frombuffer(w, np.uint8).reshape(len(names), -1) for w in rows["windows"]])
+    size = int(round(np.sqrt(stacks.shape[-1])))
+    prob = model.predict_proba(stacks.reshape(len(rows), len(names), size, size)[:, channels])
+    per_epoch = config.train.samples_per_epoch or 0
+    return {
+        "val_auroc": meta["val"]["auroc"], "best_epoch": meta["best_epoch"], "train_seconds": round(seconds, 1),
+        "samples_seen": per_epoch * meta["epochs_run"],
+        "history": [{"epoch": h["epoch"], "samples": per_epoch * h["epoch"], "val_auroc": h["val_auroc"],
+                     "train_loss": round(h["train_loss"], 4), "images_per_s": round(h["train_images_per_s"], 1)} for h in history],
+        "val_breakdown": breakdown(stage, rows, prob),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--patients-per-site", type=int, default=300)
+    ap.add_argument("--slices", type=int, default=8)
+    ap.add_argument("--source-size", type=int, default=256)
+    ap.add_argument("--input", type=int, default=128, help="model input size (preprocess size)")
+    ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--windows", default="vascular,clinical_lung")
+    ap.add_argument("--arch", default="cbam_drn_d_22")
+    ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--samples", type=int, default=10000, help="training samples per stage")
+    ap.add_argument("--epoch-samples", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--stages", default="1,2")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/learning.json"))
+    a = ap.parse_args()
+    windows = tuple(a.windows.split(","))
+    synth = SynthConfig(sites=a.sites, patients_per_site=a.patients_per_site, slices=a.slices, size=a.source_size,
+                        seed=a.seed, pe_fraction=0.45, other_fraction=0.3, pe_extent_slices=(6, 16), write_tissue_maps=False)
+    pre = replace(PreprocessConfig(), size=a.input, windows=windows)
+    t0 = time.monotonic()
+    prepare(a.work, synth, pre)
+    prepare_s = time.monotonic() - t0
+    epochs = max(1, a.samples // a.epoch_samples)
+    config = Config(
+        model=ModelConfig(arch=a.arch, width=a.width),
+        loader=LoaderConfig(cache_dir=str(a.work / "cache")),
+        train=TrainConfig(windows=windows, epochs=epochs, batch_size=a.batch, lr=a.lr, samples_per_epoch=a.epoch_samples,
+                          patience=0, warmup_epochs=min(1.0, epochs / 10), device=a.device),
+    )
+    frame = val_slices(a.work, a.input)
+    result = {
+        "benchmark": "learning", "machine": platform.machine(), "cpus": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__,
+        "cohort": to_dict(synth), "preprocess_size": a.input, "prepare_seconds": round(prepare_s, 1),
+        "model": to_dict(config.model), "train": to_dict(config.train),
+        "stages": {f"stage{s}": run_stage(int(s), a.work, config, frame) for s in a.stages.split(",")},
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: {"val_auroc": v["val_auroc"], "train_seconds": v["train_seconds"]} for k, v in result["stages"].items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
