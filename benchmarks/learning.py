@@ -125,9 +125,9 @@ def run_stage(stage: int, work: Path, config: Config, frame: pd.DataFrame) -> di
     names = [w["name"] for w in json.loads(schema.metadata[b"pe_triage.windows"])]
     channels = [names.index(n) for n in model.window_names]
     rows = frame if stage == 1 else frame[frame["label"] != "wnl"].reset_index(drop=True)
-    stacks = np.stack([np.frombuffer(w, np.uint8).reshape(len(names), -1) for w in rows["windows"]])
-    size = int(round(np.sqrt(stacks.shape[-1])))
-    prob = model.predict_proba(stacks.reshape(len(rows), len(names), size, size)[:, channels])
+    shape = json.loads(schema.field("windows").metadata[b"shape"])
+    stacks = np.stack([np.frombuffer(w, np.uint8).reshape(shape) for w in rows["windows"]])
+    prob = model.predict_proba(stacks[:, channels])
     per_epoch = config.train.samples_per_epoch or 0
     return {
         "val_auroc": meta["val"]["auroc"], "best_epoch": meta["best_epoch"], "train_seconds": round(seconds, 1),

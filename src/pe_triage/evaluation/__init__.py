@@ -25,6 +25,6 @@ from pe_triage.evaluation.report import write_report
 
 __all__ = [
     "SUMMARY_KEYS", "auroc", "average_precision", "cascade_labels", "evaluate_predictions", "format_proportion",
-    "grad_cam", "gradcam_samples", "gradcam_summary", "inside_fraction", "leave_one_site_out_summary", "peak_on_lesion",
-    "overlay_png", "patient_decisions", "patient_predictions", "proportion", "wilson_interval", "write_report",
+    "grad_cam", "gradcam_samples", "gradcam_summary", "inside_fraction", "leave_one_site_out_summary", "overlay_png",
+    "patient_decisions", "patient_predictions", "peak_on_lesion", "proportion", "wilson_interval", "write_report",
 ]
