@@ -25,12 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import torch
 
+from pe_triage import schema as S
 from pe_triage.config import (
     Config,
     LoaderConfig,
@@ -42,15 +42,17 @@ from pe_triage.config import (
     to_dict,
 )
 from pe_triage.dicom import Pseudonymizer, load_key
+from pe_triage.evaluation.evaluate import lesion_masks, slice_boxes
 from pe_triage.evaluation.metrics import auroc
 from pe_triage.ingest import ingest_site
 from pe_triage.preprocess import preprocess
 from pe_triage.splits import split_dataset
 from pe_triage.synth import generate_cohort
 from pe_triage.training.artifact import load_model
+from pe_triage.training.data import WindowsDataset
 from pe_triage.training.train import train
 
-#: PE lesion area bins at model resolution (pixels): below ~8 px a segmental clot is a dot or less
+#: PE lesion area bins (model-input pixels the clot touches): below ~8 px a segmental clot is a dot or less
 PE_AREA_BINS = ((0.0, 8.0), (8.0, 30.0), (30.0, float("inf")))
 
 
@@ -71,29 +73,28 @@ def prepare(work: Path, synth: SynthConfig, pre: PreprocessConfig) -> None:
     stamp.write_text(wanted)
 
 
-def val_slices(work: Path, size: int) -> pd.DataFrame:
-    """Validation slices with their window stacks, lesion kind and lesion area at model resolution."""
-    splits = pd.read_parquet(work / "splits.parquet")
-    val = splits[(splits["fold"] == "default") & (splits["split"] == "val")]["patient_id"]
-    cols = ["patient_id", "source_sha256", "label", "windows", "crop_y0", "crop_y1", "crop_x0", "crop_x1"]
-    frame = pads.dataset(work / "windows", format="parquet", partitioning="hive").to_table(columns=cols).to_pandas()
-    frame = frame[frame["patient_id"].isin(set(val))]
-    truth = pads.dataset(sorted((work / "cohort" / "truth").glob("*.parquet")), format="parquet").to_table(
-        columns=["source_sha256", "lesion", "lesion_mask", "rows", "cols"]).to_pandas()
-    frame = frame.merge(truth, on="source_sha256", how="left", validate="one_to_one")
-
-    def area(r: Any) -> float:
-        mask = np.frombuffer(r.lesion_mask, np.uint8).reshape(r.rows, r.cols)[r.crop_y0 : r.crop_y1, r.crop_x0 : r.crop_x1]
-        return float(cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA).sum())
-
-    frame["lesion_px"] = [area(r) for r in frame.itertuples()]
-    return frame.drop(columns=["lesion_mask"]).reset_index(drop=True)
+def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """The stage's validation slices (as the trainer selects them) with lesion kind and lesion area
+    (model-input pixels the lesion touches, as the evaluation's Grad-CAM check sees it), and the
+    model's probabilities for them."""
+    model = load_model(model_dir)
+    windows, truth = str(work / "windows"), str(work / "cohort" / "truth")
+    with WindowsDataset(windows, str(work / "splits.parquet"), split="val", stage=stage,
+                        windows_used=model.window_names, config=loader) as ds:
+        prob = model.predict_proba(np.asarray(ds.array))
+        boxes = slice_boxes(windows, ds.index)
+        masks = lesion_masks(truth, boxes, ds.shape[-1])
+        frame = ds.index.assign(source_sha256=boxes[S.SOURCE_SHA256])
+    frame["lesion_px"] = [float(masks[i].sum()) if i in masks else 0.0 for i in frame.index]
+    kinds = pads.dataset(sorted(Path(truth).glob("*.parquet")), format="parquet").to_table(
+        columns=[S.SOURCE_SHA256, S.T_LESION]).to_pandas()
+    return frame.merge(kinds, on=S.SOURCE_SHA256, how="left", validate="one_to_one"), prob
 
 
 def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, Any]:
     """Validation AUROC per lesion kind and per PE area bin (with the number of positive slices)."""
-    kind = frame["lesion"].to_numpy()
-    negative = kind == "none" if stage == 1 else (frame["label"] == "other").to_numpy()
+    kind = frame[S.T_LESION].to_numpy()
+    negative = kind == "none" if stage == 1 else (frame[S.LABEL] == "other").to_numpy()
     out: dict[str, Any] = {}
 
     def add(name: str, positive: np.ndarray, against: np.ndarray) -> None:
@@ -105,7 +106,7 @@ def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, An
         for k in sorted(set(kind) - {"none"}):
             add(k, kind == k, negative)
     else:
-        pe = (frame["label"] == "pe").to_numpy()
+        pe = (frame[S.LABEL] == "pe").to_numpy()
         for k in sorted(set(kind) - {"none", "pe"}):
             add(f"pe_vs_{k}", pe, (kind == k) & negative)
     for lo, hi in PE_AREA_BINS:
@@ -114,27 +115,20 @@ def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, An
     return out
 
 
-def run_stage(stage: int, work: Path, config: Config, frame: pd.DataFrame) -> dict[str, Any]:
+def run_stage(stage: int, work: Path, config: Config) -> dict[str, Any]:
     out = work / f"model-stage{stage}"
     t0 = time.monotonic()
     meta = train(str(work / "windows"), str(work / "splits.parquet"), str(out), stage=stage, config=config)
     seconds = time.monotonic() - t0
     history = json.loads((out / "history.json").read_text())
-    model = load_model(out)
-    schema = pads.dataset(work / "windows", format="parquet", partitioning="hive").schema
-    names = [w["name"] for w in json.loads(schema.metadata[b"pe_triage.windows"])]
-    channels = [names.index(n) for n in model.window_names]
-    rows = frame if stage == 1 else frame[frame["label"] != "wnl"].reset_index(drop=True)
-    shape = json.loads(schema.field("windows").metadata[b"shape"])
-    stacks = np.stack([np.frombuffer(w, np.uint8).reshape(shape) for w in rows["windows"]])
-    prob = model.predict_proba(stacks[:, channels])
+    frame, prob = val_predictions(stage, work, out, config.loader)
     per_epoch = config.train.samples_per_epoch or 0
     return {
         "val_auroc": meta["val"]["auroc"], "best_epoch": meta["best_epoch"], "train_seconds": round(seconds, 1),
         "samples_seen": per_epoch * meta["epochs_run"],
         "history": [{"epoch": h["epoch"], "samples": per_epoch * h["epoch"], "val_auroc": h["val_auroc"],
                      "train_loss": round(h["train_loss"], 4), "images_per_s": round(h["train_images_per_s"], 1)} for h in history],
-        "val_breakdown": breakdown(stage, rows, prob),
+        "val_breakdown": breakdown(stage, frame, prob),
     }
 
 
@@ -172,13 +166,12 @@ def main() -> None:
         train=TrainConfig(windows=windows, epochs=epochs, batch_size=a.batch, lr=a.lr, samples_per_epoch=a.epoch_samples,
                           patience=0, warmup_epochs=min(1.0, epochs / 10), device=a.device),
     )
-    frame = val_slices(a.work, a.input)
     result = {
         "benchmark": "learning", "machine": platform.machine(), "cpus": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__,
         "cohort": to_dict(synth), "preprocess_size": a.input, "prepare_seconds": round(prepare_s, 1),
         "model": to_dict(config.model), "train": to_dict(config.train),
-        "stages": {f"stage{s}": run_stage(int(s), a.work, config, frame) for s in a.stages.split(",")},
+        "stages": {f"stage{s}": run_stage(int(s), a.work, config) for s in a.stages.split(",")},
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -63,8 +63,9 @@ def _channels(model: StageModel, available: list[dict[str, Any]], where: str) ->
     return out
 
 
-def _lesion_masks(truth: str, pred: pd.DataFrame, boxes: pd.DataFrame, size: int) -> dict[int, np.ndarray]:
-    """Row of ``pred`` -> its lesion mask in model-input pixels (crop box + resize, as the pixels)."""
+def lesion_masks(truth: str, boxes: pd.DataFrame, size: int) -> dict[int, np.ndarray]:
+    """Row of ``boxes`` (see :func:`slice_boxes`) -> its lesion mask in model-input pixels (crop box
+    + resize, as the pixels), from the synthetic cohort's truth; rows without a truth entry are absent."""
     files = sorted(str(p) for p in Path(truth).glob("*.parquet")) if Path(truth).is_dir() else [truth]
     table = pads.dataset(files, format="parquet").to_table(columns=[S.SOURCE_SHA256, S.ROWS, S.COLS, S.T_MASK])
     wanted = set(boxes[S.SOURCE_SHA256])
@@ -147,8 +148,7 @@ def evaluate(
                              for s, m in models.items()}
         masks = None
         if truth is not None:
-            boxes = _boxes(windows, ds.index)
-            masks = _lesion_masks(truth, pred, boxes, ds.shape[-1])
+            masks = lesion_masks(truth, slice_boxes(windows, ds.index), ds.shape[-1])
         gradcam = _gradcam(models, channels, ds, pred, masks, out_dir, config) if config.evaluate.gradcam_per_category else []
     paths = write_report(metrics, pred, out_dir, gradcam=gradcam or None)
     pred.to_parquet(out_dir / "predictions.parquet", index=False)
@@ -201,7 +201,7 @@ def _predict(model: StageModel, array: np.ndarray, channels: list[int], batch: i
     return np.concatenate([model.predict_proba(np.asarray(array[i : i + batch])[:, channels]) for i in range(0, len(array), batch)])
 
 
-def _boxes(windows: str, index: pd.DataFrame) -> pd.DataFrame:
+def slice_boxes(windows: str, index: pd.DataFrame) -> pd.DataFrame:
     """source_sha256 and crop box of every evaluated slice, in the order of ``index``."""
     keys = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX]
     table = pads.dataset(windows, format="parquet", partitioning="hive").to_table(

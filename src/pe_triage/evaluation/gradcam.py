@@ -56,11 +56,17 @@ def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0) -> np.ndarray:
     return cams.clamp_(0, 1).cpu().numpy().astype(np.float32)
 
 
-def inside_fraction(cam: np.ndarray, mask: np.ndarray) -> float | None:
-    """Share of the heat map's mass inside ``mask``; None when the mask is empty or the map is zero."""
+def _checked(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cam`` as float and ``mask`` as bool, of the same shape."""
     cam, mask = np.asarray(cam, float), np.asarray(mask, bool)
     if cam.shape != mask.shape:
         raise ValueError(f"cam {cam.shape} and mask {mask.shape} differ in shape")
+    return cam, mask
+
+
+def inside_fraction(cam: np.ndarray, mask: np.ndarray) -> float | None:
+    """Share of the heat map's mass inside ``mask``; None when the mask is empty or the map is zero."""
+    cam, mask = _checked(cam, mask)
     total = cam.sum()
     if not mask.any() or total <= 0:
         return None
@@ -70,9 +76,7 @@ def inside_fraction(cam: np.ndarray, mask: np.ndarray) -> float | None:
 def peak_on_lesion(cam: np.ndarray, mask: np.ndarray, tolerance: float) -> bool | None:
     """Whether the heat map's maximum lies within ``tolerance`` pixels of ``mask``; None when the
     mask is empty or the map is zero."""
-    cam, mask = np.asarray(cam, float), np.asarray(mask, bool)
-    if cam.shape != mask.shape:
-        raise ValueError(f"cam {cam.shape} and mask {mask.shape} differ in shape")
+    cam, mask = _checked(cam, mask)
     if not mask.any() or cam.max() <= 0:
         return None
     y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
