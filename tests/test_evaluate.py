@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from factories import write_toy_cohort
+from factories import write_splits, write_toy_cohort, write_windows
 
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, TrainConfig
 from pe_triage.evaluation import SUMMARY_KEYS
@@ -47,6 +47,20 @@ def test_evaluate_writes_metrics_report_predictions_and_gradcam(trained: tuple[s
     assert set(pred["site"]) == {"site-a", "site-b"}
     assert list((out / "gradcam").glob("stage*-*.png")), "no Grad-CAM overlays"
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_indeterminate_slices_are_predicted_counted_and_kept_out_of_the_slice_tables(
+        trained: tuple[str, str, str, str, Config], tmp_path: Path) -> None:
+    _, _, stage1, stage2, config = trained
+    windows = tmp_path / "w"
+    write_windows(windows, {("site-a", "q1"): ["wnl", "pe", "indeterminate"], ("site-b", "q2"): ["wnl", "indeterminate"]}, size=32)
+    splits = write_splits(tmp_path / "s.parquet", {("site-a", "q1"): "test", ("site-b", "q2"): "test"})
+    metrics = evaluate(stage1, stage2, str(windows), str(splits), str(tmp_path / "eval"), config=config)
+    pred = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    assert len(pred) == 5 and (pred["label"] == "indeterminate").sum() == 2  # every slice predicted
+    assert metrics["counts"]["slices"]["indeterminate"] == 2 and metrics["counts"]["patients"]["indeterminate"] == 1
+    assert metrics["summary"]["slices"] == 3 and metrics["summary"]["patients"] == 1
+    assert "indeterminate 2)" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_mismatched_models_are_named(trained: tuple[str, str, str, str, Config], tmp_path: Path) -> None:

@@ -209,6 +209,25 @@ def test_labels_join_and_mismatches_are_reported(tmp_path: Path) -> None:
     assert not list((tmp_path / "strict").glob("site=*/*.parquet"))
 
 
+def test_indeterminate_slices_are_labelled_counted_and_checked_against_the_diagnosis(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for n, study in ((1, "1.2.3.4"), (2, "1.2.8"), (3, "1.2.9")):
+        write_series(src / f"p{n}", 3, series=f"{study}.5", patient=f"PAT-000{n}", study=study)
+    (tmp_path / "labels.csv").write_text(
+        "patient_id,sop_uid,label,diagnosis\n"
+        "PAT-0001,,,pe\nPAT-0001,1.2.3.4.5.2,pe,\nPAT-0001,1.2.3.4.5.3,indeterminate,\n"  # PE with an uncertain edge
+        "PAT-0002,,,wnl\nPAT-0002,1.2.8.5.1,Indeterminate,\n"  # a WNL patient has WNL slices only
+        "PAT-0003,,,indeterminate\nPAT-0003,1.2.9.5.2,indeterminate,\n"  # an indeterminate exam
+    )
+    report = run(src, tmp_path / "out", labels=str(tmp_path / "labels.csv"))
+    labels = {r[S.SOP_UID]: r[S.LABEL] for r in slices(tmp_path / "out")}
+    assert sorted(labels.values()) == ["indeterminate"] * 3 + ["pe"] + ["wnl"] * 5
+    assert report["dataset"]["labels"] == {"indeterminate": 3, "other": 0, "pe": 1, "wnl": 5}
+    inconsistent = report["labels"]["inconsistent_patients"]
+    assert [(i["row"], i["diagnosis"], i["slice_labels"]) for i in inconsistent] == [(5, "wnl", ["indeterminate", "wnl"])]
+    assert report["labels"]["unmatched_rows"] == []
+
+
 def test_corrected_manifest_relabels_existing_slices(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     write_series(src, 3)

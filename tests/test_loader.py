@@ -88,6 +88,26 @@ def test_rows_and_targets_per_split_and_stage(data: Data, cache: LoaderConfig, s
             np.testing.assert_array_equal(x.numpy(), centred(stored[key][[0]]))
 
 
+def test_indeterminate_slices_are_left_out_and_counted_unless_kept(tmp_path: Path, cache: LoaderConfig) -> None:
+    stored = write_windows(tmp_path / "w", {("a", "p1"): ["wnl", "indeterminate", "pe", "indeterminate"],
+                                            ("a", "p2"): ["wnl", "other", "indeterminate"], ("a", "p3"): ["indeterminate"]})
+    splits = str(write_splits(tmp_path / "s.parquet", {("a", "p1"): "train", ("a", "p2"): "train", ("a", "p3"): "val"}))
+    windows = str(tmp_path / "w")
+    for stage, n in ((1, 4), (2, 2)):
+        with WindowsDataset(windows, splits, split="train", stage=stage, windows_used=["lung"], config=cache) as ds:
+            assert len(ds) == n and "indeterminate" not in set(ds.index[S.LABEL])
+            assert ds.excluded_indeterminate == 3  # p3's slice is in another split
+    with WindowsDataset(windows, splits, split="train", stage=1, windows_used=["lung"], config=cache,
+                        keep_indeterminate=True) as ds:
+        assert len(ds) == 7 and ds.excluded_indeterminate == 0
+        targets = dict(zip(keys_of(ds), ds.targets.tolist()))
+        assert targets == {("a", "p1", 0): 0, ("a", "p1", 1): -1, ("a", "p1", 2): 1, ("a", "p1", 3): -1,
+                           ("a", "p2", 0): 0, ("a", "p2", 1): 1, ("a", "p2", 2): -1}
+        assert ds.class_counts() == {0: 2, 1: 2}
+        for i, key in enumerate(keys_of(ds)):
+            np.testing.assert_array_equal(ds.array[i], stored[key][[2]])
+
+
 @pytest.mark.parametrize(("used", "channels"), [(["vascular"], [0]), (["vascular", "lung"], [0, 2]),
                                                 (["lung", "vascular"], [2, 0]), (["vascular", "mediastinal", "lung"], [0, 1, 2])])
 def test_windows_used_selects_channels_in_the_order_given(data: Data, cache: LoaderConfig, used: list[str], channels: list[int]) -> None:

@@ -259,15 +259,21 @@ def test_summary_has_exactly_the_gate_keys() -> None:
     assert tuple(m["summary"]) == SUMMARY_KEYS
     assert set(m["summary"]) == {
         "slice_stage1_accuracy", "slice_disease_sensitivity", "slice_wnl_sensitivity", "slice_stage1_auroc",
-        "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_stage2_auroc", "slice_cascade_accuracy",
+        "slice_stage1_auroc_ci_low", "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_pe_specificity",
+        "slice_stage2_auroc", "slice_stage2_auroc_ci_low", "slice_cascade_accuracy",
         "patient_accuracy", "patient_disease_sensitivity", "patient_wnl_sensitivity", "patient_pe_sensitivity",
-        "patient_cascade_accuracy", "slices", "patients"}
+        "patient_pe_specificity", "patient_cascade_accuracy", "slices", "patients"}
     s = m["summary"]
     assert s["slice_stage1_accuracy"] == pytest.approx(11 / 14) and s["slice_pe_sensitivity"] == pytest.approx(2 / 3)
     assert s["patient_accuracy"] == pytest.approx(3 / 4) and s["patient_pe_sensitivity"] == 1.0
     assert s["slices"] == 14 and s["patients"] == 4
+    # b1's other slice at p_pe .6 is called PE, and flags b1 (with a2 and b2, the non-PE patients)
+    assert s["slice_pe_specificity"] == pytest.approx(2 / 3) and s["patient_pe_specificity"] == pytest.approx(2 / 3)
+    assert s["slice_stage1_auroc_ci_low"] == m["slice"]["stage1"]["auroc"]["ci"][0]
+    assert s["slice_stage2_auroc_ci_low"] == m["slice"]["stage2"]["auroc"]["ci"][0]
     assert set(m) == {"schema_version", "thresholds", "config", "counts", "summary", "slice", "patient", "per_site", "curves"}
-    assert m["counts"] == {"slices": {"wnl": 8, "other": 3, "pe": 3}, "patients": {"wnl": 2, "other": 1, "pe": 1},
+    assert m["counts"] == {"slices": {"wnl": 8, "other": 3, "pe": 3, "indeterminate": 0},
+                           "patients": {"wnl": 2, "other": 1, "pe": 1, "indeterminate": 0},
                            "series": 5, "sites": 2}
     json.dumps(m, allow_nan=False)
 
@@ -292,11 +298,56 @@ def test_empty_classes_give_none_not_errors() -> None:
     s = m["summary"]
     assert s["slice_disease_sensitivity"] is None and s["slice_stage1_auroc"] is None
     assert s["slice_stage2_accuracy"] is None and s["slice_stage2_auroc"] is None and s["slice_pe_sensitivity"] is None
-    assert s["slice_wnl_sensitivity"] == pytest.approx(4 / 5)
+    assert s["slice_wnl_sensitivity"] == pytest.approx(4 / 5) and s["slice_stage1_auroc_ci_low"] is None
     assert m["slice"]["stage2"]["auroc"]["ci"] is None and m["curves"] == {"stage1": None, "stage2": None}
     json.dumps(m, allow_nan=False)
     empty = evaluate(pd.DataFrame(columns=["site", "patient_id", "series_uid", "slice_index", "label", "p_disease", "p_pe"]))
     assert empty["summary"]["slices"] == 0 and empty["summary"]["patient_accuracy"] is None and empty["per_site"] == {}
+
+
+def with_indeterminate() -> pd.DataFrame:
+    """The cohort plus an indeterminate slice of a1 that scores highest on both stages, and c1, a
+    patient whose only finding (two slices) is indeterminate."""
+    extra = (_slices("A", "a1", "a1s", ["wnl"] * 5 + ["indeterminate"], [0] * 5 + [.95], [0] * 5 + [.95])[5:]
+             + _slices("B", "c1", "c1s", ["indeterminate"] * 2, [.8, .3], [.7, .1]))
+    return pd.concat([cohort(), pd.DataFrame(extra)], ignore_index=True)
+
+
+def test_indeterminate_slices_are_counted_left_out_of_the_tables_and_feed_the_decision() -> None:
+    base, m = evaluate(), evaluate(with_indeterminate())
+    assert m["config"]["indeterminate"] == "exclude"
+    assert m["counts"]["slices"] == {"wnl": 8, "other": 3, "pe": 3, "indeterminate": 3}
+    assert m["counts"]["patients"] == {"wnl": 2, "other": 1, "pe": 1, "indeterminate": 1}
+    assert m["per_site"]["B"]["counts"]["slices"]["indeterminate"] == 2
+    assert m["per_site"]["B"]["counts"]["patients"]["indeterminate"] == 1
+    assert m["slice"] == base["slice"] and m["curves"] == base["curves"]
+    assert m["summary"]["slices"] == 14 and m["summary"]["patients"] == 4
+    assert m["patient"]["n"] == 4 and sum(b["patients"] for b in m["patient"]["by_class"].values()) == 4
+    pt = patient_predictions(with_indeterminate(), threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig())
+    by_id = pt.set_index("patient_id")
+    # a1's indeterminate slice decides its PE score
+    assert by_id.loc["a1", "truth"] == "pe" and by_id.loc["a1", "pe_score"] == pytest.approx(.95)
+    assert by_id.loc["c1", "truth"] == "indeterminate" and by_id.loc["c1", "predicted"] == "pe"
+    json.dumps(m, allow_nan=False)
+
+
+def test_indeterminate_slices_can_be_scored_as_a_class() -> None:
+    m = evaluate(with_indeterminate(), indeterminate="pe")
+    assert m["config"]["indeterminate"] == "pe"
+    assert m["slice"]["stage1"]["n"] == 17 and m["slice"]["stage2"]["n"] == 9 and m["slice"]["cascade"]["n"] == 17
+    assert kn(m["slice"]["stage2"]["sensitivity"]) == (2 + 2, 3 + 3)  # .95 and .7 reach t2, .1 does not
+    assert m["summary"]["slices"] == 17 and m["patient"]["n"] == 4  # c1 stays out of the patient tables
+    assert m["counts"]["slices"]["indeterminate"] == 3 and m["counts"]["patients"]["indeterminate"] == 1
+    as_wnl = evaluate(with_indeterminate(), indeterminate="wnl")
+    assert as_wnl["slice"]["stage1"]["confusion"]["matrix"] == [[7 + 1, 1 + 2], [2, 4]]
+    with pytest.raises(ValueError, match="indeterminate mode"):
+        evaluate(with_indeterminate(), indeterminate="maybe")
+
+
+def test_decisions_without_labels_ignore_the_indeterminate_mode() -> None:
+    unlabelled = with_indeterminate().drop(columns=["label"])
+    decided = patient_decisions(unlabelled, threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig(indeterminate="maybe"))
+    assert list(decided["patient_id"]) == ["a1", "a2", "b1", "b2", "c1"]
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -28,7 +28,13 @@ preprocess: {{size: 64, workers: 1}}
 model: {{arch: cbam_drn_d_22, width: 0.125}}
 train: {{epochs: 2, batch_size: 16, num_workers: 0, patience: 0, samples_per_epoch: 96}}
 evaluate: {{bootstrap: 20, gradcam_per_category: 1}}
-registry: {{model_name: pe-triage, experiment: {EXPERIMENT}, gates: {{min_patient_pe_sensitivity: 0.0, min_slice_disease_sensitivity: 0.0}}}}
+registry:
+  model_name: pe-triage
+  experiment: {EXPERIMENT}
+  # every minimum off: a 2-epoch model cannot reach them, and this test is about the promotion path
+  gates: {{min_patient_pe_sensitivity: null, min_slice_disease_sensitivity: null, min_slice_disease_specificity: null,
+          min_slice_pe_specificity: null, min_patient_pe_specificity: null, min_stage1_auroc_ci_low: null,
+          min_stage2_auroc_ci_low: null}}
 """
 SLICE_COLUMNS = ["study_uid", "series_uid", "slice_index", "rows", "cols", "pixel_spacing_row_mm", "pixel_spacing_col_mm", "hu_planes"]
 

@@ -14,6 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from factories import pseudo, write_series
+
+from pe_triage.config import IngestConfig
+from pe_triage.ingest import ingest_site
 from pe_triage.provenance import dataset_digest
 from pe_triage.quality import (
     PSI_THRESHOLD,
@@ -44,7 +48,7 @@ def test_counts_agree_with_ingest_and_the_quarantine_table(onboarded, reports) -
         assert sum(report["quarantine"].values()) == len(reasons)
         balance = report["class_balance"]
         assert sum(balance["slices"].values()) == report["counts"]["slices"]
-        assert balance["slices"] == {k: dataset["labels"].get(k, 0) for k in ("wnl", "pe", "other", "unlabelled")}
+        assert balance["slices"] == {k: dataset["labels"].get(k, 0) for k in ("wnl", "pe", "other", "indeterminate", "unlabelled")}
         assert sum(balance["patients"].values()) + balance["patients_excluded_unlabelled"] == report["counts"]["patients"]
 
 
@@ -89,6 +93,24 @@ def test_the_first_site_has_nothing_to_compare_with(onboarded, tmp_path: Path) -
     assert "nothing to compare" in to_markdown(report)
     with pytest.raises(QualityError, match="site-a"):
         site_report(str(tmp_path), "site-a")
+
+
+def test_class_balance_counts_indeterminate_slices_and_patients(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_series(src / "p1", 3, series="1.2.3.4.5", patient="PAT-0001")
+    write_series(src / "p2", 3, series="1.2.8.5", patient="PAT-0002", study="1.2.8")
+    (tmp_path / "labels.csv").write_text("patient_id,sop_uid,label,diagnosis\n"
+                                         "PAT-0001,1.2.3.4.5.1,pe,\nPAT-0001,1.2.3.4.5.2,indeterminate,\n"
+                                         "PAT-0002,1.2.8.5.3,indeterminate,\n")
+    ingest_site("s", str(src), str(tmp_path / "slices"), pseudo=pseudo("s"), labels=str(tmp_path / "labels.csv"),
+                config=IngestConfig(workers=1))
+    report = site_report(str(tmp_path / "slices"), "s")
+    balance = report["class_balance"]
+    assert balance["slices"] == {"wnl": 3, "pe": 1, "other": 0, "indeterminate": 2, "unlabelled": 0}
+    assert balance["patients"] == {"wnl": 0, "pe": 1, "other": 0, "indeterminate": 1}
+    markdown = to_markdown(report)
+    assert "| wnl | pe | other | indeterminate | unlabelled |" in markdown and "| slices | 3 | 1 | 0 | 2 | 0 |" in markdown
+    assert flat_metrics(report)["slices_indeterminate"] == 2
 
 
 def test_dataset_version_is_the_provenance_digest_and_follows_the_store(onboarded, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from pe_triage.registry.cli import add_commands
 from pe_triage.registry.registry import (
     CHALLENGER,
     CHAMPION,
+    MIN_GATES,
     PREVIOUS,
     RegistryError,
     load_registered,
@@ -42,8 +43,10 @@ from pe_triage.synth import generate_cohort
 
 SUMMARY_KEYS = (
     "slice_stage1_accuracy", "slice_disease_sensitivity", "slice_wnl_sensitivity", "slice_stage1_auroc",
-    "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_stage2_auroc", "slice_cascade_accuracy", "patient_accuracy",
-    "patient_disease_sensitivity", "patient_wnl_sensitivity", "patient_pe_sensitivity", "patient_cascade_accuracy",
+    "slice_stage1_auroc_ci_low", "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_pe_specificity",
+    "slice_stage2_auroc", "slice_stage2_auroc_ci_low", "slice_cascade_accuracy", "patient_accuracy",
+    "patient_disease_sensitivity", "patient_wnl_sensitivity", "patient_pe_sensitivity", "patient_pe_specificity",
+    "patient_cascade_accuracy",
 )
 
 
@@ -112,7 +115,7 @@ def test_register_promote_refuse_rollback(mlflow_server: str, cfg: RegistryConfi
 
     first = promote(config=cfg, uri=mlflow_server, actor="bob")
     assert first["outcome"] == "promoted" and "first champion" in first["reason"]
-    assert [g["name"] for g in first["gates"]] == ["min_patient_pe_sensitivity", "min_slice_disease_sensitivity"]
+    assert [g["name"] for g in first["gates"]] == [name for name, _ in MIN_GATES]  # every minimum, by default
     assert aliases(mlflow_server, cfg.model_name) == {CHAMPION: "1"}
 
     register(*pair, str(write_metrics(tmp_path / "m2", pe=0.92)), config=cfg, uri=mlflow_server, actor="alice")

@@ -24,7 +24,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def synthetic_predictions(seed: int = 0) -> pd.DataFrame:
-    """Per site: WNL, other-disease and PE patients; lesions span a few slices; noisy probabilities."""
+    """Per site: WNL, other-disease and PE patients; lesions span a few slices, the slice after one is
+    indeterminate (the lesion's edge); noisy probabilities."""
     rng = np.random.default_rng(seed)
     rows = []
     for site in SITES:
@@ -32,7 +33,7 @@ def synthetic_predictions(seed: int = 0) -> pd.DataFrame:
             cls = ("wnl", "other", "pe")[p % 3]
             lesion = range(4, 4 + int(rng.integers(2, 5))) if cls != "wnl" else range(0)
             for i in range(12):
-                label = cls if i in lesion else "wnl"
+                label = cls if i in lesion else "indeterminate" if lesion and i == lesion.stop else "wnl"
                 rows.append({"site": site, "patient_id": f"SECRETPID{p}{site[:1]}", "series_uid": f"ser-{site}-{p}",
                              "slice_index": i, "label": label,
                              "p_disease": float(np.clip(rng.normal(0.75 if label != "wnl" else 0.25, 0.2), 0, 1)),
@@ -122,6 +123,16 @@ def test_markdown_has_the_study_tables(rendered) -> None:  # type: ignore[no-unt
     for site in SITES:
         assert f"### {site}\n" in md
     assert "](plots/roc.png)" in md and "](gradcam/cam0.png)" in md
+
+
+def test_indeterminate_slices_are_counted_in_the_report(rendered) -> None:  # type: ignore[no-untyped-def]
+    metrics, pred, paths, _ = rendered
+    n = int((pred["label"] == "indeterminate").sum())
+    assert n == 8 and json.loads(Path(paths["metrics_json"]).read_text())["counts"]["slices"]["indeterminate"] == n
+    assert metrics["slice"]["stage1"]["n"] == metrics["summary"]["slices"] == len(pred) - n
+    for key in ("report_md", "report_html"):
+        text = Path(paths[key]).read_text()
+        assert f"indeterminate {n})" in text and "Indeterminate slices are left out of the slice tables" in text
 
 
 def test_no_patient_ids_in_the_report(rendered) -> None:  # type: ignore[no-untyped-def]

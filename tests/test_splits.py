@@ -207,6 +207,22 @@ def test_unlabelled_patients_are_excluded_and_reported(tmp_path: Path, caplog: p
     assert "excluded" in caplog.text
 
 
+def test_indeterminate_slices_stay_with_their_patient_and_rank_below_a_definite_finding(tmp_path: Path) -> None:
+    patients = cohort(STUDY_LIKE)
+    slices = slices_for(patients)
+    pe_patient = next(k for k, labels in slices.items() if "pe" in labels)
+    slices[pe_patient] = [*slices[pe_patient], "indeterminate"]
+    unsure = {("site-a", f"unsure-{i}") for i in range(3)}
+    slices.update({key: ["wnl", "indeterminate", "wnl"] for key in unsure})
+    report = split_dataset(str(write_windows(tmp_path / "w", slices)), str(tmp_path / "s.parquet"), config=SplitConfig())
+    written = pq.read_table(tmp_path / "s.parquet")
+    classes = dict(zip(zip(written[S.SITE].to_pylist(), written[S.PATIENT_ID].to_pylist()), written[S.PATIENT_CLASS].to_pylist()))
+    assert len(classes) == written.num_rows == patients.num_rows + len(unsure) and report["excluded"] == []
+    assert classes[pe_patient] == "pe" and {classes[k] for k in unsure} == {"indeterminate"}
+    fold = report["folds"][S.DEFAULT_FOLD]
+    assert [fold[s]["classes"]["indeterminate"] for s in S.SPLITS] == [1, 1, 1]  # stratified like any class
+
+
 def test_a_dataset_without_labels_is_an_error(tmp_path: Path) -> None:
     windows = write_windows(tmp_path / "w", {("a", "p1"): [None, None], ("a", "p2"): [None]})
     with pytest.raises(SplitError, match="no labels at all"):

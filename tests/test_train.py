@@ -12,10 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from factories import write_splits, write_toy_cohort, write_windows
 
+from pe_triage import schema as S
 from pe_triage.config import Config, LoaderConfig, ModelConfig, TrainConfig
 from pe_triage.training.artifact import load_model, read_meta
 from pe_triage.training.train import (
@@ -63,6 +66,17 @@ def _config(tmp_path: Path, **train: object) -> Config:
         loader=LoaderConfig(cache_dir=str(tmp_path / "cache"), augment=False),
         train=replace(base, **train),  # type: ignore[arg-type]
     )
+
+
+def test_indeterminate_slices_are_left_out_of_training_and_counted_in_the_artifact(tmp_path: Path) -> None:
+    windows, splits = write_toy_cohort(tmp_path, SIZE)
+    write_windows(Path(windows), {("site-a", "px"): ["wnl", "indeterminate", "indeterminate"]}, size=SIZE)
+    extra = pa.table({S.FOLD: [S.DEFAULT_FOLD], S.SITE: ["site-a"], S.PATIENT_ID: ["px"], S.PATIENT_CLASS: ["wnl"],
+                      S.SPLIT: ["train"]}, schema=S.SPLITS_SCHEMA)
+    pq.write_table(pa.concat_tables([pq.read_table(splits), extra]), splits)
+    meta = train(windows, splits, str(tmp_path / "model"), stage=1, config=_config(tmp_path, epochs=1))
+    assert meta["data"]["excluded_indeterminate"] == {"train": 2, "val": 0}
+    assert meta["data"]["train_slices"] == {"wnl": 25, "disease": 36}
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -19,6 +19,28 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class LesionVisibility:
+    """Smallest cross-section (mm², pixel count x pixel spacing², at native resolution) of each lesion
+    kind on a slice that a radiologist would mark the slice for; thinner slivers of the lesion's edge
+    are ``indeterminate``.
+
+    Defaults: a reader calls a filling defect of about 2.5 mm across (segmental arteries are 3-7 mm
+    wide, so smaller is partial volume of the wall or a mixing artefact): pi x 1.25² ~ 5 mm². A nodule
+    is reported from about 3 mm diameter (smaller is a micronodule, indistinguishable from a vessel
+    seen end-on): pi x 1.5² ~ 7 mm². A consolidation needs about 5.5 mm (~25 mm²) to differ from a
+    vessel or atelectatic strand; ground glass, 150-450 HU above lung instead of ~850, about 8 mm
+    (~50 mm²). An effusion's top is a thin posterior crescent along the chest wall, long before it
+    is thick: ~50 mm² (e.g. 1 mm x 5 cm), below which it is not called.
+    """
+
+    pe: float = 5.0
+    consolidation: float = 25.0
+    ggo: float = 50.0
+    nodule: float = 7.0
+    effusion: float = 50.0
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Synthetic chest-CT cohort (CTPA-like) used by the demo and the tests.
 
@@ -38,6 +60,12 @@ class SynthConfig:
     pe_extent_slices: tuple[int, int] = (4, 12)
     #: write per-pixel tissue/lesion label maps next to the masks (tests check HU per tissue)
     write_tissue_maps: bool = True
+    #: "realistic" (the mix a CTPA service sees, down to small segmental clots and 5 mm nodules) or
+    #: "conspicuous" (central and lobar clots, large nodules and effusions, dense ground glass: a
+    #: cohort a small model can learn from in minutes)
+    lesions: str = "realistic"
+    #: per lesion kind, the smallest cross-section that gets a slice its label (else indeterminate)
+    min_visible_area_mm2: LesionVisibility = field(default_factory=LesionVisibility)
 
 
 @dataclass(frozen=True)
@@ -152,7 +180,12 @@ class ModelConfig:
 
     arch: str = "cbam_drn_d_54"
     width: float = 1.0
-    shared_branches: bool = False
+    #: no level narrower than this (the reference's narrowest level has 16, so the full-width model
+    #: is unchanged; at width 0.125 its first levels would have 2-4 filters and learn 2-3x slower)
+    min_channels: int = 16
+    #: "branches" (one per window, the study), "shared" (one branch for every window) or "stacked"
+    #: (one branch, windows as input channels)
+    fusion: str = "branches"
     #: global pooling before the head: "avg" (the study's DRN head), "max" or "avgmax" (both,
     #: concatenated: max pooling keeps a one-cell finding that averaging dilutes; not yet shown
     #: to train better here, so the study's head stays the default)
@@ -208,6 +241,10 @@ class EvalConfig:
     bootstrap: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    #: indeterminate slices in the slice metrics: "exclude" (no one can say what the model should
+    #: answer there) or "wnl" / "other" / "pe" to score them as that class (a sensitivity analysis);
+    #: counted either way, and always part of their patient's decision
+    indeterminate: str = "exclude"
     #: Grad-CAM overlays per category (true positive, false positive, false negative) and stage
     gradcam_per_category: int = 4
     #: pointing game: a map's peak counts as on the lesion within this many model-input pixels (one
@@ -218,10 +255,28 @@ class EvalConfig:
 @dataclass(frozen=True)
 class GateConfig:
     """Promotion gates. A candidate must reach the minimums and, when a champion exists, lose no
-    more than ``max_regression`` against it on the same test data."""
+    more than ``max_regression`` against it on the same test data.
 
-    min_patient_pe_sensitivity: float = 0.9
-    min_slice_disease_sensitivity: float = 0.9
+    Sensitivity alone is passed by a model that flags everything, so the minimums bound all three
+    sides: sensitivity (a missed PE is the costly error), specificity at the operating point (triage
+    tolerates false alarms, but one that flags most negatives reorders nothing) and discrimination
+    (AUROC, judged on the lower bound of its bootstrap interval over patients: a constant or random
+    score sits at 0.5, and a small test set must show a clearly better model, not a lucky one). A
+    metric the test data cannot measure (a class absent) fails its gate; ``None`` switches a gate off
+    (e.g. a cohort without other-disease cases has no stage 2 specificity)."""
+
+    min_patient_pe_sensitivity: float | None = 0.9
+    min_slice_disease_sensitivity: float | None = 0.9
+    #: stage 1 slice specificity (WNL slices kept WNL)
+    min_slice_disease_specificity: float | None = 0.5
+    #: stage 2 slice specificity (other-disease slices not called PE)
+    min_slice_pe_specificity: float | None = 0.5
+    #: non-PE patients not flagged PE: the flag that moves a study up the worklist. Not WNL patients
+    #: kept disease-negative, which the study's any-slice rule makes strict over a whole scan
+    min_patient_pe_specificity: float | None = 0.5
+    #: lower confidence bound (``evaluate.confidence``) of the slice AUROC, stage 1 and stage 2
+    min_stage1_auroc_ci_low: float | None = 0.75
+    min_stage2_auroc_ci_low: float | None = 0.75
     max_regression: float = 0.02
 
 

@@ -454,7 +454,9 @@ def _label_summary(
     label_rows: dict[str, int],
     outcomes: dict[str, Outcome],
 ) -> dict[str, Any]:
-    """Which manifest rows found a slice, and whether slice labels agree with patient diagnoses."""
+    """Which manifest rows found a slice, and whether slice labels agree with patient diagnoses: the
+    diagnosis must be the class the slices give (``schema.patient_class``), so a WNL patient has only
+    WNL slices and a PE patient may have indeterminate and other-disease slices beside its PE ones."""
     matched = {row for sop, row in label_rows.items() if sop in final}
     for row in final.values():
         lab, r = manifest.label(row[S.PATIENT_ID], row[S.STUDY_UID], row[S.SERIES_UID], row[S.SOP_UID], row[S.INSTANCE_NUMBER])
@@ -481,9 +483,8 @@ def _label_summary(
         if patient not in patients_seen:
             continue
         labels = per_patient[patient]
-        diag = lr.diagnosis
-        if (diag == S.Label.WNL.value and labels - {S.Label.WNL.value}) or (diag != S.Label.WNL.value and diag not in labels):
-            inconsistent.append({"row": lr.row, "patient_id": patient, "diagnosis": diag, "slice_labels": sorted(labels)})
+        if S.patient_class(labels) != lr.diagnosis:
+            inconsistent.append({"row": lr.row, "patient_id": patient, "diagnosis": lr.diagnosis, "slice_labels": sorted(labels)})
     return {
         "manifest_rows": len(manifest.all_rows()),
         "unmatched_rows": unmatched,
@@ -611,7 +612,8 @@ def _report(
         raise AssertionError(f"ingest lost track of files: {seen} seen, outcomes {dict(status)}")
     seconds = time.perf_counter() - started
     new_bytes = sum(o.size for o in outcomes if o.status == INGESTED)
-    labels = Counter(row[S.LABEL] or "unlabelled" for row in final.values())
+    labels = Counter({label.value: 0 for label in S.Label})
+    labels.update(row[S.LABEL] or "unlabelled" for row in final.values())
     return {
         "site": site,
         "source": src.uri,

@@ -23,7 +23,10 @@ from pe_triage.schema import (
     Label,
 )
 
-_LABELS = {Label.PE.value, Label.OTHER.value}
+#: slice labels a manifest lists (unlisted slices of a listed patient are WNL)
+_LABELS = {Label.PE.value, Label.OTHER.value, Label.INDETERMINATE.value}
+#: patient diagnoses: the patient's class (schema.patient_class); an indeterminate exam (RSPECT has
+#: them) is one whose only finding is indeterminate, and is left out of patient metrics
 _DIAGNOSES = {label.value for label in Label}
 
 

@@ -40,6 +40,8 @@ HU_PIXEL_STRIDE = 4
 #: HU histogram bins: 100 HU wide over the reconstructed range, open at both ends
 HU_EDGES = np.array([-np.inf, *range(-1000, 3001, 100), np.inf])
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+#: class-balance columns: slice labels, and patient classes (schema.patient_class)
+_CLASSES = tuple(label.value for label in S.Label)
 #: a numeric feature with at most this many distinct values is compared as categories
 _FEW_VALUES = 20
 _EPS = 1e-4
@@ -216,8 +218,8 @@ def site_report(uri: str, site: str, *, hu_slices: int = HU_SAMPLE_SLICES) -> di
         },
         "quarantine": _counts(quarantine[S.REASON].to_pylist()) if quarantine is not None else {},
         "class_balance": {
-            "slices": {k: labels.get(k, 0) for k in ("wnl", "pe", "other", "unlabelled")},
-            "patients": {k: patients[S.PATIENT_CLASS].to_pylist().count(k) for k in ("wnl", "pe", "other")},
+            "slices": {k: labels.get(k, 0) for k in (*_CLASSES, "unlabelled")},
+            "patients": {k: patients[S.PATIENT_CLASS].to_pylist().count(k) for k in _CLASSES},
             "patients_excluded_unlabelled": len(excluded),
         },
         "acquisition": {
@@ -286,9 +288,9 @@ def to_markdown(report: dict[str, Any]) -> str:
                                          files.get("ingested", "-"), files.get("duplicates", "-"), files.get("quarantined", "-")]])
     if report["quarantine"]:
         lines += ["## Quarantine reasons", ""] + _table(["reason", "files"], [[k, v] for k, v in report["quarantine"].items()])
-    lines += ["## Class balance", ""] + _table(["", "wnl", "pe", "other", "unlabelled"], [
-        ["slices", *(bal["slices"][k] for k in ("wnl", "pe", "other", "unlabelled"))],
-        ["patients", *(bal["patients"][k] for k in ("wnl", "pe", "other")), bal["patients_excluded_unlabelled"]]])
+    lines += ["## Class balance", ""] + _table(["", *_CLASSES, "unlabelled"], [
+        ["slices", *(bal["slices"][k] for k in (*_CLASSES, "unlabelled"))],
+        ["patients", *(bal["patients"][k] for k in _CLASSES), bal["patients_excluded_unlabelled"]]])
     lines += ["## Acquisition", ""] + _table(["feature", "distribution"], [
         *([k, ", ".join(f"{v} ({n})" for v, n in acq[k].get("values", {}).items()) or
            f"{acq[k].get('p5')} – {acq[k].get('p95')} (median {acq[k].get('p50')})"] for k in ("pixel_spacing_mm", "slice_thickness_mm", "kvp")),

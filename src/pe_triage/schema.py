@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,20 @@ class Label(str, enum.Enum):
     WNL = "wnl"
     PE = "pe"
     OTHER = "other"
+    #: a finding too small or uncertain to call on that slice: kept and counted, but left out of
+    #: training and of slice metrics by default (no one can say what the model should answer)
+    INDETERMINATE = "indeterminate"
+
+
+#: a patient's class is the first of these among its slice labels: a definite finding outranks an
+#: indeterminate one, and a patient with an indeterminate but no definite finding is not WNL
+PATIENT_CLASS_ORDER = (Label.PE.value, Label.OTHER.value, Label.INDETERMINATE.value, Label.WNL.value)
+
+
+def patient_class(labels: Iterable[str]) -> str:
+    """The class of a patient with these slice labels (see :data:`PATIENT_CLASS_ORDER`)."""
+    present = set(labels)
+    return next((c for c in PATIENT_CLASS_ORDER if c in present), Label.WNL.value)
 
 
 HU_ENCODING = "int16 HU, row-major, stored as two byte planes: rows*cols low bytes, then rows*cols high bytes"
@@ -179,7 +194,7 @@ def windows_stack(column: pa.Array | pa.ChunkedArray, shape: tuple[int, int, int
 
 # ---------------------------------------------------------------------------- splits
 FOLD = "fold"  # "default" for the ratio split; the held-out site for leave-one-site-out folds
-PATIENT_CLASS = "patient_class"  # pe if any PE slice, else other if any disease slice, else wnl
+PATIENT_CLASS = "patient_class"  # schema.patient_class of its slice labels: pe > other > indeterminate > wnl
 SPLIT = "split"
 SPLITS = ("train", "val", "test")
 DEFAULT_FOLD = "default"

@@ -65,8 +65,10 @@ def check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
 def classify_patients(slices: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
     """Slice rows (site, patient_id, label) -> (patients with their class, excluded patients).
 
-    A patient with any unlabelled slice is excluded: its class is unknown (the unlabelled slice may
-    be the PE), so it belongs to no split. Exclusions are returned, never dropped silently.
+    The class is ``schema.patient_class`` of the patient's slice labels; its indeterminate slices stay
+    with it (the loader leaves them out of training). A patient with any unlabelled slice is
+    excluded: its class is unknown (the unlabelled slice may be the PE), so it belongs to no split.
+    Exclusions are returned, never dropped silently.
     """
     for name in (S.SITE, S.PATIENT_ID, S.LABEL):
         if name not in slices.column_names:
@@ -81,13 +83,12 @@ def classify_patients(slices: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]
         {
             S.SITE: slices[S.SITE].cast(pa.string()),
             S.PATIENT_ID: slices[S.PATIENT_ID].cast(pa.string()),
-            "pe": pc.equal(label, S.Label.PE.value),
-            "other": pc.equal(label, S.Label.OTHER.value),
+            **{cls: pc.equal(label, cls) for cls in S.PATIENT_CLASS_ORDER},
             "unlabelled": pc.cast(pc.is_null(label), pa.int64()),
         }
     )
     agg = flags.group_by([S.SITE, S.PATIENT_ID]).aggregate(
-        [("pe", "any"), ("other", "any"), ("unlabelled", "sum"), ("unlabelled", "count")]
+        [*((cls, "any") for cls in S.PATIENT_CLASS_ORDER), ("unlabelled", "sum"), ("unlabelled", "count")]
     )
     kept: dict[str, list[str]] = {S.SITE: [], S.PATIENT_ID: [], S.PATIENT_CLASS: []}
     excluded = []
@@ -102,7 +103,7 @@ def classify_patients(slices: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]
                 }
             )
             continue
-        cls = S.Label.PE.value if row["pe_any"] else S.Label.OTHER.value if row["other_any"] else S.Label.WNL.value
+        cls = S.patient_class(c for c in S.PATIENT_CLASS_ORDER if row[f"{c}_any"])
         kept[S.SITE].append(row[S.SITE])
         kept[S.PATIENT_ID].append(row[S.PATIENT_ID])
         kept[S.PATIENT_CLASS].append(cls)

@@ -1,7 +1,9 @@
 """The evaluation step: apply both stage models to one split, compute every table, render the report.
 
 Both stages are applied to every slice of the split (stage 2's probability exists for all slices so
-the cascade can be formed; its own table uses true disease slices, as the study reports it).
+the cascade can be formed; its own table uses true disease slices, as the study reports it),
+indeterminate slices included: they feed their patient's decision, and the metrics decide what the
+slice tables make of them.
 Grad-CAM overlays are drawn for a seeded sample of true positives, false positives and false
 negatives of each stage; when the generator's ground truth is given (synthetic cohorts), the lesion
 mask is carried through the same crop and resize as the pixels and the fraction of Grad-CAM mass
@@ -129,7 +131,8 @@ def evaluate(
             raise EvaluationError(f"--stage{stage} model is a stage {model.stage} model")
     names = list(dict.fromkeys(models[1].window_names + models[2].window_names))
     try:
-        ds = WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader)
+        ds = WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader,
+                            keep_indeterminate=True)
     except ValueError as e:
         raise EvaluationError(str(e)) from None
     out_dir = Path(out)

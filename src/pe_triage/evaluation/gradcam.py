@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pe_triage.evaluation.metrics import CLASSES
+
 CATEGORIES = ("tp", "fp", "fn")
 
 
@@ -88,13 +90,15 @@ def gradcam_samples(pred: pd.DataFrame, *, stage: int, threshold: float, per_cat
                     seed: int = 0) -> pd.DataFrame:
     """A seeded random sample of up to ``per_category`` true positives, false positives and false
     negatives of one stage (stage 2 on true disease slices, as its metrics), with a ``category`` column.
+    Indeterminate slices are never sampled: they are neither positive nor negative.
 
     Random rather than the most confident: the overlays should show what is typical, not the extremes.
     """
     if stage == 1:
-        rows, truth, score = pred, pred["label"] != "wnl", pred["p_disease"]
+        rows = pred[pred["label"].isin(CLASSES)]
+        truth, score = rows["label"] != "wnl", rows["p_disease"]
     elif stage == 2:
-        rows = pred[pred["label"] != "wnl"]
+        rows = pred[pred["label"].isin(("other", "pe"))]
         truth, score = rows["label"] == "pe", rows["p_pe"]
     else:
         raise ValueError(f"stage must be 1 or 2, got {stage}")

@@ -1,17 +1,23 @@
 """Per-slice, per-patient, cascade and per-site metrics of the two-stage triage.
 
 Input: one row per slice with ``site``, ``patient_id``, ``series_uid``, ``slice_index``, ``label``
-(``wnl`` | ``other`` | ``pe``), ``p_disease`` (stage 1) and ``p_pe`` (stage 2, computed for every
-slice so the cascade can be formed). A slice is positive when ``p >= threshold``.
+(``wnl`` | ``other`` | ``pe`` | ``indeterminate``), ``p_disease`` (stage 1) and ``p_pe`` (stage 2,
+computed for every slice so the cascade can be formed). A slice is positive when ``p >= threshold``.
 
 Definitions (the study's, made explicit):
 
+* **indeterminate slices** (``EvalConfig.indeterminate``): left out of every slice table and curve
+  (``exclude``, the default: nobody can say what the model should have answered), or scored as the
+  class named (``wnl`` / ``other`` / ``pe``: a sensitivity analysis). Either way they are counted,
+  and every slice, indeterminate ones included, feeds its patient's decision.
 * **stage 1, per slice**: every slice; disease (other or PE) vs WNL.
 * **stage 2, per slice**: only slices whose *true* label is disease; PE vs other (the study reports
   stage 2 on disease slices, i.e. as if stage 1 were perfect).
 * **cascade, per slice**: predicted ``wnl`` if ``p_disease < t1``, else ``pe`` if ``p_pe >= t2``,
   else ``other``; a 3x3 confusion (true x predicted) over every slice: what the triage delivers.
-* **patient truth**: ``pe`` if any PE slice, else ``other`` if any other-disease slice, else ``wnl``.
+* **patient truth**: ``pe`` if any PE slice, else ``other`` if any other-disease slice, else
+  ``indeterminate`` if any indeterminate slice, else ``wnl`` (``schema.patient_class``). Patients
+  whose truth is indeterminate are counted and left out of the patient tables, whatever the mode.
 * **patient rule** (``EvalConfig.patient_rule``) turns slice scores into one patient score, and the
   patient is positive when that score reaches the threshold:
 
@@ -33,8 +39,9 @@ are skipped; None when a class is absent).
 
 ``evaluate_predictions`` returns (the layout of ``metrics.json``)::
 
-    schema_version, thresholds{stage1, stage2}, config{patient_rule, k, bootstrap, confidence, seed},
-    counts{slices{wnl, other, pe}, patients{wnl, other, pe}, series, sites},
+    schema_version, thresholds{stage1, stage2}, config{patient_rule, k, bootstrap, confidence, seed, indeterminate},
+    counts{slices{wnl, other, pe, indeterminate}, patients{wnl, other, pe, indeterminate}, series, sites},
+                                                # as labelled, before the indeterminate mode applies
     summary{SUMMARY_KEYS},                      # flat numbers: what promotion gates read
     slice{stage1, stage2: BINARY, cascade: CASCADE},
     patient{rule{name, k}, n, disease: BINARY, pe: BINARY, cascade: CASCADE,
@@ -50,8 +57,11 @@ are skipped; None when a class is absent).
                confusion{labels, matrix (rows true, columns predicted)}}
 
 Summary keys: ``slice_*`` from the slice tables; ``patient_accuracy`` / ``patient_disease_sensitivity``
-/ ``patient_wnl_sensitivity`` from ``patient.disease``; ``patient_pe_sensitivity`` from ``patient.pe``
-(the cascade flags the PE patient); ``*_cascade_accuracy`` from the three-class tables.
+/ ``patient_wnl_sensitivity`` from ``patient.disease``; ``patient_pe_sensitivity`` / ``patient_pe_specificity``
+from ``patient.pe`` (the cascade flags the PE patient / leaves a non-PE patient unflagged);
+``*_cascade_accuracy`` from the three-class tables; ``slice_stage*_auroc_ci_low`` the lower end of the
+AUROC's bootstrap interval (None without one), what the discrimination gates judge; ``slices`` and
+``patients`` the slices and patients the slice and patient tables score.
 """
 
 from __future__ import annotations
@@ -66,16 +76,23 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy import sparse
 
 from pe_triage.config import EvalConfig
+from pe_triage.schema import Label, patient_class
 
 SCHEMA_VERSION = 1
 CLASSES = ("wnl", "other", "pe")
+INDETERMINATE = Label.INDETERMINATE.value
+#: every label a prediction row may carry
+LABELS = (*CLASSES, INDETERMINATE)
+#: values of ``EvalConfig.indeterminate``: leave indeterminate slices out of the slice tables, or score them as a class
+INDETERMINATE_MODES = ("exclude", *CLASSES)
 RULES = ("any", "k_consecutive", "top_k_mean")
 COLUMNS = ("site", "patient_id", "series_uid", "slice_index", "label", "p_disease", "p_pe")
 SUMMARY_KEYS = (
     "slice_stage1_accuracy", "slice_disease_sensitivity", "slice_wnl_sensitivity", "slice_stage1_auroc",
-    "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_stage2_auroc", "slice_cascade_accuracy",
+    "slice_stage1_auroc_ci_low", "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_pe_specificity",
+    "slice_stage2_auroc", "slice_stage2_auroc_ci_low", "slice_cascade_accuracy",
     "patient_accuracy", "patient_disease_sensitivity", "patient_wnl_sensitivity", "patient_pe_sensitivity",
-    "patient_cascade_accuracy", "slices", "patients",
+    "patient_pe_specificity", "patient_cascade_accuracy", "slices", "patients",
 )
 #: the summary values that are rates (the rest are counts)
 RATE_KEYS = tuple(k for k in SUMMARY_KEYS if k not in ("slices", "patients"))
@@ -324,9 +341,11 @@ def _validate(pred: pd.DataFrame, config: EvalConfig, *, labelled: bool = True) 
     if missing:
         raise ValueError(f"predictions lack column(s) {missing}")
     if labelled:
-        bad = sorted(set(pred["label"].dropna().unique()) - set(CLASSES)) + (["<null>"] if pred["label"].isna().any() else [])
+        bad = sorted(set(pred["label"].dropna().unique()) - set(LABELS)) + (["<null>"] if pred["label"].isna().any() else [])
         if bad:
-            raise ValueError(f"labels must be one of {list(CLASSES)}, found {bad}")
+            raise ValueError(f"labels must be one of {list(LABELS)}, found {bad}")
+        if config.indeterminate not in INDETERMINATE_MODES:
+            raise ValueError(f"unknown indeterminate mode {config.indeterminate!r}; known: {list(INDETERMINATE_MODES)}")
     for col in ("p_disease", "p_pe"):
         v = pred[col].to_numpy(float)
         if not np.all((v >= 0) & (v <= 1)):
@@ -368,16 +387,15 @@ def patient_decisions(pred: pd.DataFrame, *, threshold_stage1: float, threshold_
 
 def patient_predictions(pred: pd.DataFrame, *, threshold_stage1: float, threshold_stage2: float,
                         config: EvalConfig) -> pd.DataFrame:
-    """:func:`patient_decisions` with the truth beside them: ``truth`` (after ``patient_id``),
-    ``wnl_slices`` and ``wnl_slices_correct`` (stage 1 called them WNL)."""
+    """:func:`patient_decisions` with the truth beside them: ``truth`` (after ``patient_id``; may be
+    ``indeterminate``), ``wnl_slices`` and ``wnl_slices_correct`` (stage 1 called them WNL)."""
     _validate(pred, config)
     s = _sorted(pred)
     out, patient = _decisions(s, threshold_stage1, threshold_stage2, config)
     n = len(out)
     label = s["label"].to_numpy(object)
-    has_pe = np.bincount(patient, (label == "pe").astype(float), minlength=n) > 0
-    has_other = np.bincount(patient, (label == "other").astype(float), minlength=n) > 0
-    out.insert(2, "truth", np.where(has_pe, "pe", np.where(has_other, "other", "wnl")))
+    groups = np.split(label, np.flatnonzero(np.diff(patient)) + 1) if n else []
+    out.insert(2, "truth", np.array([patient_class(g) for g in groups], object))
     wnl = label == "wnl"
     out["wnl_slices"] = np.bincount(patient, wnl.astype(float), minlength=n).astype(int)
     correct = wnl & (s["p_disease"].to_numpy(float) < threshold_stage1)
@@ -386,6 +404,14 @@ def patient_predictions(pred: pd.DataFrame, *, threshold_stage1: float, threshol
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+def _scored(s: pd.DataFrame, config: EvalConfig) -> pd.DataFrame:
+    """The slices the slice tables score: indeterminate ones left out, or relabelled (the mode)."""
+    indeterminate = s["label"] == INDETERMINATE
+    if config.indeterminate == "exclude":
+        return s[~indeterminate]
+    return s.assign(label=s["label"].mask(indeterminate, config.indeterminate))
+
 
 def _slice_tables(s: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> dict[str, Any]:
     label = s["label"].to_numpy(object)
@@ -436,14 +462,18 @@ def _summary(sl: dict[str, Any], pa: dict[str, Any], slices: int, patients: int)
         "slice_disease_sensitivity": sl["stage1"]["sensitivity"]["value"],
         "slice_wnl_sensitivity": sl["stage1"]["specificity"]["value"],
         "slice_stage1_auroc": sl["stage1"]["auroc"]["value"],
+        "slice_stage1_auroc_ci_low": (sl["stage1"]["auroc"]["ci"] or [None])[0],
         "slice_stage2_accuracy": sl["stage2"]["accuracy"]["value"],
         "slice_pe_sensitivity": sl["stage2"]["sensitivity"]["value"],
+        "slice_pe_specificity": sl["stage2"]["specificity"]["value"],
         "slice_stage2_auroc": sl["stage2"]["auroc"]["value"],
+        "slice_stage2_auroc_ci_low": (sl["stage2"]["auroc"]["ci"] or [None])[0],
         "slice_cascade_accuracy": sl["cascade"]["accuracy"]["value"],
         "patient_accuracy": pa["disease"]["accuracy"]["value"],
         "patient_disease_sensitivity": pa["disease"]["sensitivity"]["value"],
         "patient_wnl_sensitivity": pa["disease"]["specificity"]["value"],
         "patient_pe_sensitivity": pa["pe"]["sensitivity"]["value"],
+        "patient_pe_specificity": pa["pe"]["specificity"]["value"],
         "patient_cascade_accuracy": pa["cascade"]["accuracy"]["value"],
         "slices": int(slices), "patients": int(patients),
     }
@@ -451,17 +481,18 @@ def _summary(sl: dict[str, Any], pa: dict[str, Any], slices: int, patients: int)
 
 def _counts(s: pd.DataFrame, pt: pd.DataFrame) -> dict[str, Any]:
     return {
-        "slices": {c: int((s["label"] == c).sum()) for c in CLASSES},
-        "patients": {c: int((pt["truth"] == c).sum()) for c in CLASSES},
+        "slices": {c: int((s["label"] == c).sum()) for c in LABELS},
+        "patients": {c: int((pt["truth"] == c).sum()) for c in LABELS},
         "series": int(s[["site", "patient_id", "series_uid"]].drop_duplicates().shape[0]),
         "sites": int(s["site"].nunique()),
     }
 
 
 def _evaluate_subset(s: pd.DataFrame, pt: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> dict[str, Any]:
-    sl = _slice_tables(s, t1, t2, config)
-    pa = _patient_tables(pt, t1, t2, config)
-    return {"counts": _counts(s, pt), "summary": _summary(sl, pa, len(s), len(pt)), "slice": sl, "patient": pa}
+    scored, scored_pt = _scored(s, config), pt[pt["truth"] != INDETERMINATE]
+    sl = _slice_tables(scored, t1, t2, config)
+    pa = _patient_tables(scored_pt, t1, t2, config)
+    return {"counts": _counts(s, pt), "summary": _summary(sl, pa, len(scored), len(scored_pt)), "slice": sl, "patient": pa}
 
 
 def evaluate_predictions(pred: pd.DataFrame, *, threshold_stage1: float, threshold_stage2: float,
@@ -472,18 +503,19 @@ def evaluate_predictions(pred: pd.DataFrame, *, threshold_stage1: float, thresho
     pt = patient_predictions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config)
     s = _sorted(pred)
     out = _evaluate_subset(s, pt, t1, t2, config)
-    label = s["label"].to_numpy(object)
+    scored = _scored(s, config)
+    label = scored["label"].to_numpy(object)
     disease = label != "wnl"
     return {
         "schema_version": SCHEMA_VERSION,
         "thresholds": {"stage1": t1, "stage2": t2},
         "config": {"patient_rule": config.patient_rule, "k": config.k, "bootstrap": config.bootstrap,
-                   "confidence": config.confidence, "seed": config.seed},
+                   "confidence": config.confidence, "seed": config.seed, "indeterminate": config.indeterminate},
         **out,
         "per_site": {str(site): _evaluate_subset(s[s["site"] == site], pt[pt["site"] == site], t1, t2, config)
                      for site in sorted(s["site"].unique(), key=str)},
-        "curves": {"stage1": curves(disease, s["p_disease"].to_numpy(float)),
-                   "stage2": curves(label[disease] == "pe", s["p_pe"].to_numpy(float)[disease])},
+        "curves": {"stage1": curves(disease, scored["p_disease"].to_numpy(float)),
+                   "stage2": curves(label[disease] == "pe", scored["p_pe"].to_numpy(float)[disease])},
     }
 
 

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from pe_triage.evaluation.gradcam import CATEGORIES, gradcam_summary
-from pe_triage.evaluation.metrics import CLASSES, format_proportion
+from pe_triage.evaluation.metrics import CLASSES, INDETERMINATE, LABELS, format_proportion
 
-NAMES = {"wnl": "WNL", "other": "Other disease", "pe": "PE", "disease": "Disease", "no_pe": "No PE"}
+NAMES = {"wnl": "WNL", "other": "Other disease", "pe": "PE", "disease": "Disease", "no_pe": "No PE",
+         INDETERMINATE: "Indeterminate"}
 CATEGORY_NAMES = {"tp": "true positives", "fp": "false positives", "fn": "false negatives"}
 SITE_BARS = (  # (label, table path) of the per-site bar chart
     ("Stage 1 accuracy", ("slice", "stage1", "accuracy")),
@@ -163,7 +164,7 @@ def _loso_table(loso: dict[str, Any]) -> Table:
     keys = loso["keys"]
 
     def value(k: str, v: float | None) -> str:  # AUROC as a number, rates in percent
-        return _rate(v) if not k.endswith("auroc") or v is None else f"{v:.3f}"
+        return _rate(v) if "auroc" not in k or v is None else f"{v:.3f}"
 
     def mean_sd(k: str) -> str:
         s = loso["std"][k]
@@ -269,7 +270,7 @@ def _site_plot(per_site: dict[str, Any]) -> bytes:
 def _histogram_plot(pred: pd.DataFrame, thresholds: dict[str, float]) -> bytes:
     fig = _figure(10.0, 3.8)
     bins = np.linspace(0, 1, 26)
-    panels = [("p_disease", "Stage 1: P(disease), all slices", CLASSES, thresholds["stage1"]),
+    panels = [("p_disease", "Stage 1: P(disease), all slices", LABELS, thresholds["stage1"]),
               ("p_pe", "Stage 2: P(PE), true disease slices", ("other", "pe"), thresholds["stage2"])]
     for ax, (col, title, classes, t) in zip(fig.subplots(1, 2), panels):
         for cls in classes:
@@ -307,9 +308,13 @@ def _overview(metrics: dict[str, Any]) -> str:
     c, cfg, t = metrics["counts"], metrics["config"], metrics["thresholds"]
     sl, pa = c["slices"], c["patients"]
     pct = round(100 * cfg["confidence"])
-    return (f"{sum(sl.values())} slices (WNL {sl['wnl']}, other disease {sl['other']}, PE {sl['pe']}) of "
-            f"{sum(pa.values())} patients (WNL {pa['wnl']}, other disease {pa['other']}, PE {pa['pe']}) in {c['sites']} "
-            f"site(s). Thresholds: stage 1 {t['stage1']:.4g}, stage 2 {t['stage2']:.4g}. Patient rule: "
+    mode = cfg["indeterminate"]
+    scored = "left out of" if mode == "exclude" else f"scored as {NAMES[mode]} in"
+    return (f"{sum(sl.values())} slices (WNL {sl['wnl']}, other disease {sl['other']}, PE {sl['pe']}, indeterminate "
+            f"{sl[INDETERMINATE]}) of {sum(pa.values())} patients (WNL {pa['wnl']}, other disease {pa['other']}, PE "
+            f"{pa['pe']}, indeterminate only {pa[INDETERMINATE]}) in {c['sites']} site(s). Indeterminate slices are "
+            f"{scored} the slice tables; patients whose only finding is indeterminate are left out of the patient "
+            f"tables. Thresholds: stage 1 {t['stage1']:.4g}, stage 2 {t['stage2']:.4g}. Patient rule: "
             f"{_rule_text(metrics['patient']['rule'])}. Proportions as k/n with the {pct}% Wilson interval in "
             f"brackets; AUROC/AUPRC with a {pct}% bootstrap interval over patients ({cfg['bootstrap']} resamples).")
 

@@ -6,12 +6,14 @@ logged by a ``register`` run together with its evaluation (``evaluation/metrics.
 and its model card. Aliases, not stages: ``challenger`` (the latest registration), ``champion``
 (what radiology IT loads), ``previous-champion`` (what :func:`rollback` restores).
 
-Promotion gates (``RegistryConfig.gates``) read the ``summary`` of the version's metrics: minimum
-per-patient PE sensitivity and per-slice disease sensitivity, and, when a champion exists, at most
-``max_regression`` lost on each of :data:`REGRESSION_METRICS`. A regression is only judged on the
-same test data (``test_data`` of both metrics files equal); a champion evaluated on other data fails
-the ``same_test_data`` gate, and the remedy is to evaluate the champion's stage models on the
-candidate's test data and pass that metrics folder as ``champion_metrics``.
+Promotion gates (``RegistryConfig.gates``) read the ``summary`` of the version's metrics: the minimums
+of :data:`MIN_GATES` (sensitivity, specificity at the operating point and the AUROC's lower confidence
+bound, so that a model flagging everything or scoring at random is refused; a metric not measured
+fails its gate), and, when a champion exists, at most ``max_regression`` lost on each of
+:data:`REGRESSION_METRICS`. A regression is only judged on the same test data (``test_data`` of both
+metrics files equal); a champion evaluated on other data fails the ``same_test_data`` gate, and the
+remedy is to evaluate the champion's stage models on the candidate's test data and pass that metrics
+folder as ``champion_metrics``.
 
 Every decision is recorded on the version(s) it concerns: ``decision.<UTC time>`` (JSON, kept as
 history) and ``last_decision.*`` (action, outcome, actor, time, reason, gates).
@@ -45,9 +47,21 @@ MODEL_DIR = "model"
 CARD_FILE = "model_card.md"
 #: version tag: the champion a version replaced when it was promoted (rollback walks this chain)
 REPLACED_TAG = "champion.replaced"
-#: metrics on which a candidate may lose at most ``gates.max_regression`` against the champion
+#: the minimum gates: ``GateConfig`` field (the gate's name) and the summary key it bounds
+MIN_GATES = (
+    ("min_patient_pe_sensitivity", "patient_pe_sensitivity"),
+    ("min_slice_disease_sensitivity", "slice_disease_sensitivity"),
+    ("min_slice_disease_specificity", "slice_wnl_sensitivity"),
+    ("min_slice_pe_specificity", "slice_pe_specificity"),
+    ("min_patient_pe_specificity", "patient_pe_specificity"),
+    ("min_stage1_auroc_ci_low", "slice_stage1_auroc_ci_low"),
+    ("min_stage2_auroc_ci_low", "slice_stage2_auroc_ci_low"),
+)
+#: metrics on which a candidate may lose at most ``gates.max_regression`` against the champion (the
+#: AUROC point estimates: on the same test data a drop is real, not interval width)
 REGRESSION_METRICS = (
     "patient_pe_sensitivity", "slice_disease_sensitivity", "patient_cascade_accuracy", "slice_cascade_accuracy",
+    "slice_stage1_auroc", "slice_stage2_auroc",
 )
 _EPS = 1e-9  # a metric exactly at its threshold passes despite float rounding
 
@@ -150,14 +164,18 @@ _SUMMARY_NAMES = {
     "slice_disease_sensitivity": "slice: disease sensitivity",
     "slice_wnl_sensitivity": "slice: WNL sensitivity (specificity)",
     "slice_stage1_auroc": "slice: stage 1 AUROC",
+    "slice_stage1_auroc_ci_low": "slice: stage 1 AUROC, lower confidence bound",
     "slice_stage2_accuracy": "slice: stage 2 accuracy (PE vs other, disease slices)",
     "slice_pe_sensitivity": "slice: PE sensitivity (stage 2)",
+    "slice_pe_specificity": "slice: PE specificity (stage 2, other-disease slices)",
     "slice_stage2_auroc": "slice: stage 2 AUROC",
+    "slice_stage2_auroc_ci_low": "slice: stage 2 AUROC, lower confidence bound",
     "slice_cascade_accuracy": "slice: cascade accuracy (wnl/other/pe)",
     "patient_accuracy": "patient: disease accuracy",
     "patient_disease_sensitivity": "patient: disease sensitivity",
     "patient_wnl_sensitivity": "patient: WNL sensitivity",
     "patient_pe_sensitivity": "patient: PE sensitivity",
+    "patient_pe_specificity": "patient: PE specificity (non-PE patients not flagged)",
     "patient_cascade_accuracy": "patient: cascade accuracy",
     "slices": "slices",
     "patients": "patients",
@@ -337,22 +355,30 @@ def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConf
 
 
 # ------------------------------------------------------------------------------------ promote
-def _min_gate(name: str, value: Any, threshold: float) -> dict[str, Any]:
-    passed = value is not None and float(value) + _EPS >= threshold
-    return {"name": name, "value": value, "threshold": threshold, "passed": passed,
-            "detail": f"{_fmt(value)} {'>=' if passed else '<'} {threshold}" if value is not None else "not measured"}
+def _number(value: Any) -> float | None:
+    """A summary value as a float; None for a missing or non-numeric one (a failed gate, not a crash)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _min_gate(name: str, key: str, summary: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+    value = _number(summary.get(key))
+    passed = value is not None and value + _EPS >= threshold
+    if value is not None:
+        detail = f"{key} {_fmt(value)} {'>=' if passed else '<'} {threshold}"
+    elif key not in summary:
+        detail = f"{key} missing from the metrics summary: evaluate the models with this pe-triage version"
+    else:
+        detail = f"{key} not measured on the test data (a class absent, or no bootstrap interval)"
+    return {"name": name, "value": value, "threshold": threshold, "passed": passed, "detail": detail}
 
 
 def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None,
                    config: RegistryConfig) -> list[dict[str, Any]]:
     """Gate results (name, value, threshold, passed, detail) of candidate metrics against the
-    thresholds and, when a champion is given, against the champion's metrics."""
+    thresholds (gates set to None are off) and, when a champion is given, against the champion's metrics."""
     g, summary = config.gates, candidate["summary"]
-    gates = [
-        _min_gate("min_patient_pe_sensitivity", summary.get("patient_pe_sensitivity"), g.min_patient_pe_sensitivity),
-        _min_gate("min_slice_disease_sensitivity", summary.get("slice_disease_sensitivity"),
-                  g.min_slice_disease_sensitivity),
-    ]
+    gates = [_min_gate(name, key, summary, threshold) for name, key in MIN_GATES
+             if (threshold := getattr(g, name)) is not None]
     if champion is None:
         return gates
     same = dict(candidate["test_data"]) == dict(champion["test_data"])
@@ -364,10 +390,10 @@ def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | N
     if not same:
         return gates
     for key in REGRESSION_METRICS:
-        new, old = summary.get(key), champion["summary"].get(key)
+        new, old = _number(summary.get(key)), _number(champion["summary"].get(key))
         if old is None:
             continue  # nothing measured to regress from
-        delta = None if new is None else float(new) - float(old)
+        delta = None if new is None else new - old
         passed = delta is not None and delta + _EPS >= -g.max_regression
         gates.append({"name": f"max_regression.{key}", "value": delta, "threshold": -g.max_regression, "passed": passed,
                       "detail": f"{_fmt(new)} vs champion {_fmt(old)} (change {_fmt(delta)}, allowed -{g.max_regression})"})

@@ -6,7 +6,8 @@ Layout under ``out``::
     sites/<site>/labels.csv                        the site's label manifest
     truth/<site>.parquet                           per-slice ground truth (TRUTH_SCHEMA), kept apart
     truth/phi.json                                 every PHI string and clear UID written
-    truth/cohort.json                              conventions, per-patient class and lesions, seed
+    truth/cohort.json                              conventions, per-patient class and lesions, seed,
+                                                   lesion preset and visibility minima
 
 Everything is a function of ``SynthConfig``: random draws come from generators seeded per
 (seed, site, patient), UIDs from the same keys, dates from the generators; so the same config
@@ -49,7 +50,7 @@ from pe_triage.config import SynthConfig, to_dict
 from pe_triage.schema import Label, Tissue
 
 from .anatomy import Anatomy
-from .patient import add_emboli, add_other_disease, draw_anatomy
+from .patient import LesionPreset, add_emboli, add_other_disease, draw_anatomy, lesion_preset
 from .phantom import Grid, RenderedSlice, make_grid, render_slice, scanner
 from .phi import PatientPHI, SitePHI, patient_phi, site_phi
 from .sites import SiteConventions, site_conventions
@@ -57,6 +58,8 @@ from .sites import SiteConventions, site_conventions
 _IMPLEMENTATION_UID = generate_uid(entropy_srcs=["pe-triage synthetic CT"])
 _FOV_MM = (320.0, 460.0)  # reconstruction diameters a technologist would pick for a chest
 _MAX_DISEASE_DRAWS = 20
+#: patient classes (a slice may also be indeterminate; a patient is not)
+_CLASSES = (Label.PE, Label.OTHER, Label.WNL)
 #: the elements that change from slice to slice, in tag order
 _SLICE_TAGS = (Tag(0x0008, 0x0018), Tag(0x0020, 0x0013), Tag(0x0020, 0x0032), Tag(0x0020, 0x1041), Tag(0x7FE0, 0x0010))
 _ENCODERS = {RLELossless: RLELosslessEncoder, JPEG2000Lossless: JPEG2000LosslessEncoder}
@@ -74,8 +77,10 @@ class SiteSummary:
 class CohortSummary:
     out: Path
     sites: tuple[SiteSummary, ...]
-    class_counts: Mapping[str, int]  # patients per Label value
+    class_counts: Mapping[str, int]  # patients per class (wnl, pe, other)
     phi: tuple[str, ...]  # every PHI string injected (also in truth/phi.json)
+    slice_counts: Mapping[str, int]  # slices per Label value
+    lesions: str  # the lesion preset (SynthConfig.lesions)
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +92,7 @@ class _Patient:
     spacing: float  # pixel spacing, mm
     z: np.ndarray  # slice positions, ascending
     slices: tuple[RenderedSlice, ...]
+    labels: tuple[Label, ...]  # per slice, as a radiologist marks it
     outside: np.ndarray  # pixels outside the reconstruction circle
     noise: np.random.Generator
     study_uid: str
@@ -98,6 +104,7 @@ class _Patient:
 def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
     """Write the cohort under ``out`` (which must not hold a previous cohort: nothing is deleted)."""
     out = Path(out)
+    preset = lesion_preset(config.lesions)
     for sub in ("sites", "truth"):
         if (out / sub).exists() and any((out / sub).iterdir()):
             raise FileExistsError(f"{out / sub} is not empty; generate into a new directory")
@@ -106,7 +113,8 @@ def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
     uids: list[str] = []
     sites: list[SiteSummary] = []
     site_json: list[dict[str, object]] = []
-    counts = {label.value: 0 for label in Label}
+    counts = {label.value: 0 for label in _CLASSES}
+    slice_counts = {label.value: 0 for label in Label}
     for index in range(config.sites):
         conv = site_conventions(index)
         hospital = site_phi(index)
@@ -118,8 +126,10 @@ def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
         manifest: list[dict[str, str]] = []
         patients: list[dict[str, object]] = []
         for p in range(config.patients_per_site):
-            pat = _patient(config, conv, index, p, plan)
+            pat = _patient(config, preset, conv, index, p, plan)
             counts[pat.label.value] += 1
+            for label in pat.labels:
+                slice_counts[label.value] += 1
             phi += pat.phi.strings()
             uids += [pat.study_uid, pat.series_uid, pat.frame_uid, *pat.sop_uids]
             files += _write_patient(root / "dicom", conv, hospital, pat, config, truth)
@@ -133,9 +143,10 @@ def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
     phi_unique = tuple(dict.fromkeys(phi))
     (out / "truth" / "phi.json").write_text(
         json.dumps({"strings": list(phi_unique), "uids": list(dict.fromkeys(uids))}, indent=1) + "\n")
-    (out / "truth" / "cohort.json").write_text(
-        json.dumps({"seed": config.seed, "config": to_dict(config), "sites": site_json}, indent=1) + "\n")
-    return CohortSummary(out, tuple(sites), counts, phi_unique)
+    (out / "truth" / "cohort.json").write_text(json.dumps({
+        "seed": config.seed, "lesions": config.lesions, "min_visible_area_mm2": to_dict(config.min_visible_area_mm2),
+        "config": to_dict(config), "sites": site_json}, indent=1) + "\n")
+    return CohortSummary(out, tuple(sites), counts, phi_unique, slice_counts, config.lesions)
 
 
 def _class_plan(config: SynthConfig, site: int) -> list[Label]:
@@ -143,7 +154,7 @@ def _class_plan(config: SynthConfig, site: int) -> list[Label]:
     if config.patients_per_site < 3:
         return []
     fractions = _fractions(config)
-    forced = [label for label in (Label.PE, Label.OTHER, Label.WNL) if fractions[label] > 0]
+    forced = [label for label in _CLASSES if fractions[label] > 0]
     order = np.random.default_rng(np.random.SeedSequence([config.seed % 2**63, site])).permutation(len(forced))
     return [forced[i] for i in order]
 
@@ -153,7 +164,8 @@ def _fractions(config: SynthConfig) -> dict[Label, float]:
     return {Label.PE: config.pe_fraction, Label.OTHER: config.other_fraction, Label.WNL: wnl}
 
 
-def _patient(config: SynthConfig, conv: SiteConventions, site: int, index: int, plan: list[Label]) -> _Patient:
+def _patient(config: SynthConfig, preset: LesionPreset, conv: SiteConventions, site: int, index: int,
+             plan: list[Label]) -> _Patient:
     seq = np.random.SeedSequence([config.seed % 2**63, site], spawn_key=(index,))
     r_class, r_anat, r_disease, r_phi, r_geom, r_noise = (np.random.default_rng(s) for s in seq.spawn(6))
     if index < len(plan):
@@ -161,7 +173,7 @@ def _patient(config: SynthConfig, conv: SiteConventions, site: int, index: int, 
     else:
         fr = _fractions(config)
         p = np.array([fr[Label.PE], fr[Label.OTHER], fr[Label.WNL]])
-        label = (Label.PE, Label.OTHER, Label.WNL)[int(r_class.choice(3, p=p / p.sum()))]
+        label = _CLASSES[int(r_class.choice(3, p=p / p.sum()))]
     female = bool(r_class.random() < 0.5)
     normal = draw_anatomy(r_anat, female=female)
     fov = float(np.clip(np.ceil((2.0 * max(normal.body_a) + r_geom.uniform(20.0, 50.0)) / 10.0) * 10.0, *_FOV_MM))
@@ -171,16 +183,17 @@ def _patient(config: SynthConfig, conv: SiteConventions, site: int, index: int, 
     grid = make_grid(normal, config.size, spacing)
     outside = _outside_fov(grid)
     for _ in range(_MAX_DISEASE_DRAWS):
-        anatomy = _disease(normal, r_disease, label, z, config, spacing)
+        anatomy = _disease(normal, r_disease, label, z, config, preset, spacing)
         slices = tuple(_cut_fov(render_slice(anatomy, grid, float(zi)), outside) for zi in z)
-        if _shows(label, [s.label for s in slices]):
+        labels = tuple(s.label(config.min_visible_area_mm2) for s in slices)
+        if _shows(label, slices, labels):
             break
     else:
         raise RuntimeError(f"{conv.name} patient {index}: could not place {label.value} disease in the scanned range")
     keys = [f"pe-triage-synth/{config.seed}/{conv.name}/{index}"]
     return _Patient(
         index=index, label=label, phi=patient_phi(r_phi, conv.letter, index, female=female), anatomy=anatomy,
-        spacing=spacing, z=z, slices=slices, outside=outside, noise=r_noise,
+        spacing=spacing, z=z, slices=slices, labels=labels, outside=outside, noise=r_noise,
         study_uid=generate_uid(entropy_srcs=keys + ["study"]),
         series_uid=generate_uid(entropy_srcs=keys + ["series"]),
         frame_uid=generate_uid(entropy_srcs=keys + ["frame"]),
@@ -189,26 +202,27 @@ def _patient(config: SynthConfig, conv: SiteConventions, site: int, index: int, 
 
 
 def _disease(an: Anatomy, rng: np.random.Generator, label: Label, z: np.ndarray, config: SynthConfig,
-             spacing: float) -> Anatomy:
+             preset: LesionPreset, spacing: float) -> Anatomy:
     if label is Label.PE:
-        an = add_emboli(an, rng, z, config.pe_extent_slices, spacing)
+        an = add_emboli(an, rng, z, config.pe_extent_slices, spacing, preset)
         if rng.random() < 0.15:
-            an = add_other_disease(an, rng, z, 1, spacing)
+            an = add_other_disease(an, rng, z, 1, spacing, preset)
     elif label is Label.OTHER:
-        an = add_other_disease(an, rng, z, int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1])), spacing)
+        an = add_other_disease(an, rng, z, int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1])), spacing, preset)
     return an
 
 
-def _shows(label: Label, labels: list[Label]) -> bool:
-    """The patient's class is visible: PE on two consecutive slices (when there are two), other
-    disease on some slice (and no PE), nothing for a WNL patient."""
+def _shows(label: Label, slices: tuple[RenderedSlice, ...], labels: tuple[Label, ...]) -> bool:
+    """A radiologist would give the patient its class: visible PE on two consecutive slices (when
+    there are two); visible other disease and no clot at all, not even a sliver; no lesion pixel on
+    any slice of a WNL patient."""
     if label is Label.PE:
         if len(labels) < 2:
             return Label.PE in labels
         return any(a is Label.PE and b is Label.PE for a, b in itertools.pairwise(labels))
     if label is Label.OTHER:
-        return Label.OTHER in labels and Label.PE not in labels
-    return all(lab is Label.WNL for lab in labels)
+        return Label.OTHER in labels and not any("pe" in s.areas_mm2 for s in slices)
+    return not any(s.areas_mm2 for s in slices)
 
 
 def _outside_fov(grid: Grid) -> np.ndarray:
@@ -220,7 +234,7 @@ def _outside_fov(grid: Grid) -> np.ndarray:
 def _cut_fov(s: RenderedSlice, outside: np.ndarray) -> RenderedSlice:
     tissue = s.tissue.copy()
     tissue[outside] = Tissue.AIR
-    return RenderedSlice(s.hu, tissue, s.kind)
+    return RenderedSlice(s.hu, tissue, s.kind, s.spacing)
 
 
 def _stored(conv: SiteConventions, hu: np.ndarray, outside: np.ndarray) -> np.ndarray:
@@ -407,7 +421,7 @@ def _write_patient(root: Path, conv: SiteConventions, hospital: SitePHI, pat: _P
             schema.Z_MM: z,
             schema.ROWS: config.size,
             schema.COLS: config.size,
-            schema.LABEL: s.label.value,
+            schema.LABEL: pat.labels[i].value,
             schema.T_LESION: s.lesion,
             schema.T_MASK: s.mask.astype(np.uint8).tobytes(),
             schema.T_TISSUE: s.tissue.tobytes() if config.write_tissue_maps else None,
@@ -417,11 +431,12 @@ def _write_patient(root: Path, conv: SiteConventions, hospital: SitePHI, pat: _P
 
 
 def _manifest_rows(conv: SiteConventions, pat: _Patient) -> list[dict[str, str]]:
-    """A patient row with the diagnosis, then one row per non-WNL slice (unlisted slices are WNL)."""
+    """A patient row with the diagnosis, then one row per non-WNL slice, indeterminate ones included
+    (unlisted slices are WNL)."""
     rows = [{schema.M_PATIENT_ID: pat.phi.mrn, schema.M_STUDY_UID: pat.study_uid, schema.M_DIAGNOSIS: pat.label.value}]
     numbers = _instance_numbers(conv, len(pat.z))
     for i in sorted(range(len(pat.z)), key=lambda i: numbers[i]):
-        label = pat.slices[i].label
+        label = pat.labels[i]
         if label is Label.WNL:
             continue
         row = {schema.M_PATIENT_ID: pat.phi.mrn, schema.M_STUDY_UID: pat.study_uid,
@@ -449,7 +464,7 @@ def _conventions_json(conv: SiteConventions) -> dict[str, object]:
 
 
 def _patient_json(pat: _Patient) -> dict[str, object]:
-    labels = [s.label for s in pat.slices]
+    labels = pat.labels
     an = pat.anatomy
     return {
         "index": pat.index,
@@ -458,6 +473,7 @@ def _patient_json(pat: _Patient) -> dict[str, object]:
         "slices": len(labels),
         "pe_slices": labels.count(Label.PE),
         "other_slices": labels.count(Label.OTHER),
+        "indeterminate_slices": labels.count(Label.INDETERMINATE),
         "pixel_spacing_mm": pat.spacing,
         "emboli": [{"location": e.location, "fraction": round(e.fraction, 3), "hu": round(e.hu, 1),
                     "z_mm": [round(e.z_lo, 2), round(e.z_hi, 2)]} for e in an.emboli],
@@ -469,6 +485,8 @@ def _patient_json(pat: _Patient) -> dict[str, object]:
 def cohort_overview(cohort: CohortSummary) -> dict[str, Any]:
     """Counts only: the summary's file list and injected PHI strings stay out of logs and reports."""
     return {
+        "lesions": cohort.lesions,
         "sites": {s.name: {"patients": s.patients, "slices": s.slices} for s in cohort.sites},
         "patients_per_class": dict(cohort.class_counts),
+        "slices_per_label": dict(cohort.slice_counts),
     }

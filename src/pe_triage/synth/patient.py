@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +22,45 @@ from .anatomy import AIRWAY, ARTERY, SYSTEMIC, VEIN, Anatomy, Blob, Effusion, Em
 #: emboli lengths in ``SynthConfig.pe_extent_slices`` count slices of this spacing
 PE_REFERENCE_SPACING_MM = 3.0
 _PROBE = np.array([1.0, 0.7, 0.4])
+#: radius (mm) from which an intrapulmonary artery counts as lobar, and below which as segmental
+_LOBAR_R = 3.5
+_SEGMENTAL_R = 1.5
+
+
+@dataclass(frozen=True)
+class LesionPreset:
+    """The ranges lesions are drawn from (``SynthConfig.lesions`` names one of ``LESION_PRESETS``).
+
+    The anatomy comes from its own random stream, so for one seed presets differ in lesions only.
+    """
+
+    #: probabilities of a central, lobar and segmental embolus
+    pe_locations: tuple[float, float, float]
+    #: defect radius / lumen radius of non-occlusive clots
+    clot_fraction: tuple[float, float]
+    #: a clot runs on downstream only into arteries at least this wide (mm radius)
+    clot_min_artery_r: float
+    #: nodule / mass radius (mm)
+    nodule_r: tuple[float, float]
+    #: effusion thickness at full depth (mm, average adult)
+    effusion_mm: tuple[float, float]
+    ggo_hu: tuple[float, float]
+
+
+LESION_PRESETS = {
+    #: a CTPA service's mix: a third of clots segmental, down to 5 mm nodules and thin effusions
+    "realistic": LesionPreset((0.3, 0.35, 0.35), (0.4, 0.75), 0.0, (2.5, 20.0), (12.0, 40.0), (-700.0, -400.0)),
+    #: every lesion plain at a glance: clots in central and lobar arteries only, filling most of the
+    #: lumen; nodules from 12 mm; effusions from 25 mm; ground glass dense enough to stand out
+    "conspicuous": LesionPreset((0.5, 0.5, 0.0), (0.6, 0.85), _LOBAR_R, (6.0, 20.0), (25.0, 50.0), (-550.0, -350.0)),
+}
+
+
+def lesion_preset(name: str) -> LesionPreset:
+    """The preset called ``name``; an unknown name is an error that lists the known ones."""
+    if name not in LESION_PRESETS:
+        raise ValueError(f"synth.lesions {name!r}: expected one of {sorted(LESION_PRESETS)}")
+    return LESION_PRESETS[name]
 
 
 class _TubeList:
@@ -239,7 +279,7 @@ def _add_bronchi(t: _TubeList, first: int, last: int, side: int, air: int) -> No
 
 
 def add_emboli(an: Anatomy, rng: np.random.Generator, z_slices: np.ndarray, extent: tuple[int, int],
-               pixel_mm: float) -> Anatomy:
+               pixel_mm: float, preset: LesionPreset = LESION_PRESETS["realistic"]) -> Anatomy:
     """One to three emboli (central, lobar or segmental), each over a z slab the series covers.
 
     Arteries carrying a clot are widened to at least 0.75 pixel in radius (a no-op at clinical
@@ -255,28 +295,30 @@ def add_emboli(an: Anatomy, rng: np.random.Generator, z_slices: np.ndarray, exte
     artery = tubes.group == ARTERY
     classes = {
         "central": np.flatnonzero(artery & ~tubes.clipped),
-        "lobar": np.flatnonzero(artery & tubes.clipped & (tubes.r0 >= 3.5)),
-        "segmental": np.flatnonzero(artery & tubes.clipped & (tubes.r0 >= 1.5) & (tubes.r0 < 3.5)),
+        "lobar": np.flatnonzero(artery & tubes.clipped & (tubes.r0 >= _LOBAR_R)),
+        "segmental": np.flatnonzero(artery & tubes.clipped & (tubes.r0 >= _SEGMENTAL_R) & (tubes.r0 < _LOBAR_R)),
     }
     need = min(2, len(z_slices))
     emboli: list[Embolus] = []
     for _ in range(int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))):
-        location = str(rng.choice(["central", "lobar", "segmental"], p=[0.3, 0.35, 0.35]))
+        location = str(rng.choice(["central", "lobar", "segmental"], p=list(preset.pe_locations)))
         length = rng.integers(extent[0], extent[1] + 1) * PE_REFERENCE_SPACING_MM
         embolus = None
         for attempt in range(300):
             loc = location if attempt < 200 else "central"
             start = int(rng.choice(classes[loc]))
             path = [start]
-            while children[path[-1]] and _z_extent(tubes, path) < length:
-                kids = children[path[-1]]
+            while _z_extent(tubes, path) < length:
+                kids = [k for k in children[path[-1]] if tubes.r0[k] >= preset.clot_min_artery_r]
+                if not kids:
+                    break
                 path.append(max(kids, key=lambda k: leaves[k]) if rng.random() < 0.6 else int(rng.choice(kids)))
             lo, hi = _z_range(tubes, path)
             span = min(length, hi - lo)
             z_lo = rng.uniform(lo, hi - span)
             z_hi = z_lo + span
             if np.count_nonzero((z_slices >= z_lo) & (z_slices <= z_hi)) >= need:
-                embolus = _embolus(rng, path, z_lo, z_hi, loc)
+                embolus = _embolus(rng, path, z_lo, z_hi, loc, preset.clot_fraction)
                 break
         if embolus is not None:
             emboli.append(embolus)
@@ -287,10 +329,11 @@ def add_emboli(an: Anatomy, rng: np.random.Generator, z_slices: np.ndarray, exte
     return dataclasses.replace(an, emboli=tuple(emboli), tubes=dataclasses.replace(tubes, r0=r0, r1=r1))
 
 
-def _embolus(rng: np.random.Generator, path: list[int], z_lo: float, z_hi: float, location: str) -> Embolus:
+def _embolus(rng: np.random.Generator, path: list[int], z_lo: float, z_hi: float, location: str,
+             fraction_range: tuple[float, float]) -> Embolus:
     """Occlusive (fills the lumen), central (contrast rim all round) or eccentric (wall-adherent)."""
     style = rng.choice(["occlusive", "central", "eccentric"], p=[0.3, 0.3, 0.4])
-    fraction = 1.0 if style == "occlusive" else float(rng.uniform(0.4, 0.75))
+    fraction = 1.0 if style == "occlusive" else float(rng.uniform(*fraction_range))
     direction = (0.0, 0.0, 0.0)
     if style == "eccentric":
         v = rng.normal(size=3)
@@ -317,7 +360,7 @@ def _z_extent(tubes: Tubes, path: list[int]) -> float:
 
 
 def add_other_disease(an: Anatomy, rng: np.random.Generator, z_slices: np.ndarray, count: int,
-                      pixel_mm: float) -> Anatomy:
+                      pixel_mm: float, preset: LesionPreset = LESION_PRESETS["realistic"]) -> Anatomy:
     """Consolidation, ground glass, nodules/masses and effusions placed where the series looks."""
     dz = abs(float(z_slices[1] - z_slices[0])) if len(z_slices) > 1 else 5.0
     inner = z_slices[1:-1] if len(z_slices) > 2 else z_slices
@@ -329,12 +372,12 @@ def add_other_disease(an: Anatomy, rng: np.random.Generator, z_slices: np.ndarra
             side = int(rng.choice([-1, 1]))
             z_top = min(an.z(rng.uniform(0.6, 0.95)), float(inner.max()))
             z_top = max(z_top, float(z_slices.min()) + 1.5 * dz)
-            effusions.append(Effusion(side, float(z_top), float(rng.uniform(12.0, 40.0) * an.scale),
+            effusions.append(Effusion(side, float(z_top), float(rng.uniform(*preset.effusion_mm) * an.scale),
                                       float(rng.uniform(20.0, 50.0)), float(rng.uniform(0.0, 20.0))))
             continue
         center = _lesion_center(an, rng, inner, dz)
         if kind == "nodule":
-            r = max(rng.uniform(2.5, 20.0), 1.6 * pixel_mm)
+            r = max(rng.uniform(*preset.nodule_r), 1.6 * pixel_mm)
             radii = (r * rng.uniform(0.85, 1.15), r * rng.uniform(0.85, 1.15), r)
             amp, hu = 0.08, rng.uniform(0.0, 60.0)
         elif kind == "consolidation":
@@ -342,7 +385,7 @@ def add_other_disease(an: Anatomy, rng: np.random.Generator, z_slices: np.ndarra
             amp, hu = 0.15, rng.uniform(-100.0, 40.0)
         else:
             radii = (rng.uniform(15.0, 40.0), rng.uniform(15.0, 40.0), rng.uniform(12.0, 35.0))
-            amp, hu = 0.18, rng.uniform(-700.0, -400.0)
+            amp, hu = 0.18, rng.uniform(*preset.ggo_hu)
         harmonics = tuple((float(rng.uniform(0.3, 1.0) * amp), float(rng.uniform(0.0, 2.0 * np.pi)),
                            float(rng.uniform(-2.0, 2.0))) for _ in range(3))
         blobs.append(Blob(kind, center, (float(radii[0]), float(radii[1]), float(radii[2])), float(hu), harmonics))

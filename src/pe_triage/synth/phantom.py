@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pe_triage.config import LesionVisibility
 from pe_triage.schema import Label, Tissue
 
 from .anatomy import (
@@ -111,26 +112,40 @@ class RenderedSlice:
     hu: Array  # float32 HU, noiseless
     tissue: Array  # uint8 Tissue codes
     kind: Array  # uint8: 1 + index into OTHER_KINDS where an other-disease lesion was painted
+    spacing: float  # pixel spacing, mm
 
     @cached_property
     def mask(self) -> Array:
         return (self.tissue == Tissue.PE) | (self.tissue == Tissue.OTHER_LESION)
 
     @cached_property
-    def label(self) -> Label:
-        if (self.tissue == Tissue.PE).any():
+    def areas_mm2(self) -> dict[str, float]:
+        """Cross-section of each lesion kind on the slice ("pe" or an OTHER_KINDS name; kinds absent
+        from the slice left out): its pixels times the pixel area, at the native resolution."""
+        pixel = self.spacing * self.spacing
+        counts = np.bincount(self.kind[self.tissue == Tissue.OTHER_LESION], minlength=len(OTHER_KINDS) + 1)
+        areas = {kind: int(n) * pixel for kind, n in zip(OTHER_KINDS, counts[1:].tolist()) if n}
+        pe = int(np.count_nonzero(self.tissue == Tissue.PE))
+        return {"pe": pe * pixel, **areas} if pe else areas
+
+    def label(self, visible: LesionVisibility) -> Label:
+        """The slice as a radiologist marks it: PE where a clot's cross-section reaches its kind's
+        visible minimum, else other disease where one does, else indeterminate where only slivers
+        of lesions cut the slice, else WNL."""
+        seen = {kind for kind, area in self.areas_mm2.items() if area >= getattr(visible, kind)}
+        if "pe" in seen:
             return Label.PE
-        if (self.tissue == Tissue.OTHER_LESION).any():
+        if seen:
             return Label.OTHER
-        return Label.WNL
+        return Label.INDETERMINATE if self.areas_mm2 else Label.WNL
 
     @cached_property
     def lesion(self) -> str:
         """The dominant lesion kind: PE wins, else the other-disease kind with most pixels."""
-        if (self.tissue == Tissue.PE).any():
+        areas = self.areas_mm2
+        if "pe" in areas:
             return "pe"
-        counts = np.bincount(self.kind[self.tissue == Tissue.OTHER_LESION], minlength=len(OTHER_KINDS) + 1)
-        return OTHER_KINDS[int(np.argmax(counts[1:]))] if counts[1:].any() else "none"
+        return max(areas, key=areas.__getitem__) if areas else "none"
 
 
 class _Painter:
@@ -231,7 +246,7 @@ def render_slice(an: Anatomy, grid: Grid, z: float) -> RenderedSlice:
     _spine(p, an, z, u)
     _ribs(p, an, u)
     _lesions(p, an, z, u)
-    return RenderedSlice(p.hu, p.tissue, p.kind)
+    return RenderedSlice(p.hu, p.tissue, p.kind, grid.spacing)
 
 
 def _table(p: _Painter, an: Anatomy) -> None:

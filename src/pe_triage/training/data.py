@@ -43,6 +43,10 @@ INDEX_COLUMNS = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL]
 TARGET = "target"
 #: labels whose slices enter each stage (targets: see _targets)
 STAGE_LABELS = {1: (S.Label.WNL.value, S.Label.PE.value, S.Label.OTHER.value), 2: (S.Label.PE.value, S.Label.OTHER.value)}
+#: the target of an indeterminate slice (kept only on request, for evaluation): it has none
+NO_TARGET = -1
+_KNOWN_LABELS = pa.array([label.value for label in S.Label])
+_INDETERMINATE = S.Label.INDETERMINATE.value
 _KEY_SEP = "\x1f"
 
 
@@ -57,9 +61,9 @@ class _FileSelection:
 
 
 def _targets(labels: np.ndarray, stage: int) -> np.ndarray:
-    """Stage 1: disease (pe or other) = 1, wnl = 0. Stage 2: pe = 1, other = 0."""
-    positive = labels != S.Label.WNL.value if stage == 1 else labels == S.Label.PE.value
-    return positive.astype(np.int64)
+    """Stage 1: disease (pe or other) = 1, wnl = 0. Stage 2: pe = 1, other = 0. Indeterminate: NO_TARGET."""
+    positive = np.isin(labels, STAGE_LABELS[2]) if stage == 1 else labels == S.Label.PE.value
+    return np.where(labels == _INDETERMINATE, NO_TARGET, positive.astype(np.int64))
 
 
 def _split_keys(splits: str, fold: str, split: str) -> pa.Array:
@@ -151,8 +155,11 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Slices of one split of one fold for one stage: ``(x float32 [C, H, W] in [-1, 1], y int64)``.
 
     Stage 1 takes every labelled slice (target 1 = disease, pe or other); stage 2 takes disease
-    slices only (target 1 = pe, 0 = other). Unlabelled slices never enter. ``windows_used`` picks
-    and orders the channels by window name (e.g. ``["vascular", "lung"]`` for DWL).
+    slices only (target 1 = pe, 0 = other). Unlabelled slices never enter. Indeterminate slices have
+    no target: they are left out and counted in ``excluded_indeterminate``, unless
+    ``keep_indeterminate`` (evaluation: a patient's decision reads all its slices), which adds them
+    with target ``NO_TARGET``. ``windows_used`` picks and orders the channels by window name (e.g.
+    ``["vascular", "lung"]`` for DWL).
 
     Construction materialises the selection into a memmap under ``config.cache_dir`` (default: the
     system temp folder), in a folder of its own that :meth:`close`, the context manager exit or
@@ -170,12 +177,16 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         fold: str = S.DEFAULT_FOLD,
         config: LoaderConfig = LoaderConfig(),
         train: bool = False,
+        keep_indeterminate: bool = False,
     ) -> None:
         if stage not in STAGE_LABELS:
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
         if split not in S.SPLITS:
             raise ValueError(f"split must be one of {list(S.SPLITS)}, got {split!r}")
         self.split, self.stage, self.fold, self.config, self.train = split, stage, fold, config, train
+        self.keep_indeterminate = keep_indeterminate
+        #: indeterminate slices of the split's patients that were left out (0 with keep_indeterminate)
+        self.excluded_indeterminate = 0
         files = sorted(pads.dataset(windows, format="parquet", partitioning="hive").files)
         if not files:
             raise ValueError(f"windows dataset {windows!r} has no Parquet files")
@@ -211,7 +222,7 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         defs, shape = _window_defs(first, files[0]), list(S.windows_shape(first.schema_arrow.field(S.WINDOWS)))
         if len(defs) != shape[0]:
             raise ValueError(f"{files[0]}: {len(defs)} window definitions for {shape[0]} stored windows")
-        labels = pa.array(STAGE_LABELS[self.stage])
+        labels = pa.array([*STAGE_LABELS[self.stage], *([_INDETERMINATE] if self.keep_indeterminate else [])])
         selections, key_tables = [], []
         for path in files:
             pf = pq.ParquetFile(path)
@@ -220,11 +231,15 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if (file_shape := list(S.windows_shape(pf.schema_arrow.field(S.WINDOWS)))) != shape:
                 raise ValueError(f"window tensor shape differs between files: {files[0]} has {shape}, {path} has {file_shape}")
             keys = pf.read(columns=INDEX_COLUMNS)
-            unknown = pc.and_(pc.is_valid(keys[S.LABEL]), pc.invert(pc.is_in(keys[S.LABEL], value_set=pa.array(STAGE_LABELS[1]))))
+            unknown = pc.and_(pc.is_valid(keys[S.LABEL]), pc.invert(pc.is_in(keys[S.LABEL], value_set=_KNOWN_LABELS)))
             if pc.any(unknown).as_py():
                 raise ValueError(f"{path}: unknown label(s) {sorted(set(pc.filter(keys[S.LABEL], unknown).to_pylist()))}")
             patient = pc.binary_join_element_wise(keys[S.SITE], keys[S.PATIENT_ID], _KEY_SEP)
-            mask = pc.and_(pc.is_in(keys[S.LABEL], value_set=labels), pc.is_in(patient, value_set=patients))
+            in_split = pc.is_in(patient, value_set=patients)
+            mask = pc.and_(pc.is_in(keys[S.LABEL], value_set=labels), in_split)
+            if not self.keep_indeterminate:
+                left_out = pc.and_(in_split, pc.equal(keys[S.LABEL], _INDETERMINATE))
+                self.excluded_indeterminate += pc.sum(left_out).as_py() or 0
             selected = mask.to_numpy(zero_copy_only=False)
             if not selected.any():
                 continue
@@ -274,8 +289,8 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return x, torch.tensor(self.targets[i], dtype=torch.int64)
 
     def class_counts(self) -> dict[int, int]:
-        """Slices per target (both classes listed, zero included)."""
-        counts = np.bincount(self.targets, minlength=2)
+        """Slices per target (both classes listed, zero included; indeterminate slices have none)."""
+        counts = np.bincount(self.targets[self.targets != NO_TARGET], minlength=2)
         return {c: int(n) for c, n in enumerate(counts)}
 
     def close(self) -> None:

@@ -247,6 +247,7 @@ def train(
             data={"windows_digest": windows_digest, "splits_digest": splits_digest, "fold": fold,
                   "sites": sorted(set(train_ds.index[S.SITE]) | set(val_ds.index[S.SITE])),
                   "train_slices": _named_counts(train_ds), "val_slices": _named_counts(val_ds),
+                  "excluded_indeterminate": {"train": train_ds.excluded_indeterminate, "val": val_ds.excluded_indeterminate},
                   "preprocess": _preprocess_meta(windows)},
         )
 
@@ -320,7 +321,8 @@ def _fit(
         if state is None:
             tracker.log_params({"config": to_dict(config), "stage": stage, "fold": fold, "parameters": parameter_count(model),
                                 "train_slices": json.dumps(data["train_slices"]), "val_slices": json.dumps(data["val_slices"])})
-        log.info("stage %d: %d train / %d val slices, %s on %s, %d parameters", stage, len(train_ds), len(val_ds),
+        log.info("stage %d: %d train / %d val slices (indeterminate left out: %d / %d), %s on %s, %d parameters", stage,
+                 len(train_ds), len(val_ds), train_ds.excluded_indeterminate, val_ds.excluded_indeterminate,
                  config.model.arch, device, parameter_count(model))
         while epoch < cfg.epochs and not (cfg.patience and stale >= cfg.patience):
             if cfg.max_minutes is not None and epoch > 0 and (time.monotonic() - started) / 60 >= cfg.max_minutes:
