@@ -3,8 +3,11 @@ validation AUROC >= 0.90 for stage 1 and stage 2 on a synthetic cohort) as a mea
 a model fails when it does not reach it.
 
     python benchmarks/learning.py --work /tmp/learning [--patients-per-site 300 --slices 8]
-        [--samples 10000 --epoch-samples 2000] [--arch cbam_drn_d_22 --width 0.125]
+        [--lesions realistic|conspicuous] [--samples 10000 --epoch-samples 2000]
+        [--arch cbam_drn_d_22 --width 0.125 --fusion stacked --min-channels 16] [--lr 0.006]
         [--windows vascular,clinical_lung] [--device auto] [--out benchmarks/results/learning.json]
+
+``--arch plain_cnn --width 1 --pooling avgmax`` is the plain baseline the CBAMDRN is held to.
 
 The cohort is built once in ``--work`` with the project's own steps (synth -> ingest -> preprocess
 -> split, demo pseudonym key) and reused while its configuration is unchanged. Each stage is trained
@@ -141,30 +144,41 @@ def main() -> None:
     ap.add_argument("--source-size", type=int, default=256)
     ap.add_argument("--input", type=int, default=128, help="model input size (preprocess size)")
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--lesions", default="realistic", help="synth lesion preset")
     ap.add_argument("--windows", default="vascular,clinical_lung")
     ap.add_argument("--arch", default="cbam_drn_d_22")
     ap.add_argument("--width", type=float, default=0.125)
+    ap.add_argument("--min-channels", type=int, default=16)
+    ap.add_argument("--fusion", default="stacked")
+    ap.add_argument("--pooling", default="avg")
+    ap.add_argument("--train-seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--samples", type=int, default=10000, help="training samples per stage")
     ap.add_argument("--epoch-samples", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=6e-3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/learning.json"))
     a = ap.parse_args()
     windows = tuple(a.windows.split(","))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     synth = SynthConfig(sites=a.sites, patients_per_site=a.patients_per_site, slices=a.slices, size=a.source_size,
-                        seed=a.seed, pe_fraction=0.45, other_fraction=0.3, pe_extent_slices=(6, 16), write_tissue_maps=False)
+                        seed=a.seed, pe_fraction=0.45, other_fraction=0.3, pe_extent_slices=(6, 16), write_tissue_maps=False,
+                        lesions=a.lesions)
     pre = replace(PreprocessConfig(), size=a.input, windows=windows)
     t0 = time.monotonic()
     prepare(a.work, synth, pre)
     prepare_s = time.monotonic() - t0
     epochs = max(1, a.samples // a.epoch_samples)
     config = Config(
-        model=ModelConfig(arch=a.arch, width=a.width),
+        model=ModelConfig(arch=a.arch, width=a.width, min_channels=a.min_channels, fusion=a.fusion, pooling=a.pooling),
         loader=LoaderConfig(cache_dir=str(a.work / "cache")),
         train=TrainConfig(windows=windows, epochs=epochs, batch_size=a.batch, lr=a.lr, samples_per_epoch=a.epoch_samples,
-                          patience=0, warmup_epochs=min(1.0, epochs / 10), device=a.device),
+                          patience=0, warmup_epochs=min(1.0, epochs / 10), device=a.device, seed=a.train_seed,
+                          num_workers=a.workers),
     )
     result = {
         "benchmark": "learning", "machine": platform.machine(), "cpus": torch.get_num_threads(),

@@ -34,7 +34,7 @@ class BrightDark(nn.Module):
 
 def controlled_model(head: list[float]) -> MultiWindowNet:
     """Head over [bright0, dark0, bright1, dark1]: the logit's evidence is known per window."""
-    model = MultiWindowNet(BrightDark, 2, pooling="avg")
+    model = MultiWindowNet(lambda _in_channels: BrightDark(), 2, pooling="avg")
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([head]))
         model.head.bias.zero_()
@@ -158,6 +158,13 @@ def test_gradcam_samples_pick_each_category_of_each_stage() -> None:
     assert list(s2["category"]) == ["tp", "fp", "fn"]
     assert (s2["label"] != "wnl").all() and s2.loc[s2["category"] == "fp", "label"].item() == "other"
     pd.testing.assert_frame_equal(s2, gradcam_samples(pred, stage=2, threshold=.5, per_category=1, seed=1))
+
+
+def test_gradcam_samples_never_pick_indeterminate_slices() -> None:
+    pred = pd.DataFrame({"label": ["wnl", "pe", "indeterminate", "indeterminate"], "p_disease": [.9, .8, .9, .1],
+                         "p_pe": [.9, .2, .9, .1]})
+    for stage in (1, 2):
+        assert "indeterminate" not in set(gradcam_samples(pred, stage=stage, threshold=.5, per_category=5)["label"])
 
 
 def test_gradcam_summary() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pe_triage.config import ModelConfig
-from pe_triage.models import BACKBONES, build_model, drn_d_22, drn_d_54, parameter_count, resnet50
+from pe_triage.models import BACKBONES, build_model, drn_d_22, drn_d_54, parameter_count, plain_cnn, resnet50
 from pe_triage.models.blocks import CBAM, ChannelAttention, SpatialAttention
 from pe_triage.models.multiwindow import global_pool
 
@@ -50,14 +50,34 @@ def test_cbam_gates_are_in_0_1_and_change_the_features() -> None:
     assert torch.all(out.abs() <= x.abs() + 1e-6)  # a gate only attenuates
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_gradients_reach_every_branch(shared: bool) -> None:
-    model = build_model(ModelConfig(arch="cbam_drn_d_22", width=0.125, shared_branches=shared), n_windows=3)
-    assert len(model.branches) == (1 if shared else 3)
+@pytest.mark.parametrize(("fusion", "branches"), [("branches", 3), ("shared", 1), ("stacked", 1)])
+def test_gradients_reach_every_branch(fusion: str, branches: int) -> None:
+    model = build_model(ModelConfig(arch="cbam_drn_d_22", width=0.125, fusion=fusion), n_windows=3)
+    assert len(model.branches) == branches
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     for branch in model.branches:
         first = next(branch.parameters())
         assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_stacked_fusion_sees_every_window_in_its_first_filters() -> None:
+    model = build_model(ModelConfig(arch="cbam_drn_d_22", width=0.125, fusion="stacked"), n_windows=3)
+    assert model.branches[0].layer0[0].in_channels == 3
+    assert len(model.features(torch.randn(1, 3, 32, 32))) == 1 and model.head.in_features == 64
+
+
+def test_the_channel_floor_widens_small_models_and_leaves_the_reference_alone() -> None:
+    thin, floored = drn_d_22(width=0.125, min_channels=4), drn_d_22(width=0.125)
+    assert [thin.layer0[0].out_channels, thin.layer2[0].out_channels, thin.layer3[0].conv1.out_channels] == [4, 4, 8]
+    assert [floored.layer0[0].out_channels, floored.layer2[0].out_channels, floored.layer3[0].conv1.out_channels] == [16, 16, 16]
+    assert floored.out_channels == thin.out_channels == 64
+    assert parameter_count(drn_d_54(min_channels=16)) == parameter_count(drn_d_54(min_channels=1))
+
+
+def test_plain_baseline_has_output_stride_8_and_no_cbam() -> None:
+    assert plain_cnn(in_channels=2)(torch.randn(1, 2, 64, 96)).shape == (1, 128, 8, 12)
+    with pytest.raises(ValueError, match="no residual blocks"):
+        plain_cnn(cbam=True)
 
 
 def test_separate_branches_give_each_window_its_own_filters() -> None:
@@ -83,6 +103,8 @@ def test_max_pooling_keeps_a_one_cell_finding_that_average_pooling_dilutes() -> 
 def test_mistakes_are_named() -> None:
     with pytest.raises(ValueError, match="unknown architecture 'drn_d_105'"):
         build_model(ModelConfig(arch="drn_d_105"), n_windows=2)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        build_model(ModelConfig(arch="drn_d_22", width=0.125, fusion="early"), n_windows=2)
     with pytest.raises(ValueError, match="pooling must be one of"):
         build_model(ModelConfig(arch="drn_d_22", width=0.125, pooling="sum"), n_windows=2)
     model = build_model(ModelConfig(arch="drn_d_22", width=0.125), n_windows=2)

@@ -20,8 +20,9 @@ from pe_triage_pipelines.compile import compile_all
 from pe_triage import __version__
 from pe_triage.cli import main
 
-IO_TASKS = {"ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register", "promote", "record-outcome"}
-UNCACHED = {"ingest", "data-quality", "dataset-version", "promote", "record-outcome"}
+IO_TASKS = {"ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register", "evaluate-champion", "promote",
+            "record-outcome"}
+UNCACHED = {"ingest", "data-quality", "dataset-version", "evaluate-champion", "promote", "record-outcome"}
 SECRETISH = ("key", "secret", "password", "token", "credential")
 
 
@@ -132,7 +133,7 @@ def test_secrets_come_from_kubernetes_never_from_parameters(compiled: dict[str, 
         definitions = spec["root"]["inputDefinitions"]["parameters"]
         params = set(definitions)
         assert params == ({"sites", "slices_store", "config", "tracking_uri", "demo_key"} if name == "onboarding"
-                          else {"slices_store", "config", "tracking_uri", "actor"})
+                          else {"slices_store", "config", "tracking_uri", "actor", "truth"})
         # a secret would be a string; demo_key is only the switch that allows the public demo key
         assert not [p for p, d in definitions.items() if d["parameterType"] == "STRING" and any(w in p for w in SECRETISH)]
         for label in spec["deploymentSpec"]["executors"]:

@@ -1,7 +1,8 @@
 """Both pipelines end to end under kfp.local against a real MLflow server: a synthetic three-site
 cohort is onboarded (quality reports logged as dataset versions), a tiny model retrained, evaluated,
 registered and promoted; the registered model then loads by alias and predicts. A second retraining
-run is served from the step cache, and a failing run still records its outcome."""
+run is served from the step cache, a run on new test data is compared with the champion re-evaluated
+on those patients, and a failing run still records its outcome."""
 
 from __future__ import annotations
 
@@ -108,3 +109,19 @@ def test_a_failed_run_still_records_its_outcome(ran: dict, mlflow_server: str, t
     runs = client.search_runs([client.get_experiment_by_name(f"{EXPERIMENT}-pipelines").experiment_id],
                               order_by=["attributes.start_time DESC"])
     assert runs[0].data.tags["pe_triage.outcome"] == "FAILED" and runs[0].data.metrics["succeeded"] == 0.0
+
+
+def test_a_run_on_new_test_data_compares_with_the_champion_on_those_patients(ran: dict, mlflow_server: str) -> None:
+    """Another split seed puts other patients in the test split: the champion is re-evaluated on them
+    before promotion, so the regression gates run on the same test data instead of failing it."""
+    import json
+
+    common = {**ran["common"], "config": ran["common"]["config"] + "split: {seed: 3}\n"}
+    run_local("retraining", common, pipeline_root=ran["root"] / "kfp")
+    client = _client(mlflow_server)
+    latest = max(client.search_model_versions("name = 'pe-triage'"), key=lambda v: int(v.version))
+    assert latest.version == "2"
+    gates = {g["name"]: g for g in json.loads(latest.tags["last_decision.gates"])}
+    assert gates["same_test_data"]["passed"]
+    assert {"max_regression.slice_stage1_auroc", "max_regression.patient_pe_sensitivity"} <= set(gates)
+    assert latest.tags["last_decision.outcome"] in ("promoted", "refused")

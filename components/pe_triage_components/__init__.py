@@ -33,6 +33,7 @@ class Components:
     evaluate: PythonComponent
     register: PythonComponent
     check_gates: PythonComponent
+    evaluate_champion: PythonComponent
     promote: PythonComponent
     record_outcome: PythonComponent
 
@@ -53,6 +54,7 @@ def build(cpu_image: str = CPU_IMAGE, cuda_image: str = CUDA_IMAGE) -> Component
         evaluate=cpu(model.evaluate),
         register=cpu(registry.register),
         check_gates=cpu(registry.check_gates),
+        evaluate_champion=cpu(registry.evaluate_champion),
         promote=cpu(registry.promote),
         record_outcome=cpu(registry.record_outcome),
     )

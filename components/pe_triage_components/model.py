@@ -27,11 +27,12 @@ def train(windows: Input[Dataset], splits: Input[Dataset], stage: int, config: s
 
 
 def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset], splits: Input[Dataset], config: str,
-             tracking_uri: str, evaluation: Output[Artifact], metrics: Output[Metrics], cascade: Output[ClassificationMetrics],
+             tracking_uri: str, truth: str, evaluation: Output[Artifact], metrics: Output[Metrics], cascade: Output[ClassificationMetrics],
              per_site: Output[SlicedClassificationMetrics], report: Output[HTML], summary: Output[Markdown]):
     """Evaluate the cascade on the test split: ``evaluation`` is the folder the registry reads
     (metrics.json, report, plots); the other outputs are the views the KFP UI renders (summary
-    numbers, the per-slice 3-class cascade confusion and stage-1 ROC, the same per site)."""
+    numbers, the per-slice 3-class cascade confusion and stage-1 ROC, the same per site). ``truth``: a
+    synthetic cohort's ground-truth folder ("" for hospital data) for lesion contours and Grad-CAM checks."""
     import json
     import shutil
 
@@ -39,7 +40,8 @@ def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset]
     from pe_triage.evaluation.evaluate import evaluate
 
     cfg = parse_config(config)
-    result = evaluate(stage1.path, stage2.path, windows.path, splits.path, evaluation.path, config=cfg, tracking_uri=tracking_uri or None)
+    result = evaluate(stage1.path, stage2.path, windows.path, splits.path, evaluation.path, config=cfg, truth=truth or None,
+                      tracking_uri=tracking_uri or None)
     for name, value in result["summary"].items():
         if value is not None:
             metrics.log_metric(name, float(value))

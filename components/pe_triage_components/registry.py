@@ -4,7 +4,7 @@ promote, and the exit handler that records every retraining run's outcome in MLf
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Model
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 
 def register(stage1: Input[Model], stage2: Input[Model], evaluation: Input[Artifact], config: str, tracking_uri: str,
@@ -35,14 +35,25 @@ def check_gates(evaluation: Input[Artifact], config: str) -> bool:
     return all(gate["passed"] for gate in gates)
 
 
-def promote(version: int, config: str, tracking_uri: str, actor: str) -> bool:
+def evaluate_champion(windows: Input[Dataset], splits: Input[Dataset], config: str, tracking_uri: str,
+                      evaluation: Output[Artifact]) -> int:
+    """Evaluate the current champion on this run's test split, for ``promote`` to compare on the same
+    patients; 0 (and an empty folder) when there is no champion yet."""
+    from pe_triage.config import parse_config
+    from pe_triage.registry.registry import evaluate_champion
+
+    return evaluate_champion(windows.path, splits.path, evaluation.path, config=parse_config(config),
+                             uri=tracking_uri or None) or 0
+
+
+def promote(version: int, champion_evaluation: Input[Artifact], config: str, tracking_uri: str, actor: str) -> bool:
     """Move alias ``champion`` to ``version`` if every gate passes, including no regression against
-    the current champion; the decision is recorded on the version either way."""
+    the current champion on the same test data; the decision is recorded on the version either way."""
     from pe_triage.config import parse_config
     from pe_triage.registry.registry import promote
 
     cfg = parse_config(config)
-    decision = promote(version, config=cfg.registry, uri=tracking_uri or None, actor=actor)
+    decision = promote(version, config=cfg.registry, uri=tracking_uri or None, actor=actor, champion_metrics=champion_evaluation.path)
     print(f"version {version}: {decision['outcome']}: {decision['reason']}")
     return bool(decision["promoted"])
 

@@ -112,7 +112,7 @@ def _schedule(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pe_triage_pipelines.demo import run_demo
 
-    summary = run_demo(Path(args.out), args.config)
+    summary = run_demo(Path(args.out), args.config, seed=args.seed)
     print(json.dumps({k: summary[k] for k in ("registered_version", "champion", "promoted")}))
     return 0
 
@@ -174,4 +174,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic cohort -> onboarding -> retraining through kfp.local, with a local MLflow server")
     p.add_argument("--out", default="demo-output", help="output folder (a second run reuses it)")
     p.add_argument("--config", default="configs/demo.yaml", help="YAML configuration (small model and cohort)")
+    p.add_argument("--seed", type=int, help="cohort seed (default: the configuration's); another seed onboards a new cohort "
+                                            "into the same registry and competes with the champion")
     p.set_defaults(func=_demo)

@@ -1,12 +1,15 @@
 """``pe-triage demo``: the whole system on one machine. A synthetic multi-site cohort is onboarded and
 a model retrained, evaluated, registered and (gates permitting) promoted by the real pipelines under
-kfp.local, tracked by a real MLflow server on SQLite. A second run on the same folder reuses the
+kfp.local, tracked by a real MLflow server on SQLite. A second run with the same seed reuses the
 cohort and every cached step (ingest and the quality reports run again: they are cheap and the
-store is theirs to check).
+store is theirs to check); a run with another ``--seed`` onboards a new cohort into the same
+registry, registers the next version and promotes it only if it beats the champion re-evaluated on
+the new test data.
 
-Layout of ``--out``: ``cohort/`` (DICOM + manifests), ``slices/`` (the store), ``kfp/`` (step
-outputs and cache), ``mlflow/`` (server state), ``results/`` (the evaluation of the newest
-registered version), ``kfp.log`` (every step's full log).
+Layout of ``--out``: ``mlflow/`` (server state, shared by every seed) and per cohort seed
+``seed-<N>/``: ``cohort/`` (DICOM + manifests + ground truth), ``slices/`` (the store), ``kfp/`` (step
+outputs and cache), ``results/`` (the evaluation of the version this run registered), ``kfp.log``
+(every step's full log).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
+
+from dataclasses import replace
 
 from pe_triage.config import Config, load_config, to_dict
 from pe_triage.evaluation.metrics import format_proportion
@@ -144,36 +149,49 @@ def study_tables(metrics: dict[str, Any]) -> str:
     return f"{per_slice}\n\n{per_patient}\n\n{sites}"
 
 
-def run_demo(out: Path, config_path: str | None) -> dict[str, Any]:
+_PRESETS = {
+    "conspicuous": "lesion preset 'conspicuous' (central and lobar clots, large lesions): the figures show that "
+                   "the pipeline learns, not clinical performance",
+    "realistic": "lesion preset 'realistic' (down to segmental clots and small nodules)",
+}
+
+
+def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dict[str, Any]:
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     config = load_config(config_path)
+    if seed is not None:
+        config = replace(config, synth=replace(config.synth, seed=seed))
+    data = out / f"seed-{config.synth.seed}"
+    data.mkdir(parents=True, exist_ok=True)
     text = Path(config_path).read_text() if config_path else ""
     external = os.environ.get("MLFLOW_TRACKING_URI")
     terminal = sys.stdout
     with ExitStack() as stack:
-        with _step(1, "synthetic cohort", terminal):
-            sites = _cohort(out / "cohort", config, terminal)
+        with _step(1, f"synthetic cohort, seed {config.synth.seed}", terminal):
+            print(f"      {_PRESETS.get(config.synth.lesions, config.synth.lesions)}", file=terminal, flush=True)
+            sites = _cohort(data / "cohort", config, terminal)
         with _step(2, "MLflow tracking server", terminal):
             uri = external or stack.enter_context(local_server(out / "mlflow", port=_port(out / "mlflow" / "port")))
             print(f"      {uri} ({'MLFLOW_TRACKING_URI' if external else 'SQLite in ' + str(out / 'mlflow')})", flush=True)
-        common = {"slices_store": str(out / "slices"), "config": text, "tracking_uri": uri}
-        with _captured(out / "kfp.log", terminal):
-            with _step(3, f"onboarding pipeline: {len(sites)} sites -> {out / 'slices'}", terminal):
-                run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=out / "kfp")
+        common = {"slices_store": str(data / "slices"), "config": text, "tracking_uri": uri}
+        with _captured(data / "kfp.log", terminal):
+            with _step(3, f"onboarding pipeline: {len(sites)} sites -> {data / 'slices'}", terminal):
+                run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=data / "kfp")
             with _step(4, "retraining pipeline: preprocess, split, train x2, evaluate, register, gates, promote", terminal):
-                run_local("retraining", common, pipeline_root=out / "kfp")
+                run_local("retraining", {**common, "truth": str(data / "cohort" / "truth")}, pipeline_root=data / "kfp")
         with _step(5, "results", terminal):
-            result = registry_overview(out / "results", config=config.registry, uri=uri)
+            result = registry_overview(data / "results", config=config.registry, uri=uri)
     aliases = result["aliases"]
     promoted = aliases.get("champion") == result["latest"]
     print(f"\n{study_tables(result['metrics'])}\n")
     print(f"registered: {result['name']} version {result['latest']}; "
           f"{'champion' if promoted else 'not champion (see the check-gates and promote steps in kfp.log)'}; aliases {aliases}")
+    if result.get("decision"):
+        print(f"promotion decision: {result['decision']}")
     print(f"HTML report: {Path(result['evaluation']) / 'report.html'}")
     db = out / "mlflow"
     ui = uri if external else f"mlflow ui --backend-store-uri sqlite:///{db / 'mlflow.db'} --artifacts-destination {db / 'artifacts'}"
     print(f"MLflow UI: {ui}")
-    print(f"full step logs: {out / 'kfp.log'}")
+    print(f"full step logs: {data / 'kfp.log'}")
     return {"registered_version": result["latest"], "champion": aliases.get("champion"), "promoted": promoted,
             "aliases": aliases, "metrics": result["metrics"], "tracking_uri": uri}

@@ -1,6 +1,7 @@
 """Retraining: the current slices store -> windows -> splits -> both stages trained in parallel ->
-evaluation -> registered as challenger -> promoted to champion only if the gates pass. An exit
-handler records the run's outcome in MLflow whether or not a step failed.
+evaluation -> registered as challenger -> promoted to champion only if the gates pass, the champion
+being re-evaluated on the same test split first so that "no regression" compares like with like. An
+exit handler records the run's outcome in MLflow whether or not a step failed.
 
 The store is imported (``dsl.importer``) under its URI; ``dataset_version`` (never cached) reads its
 digest first, and the digest feeds the importer's metadata and ``preprocess``, so every step after
@@ -21,7 +22,7 @@ def build_retraining(options: ClusterOptions = ClusterOptions()):
     c = build(options.cpu_image, options.cuda_image)
 
     @dsl.pipeline(name=NAME, description="Retrain both stages on the slices store, evaluate, register, promote if the gates pass")
-    def retraining(slices_store: str, config: str = "", tracking_uri: str = "", actor: str = "kfp-retraining"):
+    def retraining(slices_store: str, config: str = "", tracking_uri: str = "", actor: str = "kfp-retraining", truth: str = ""):
         outcome = io_step(c.record_outcome(pipeline=NAME, config=config, tracking_uri=tracking_uri), options, cache=False)
         with dsl.ExitHandler(outcome, name="retraining"):
             version = io_step(c.dataset_version(store=slices_store), options, cache=False)
@@ -36,14 +37,16 @@ def build_retraining(options: ClusterOptions = ClusterOptions()):
             }
             evaluated = io_step(c.evaluate(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],
                                            windows=windows.outputs["windows"], splits=splits.outputs["splits"], config=config,
-                                           tracking_uri=tracking_uri), options)
+                                           tracking_uri=tracking_uri, truth=truth), options)
             registered = io_step(c.register(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],
                                             evaluation=evaluated.outputs["evaluation"], config=config, tracking_uri=tracking_uri,
                                             actor=actor), options)
             gates = c.check_gates(evaluation=evaluated.outputs["evaluation"], config=config).after(registered)
             with dsl.If(gates.output == True, name="gates-passed"):
-                io_step(c.promote(version=registered.outputs["version"], config=config, tracking_uri=tracking_uri, actor=actor),
-                        options, cache=False)
+                champion = io_step(c.evaluate_champion(windows=windows.outputs["windows"], splits=splits.outputs["splits"],
+                                                       config=config, tracking_uri=tracking_uri), options, cache=False)
+                io_step(c.promote(version=registered.outputs["version"], champion_evaluation=champion.outputs["evaluation"],
+                                  config=config, tracking_uri=tracking_uri, actor=actor), options, cache=False)
 
     return retraining
 

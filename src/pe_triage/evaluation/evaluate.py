@@ -152,6 +152,7 @@ def evaluate(
         masks = None
         if truth is not None:
             masks = lesion_masks(truth, slice_boxes(windows, ds.index), ds.shape[-1])
+            metrics["synthetic"] = synthetic_cohort(truth)
         gradcam = _gradcam(models, channels, ds, pred, masks, out_dir, config) if config.evaluate.gradcam_per_category else []
     paths = write_report(metrics, pred, out_dir, gradcam=gradcam or None)
     pred.to_parquet(out_dir / "predictions.parquet", index=False)
@@ -202,6 +203,13 @@ def summarize_site_folds(evaluations: list[str], out: str) -> dict[str, Any]:
 
 def _predict(model: StageModel, array: np.ndarray, channels: list[int], batch: int = 256) -> np.ndarray:
     return np.concatenate([model.predict_proba(np.asarray(array[i : i + batch])[:, channels]) for i in range(0, len(array), batch)])
+
+
+def synthetic_cohort(truth: str) -> dict[str, Any]:
+    """What made the synthetic cohort behind ``truth`` (seed, lesion preset, visibility minima): a
+    report on a ``conspicuous`` cohort must say that its figures show learning, not clinical skill."""
+    made = json.loads((Path(truth) / "cohort.json").read_text())
+    return {k: made.get(k) for k in ("seed", "lesions", "min_visible_area_mm2")}
 
 
 def slice_boxes(windows: str, index: pd.DataFrame) -> pd.DataFrame:

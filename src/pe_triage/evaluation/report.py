@@ -316,7 +316,18 @@ def _overview(metrics: dict[str, Any]) -> str:
             f"{scored} the slice tables; patients whose only finding is indeterminate are left out of the patient "
             f"tables. Thresholds: stage 1 {t['stage1']:.4g}, stage 2 {t['stage2']:.4g}. Patient rule: "
             f"{_rule_text(metrics['patient']['rule'])}. Proportions as k/n with the {pct}% Wilson interval in "
-            f"brackets; AUROC/AUPRC with a {pct}% bootstrap interval over patients ({cfg['bootstrap']} resamples).")
+            f"brackets; AUROC/AUPRC with a {pct}% bootstrap interval over patients ({cfg['bootstrap']} resamples)."
+            + _synthetic_text(metrics.get("synthetic")))
+
+
+def _synthetic_text(synthetic: dict[str, Any] | None) -> str:
+    if not synthetic:
+        return ""
+    text = f" Synthetic cohort (seed {synthetic['seed']}, lesion preset '{synthetic['lesions']}')"
+    if synthetic["lesions"] == "conspicuous":
+        return text + (": central and lobar clots and large lesions only, so these figures show that the pipeline "
+                       "learns, not clinical performance.")
+    return text + "."
 
 
 def _gradcam_section(items: list[dict[str, Any]], out_dir: Path) -> Section:

@@ -11,6 +11,7 @@ from torch import nn
 from pe_triage.config import ModelConfig
 from pe_triage.models.drn import DRN, drn_d_22, drn_d_38, drn_d_54
 from pe_triage.models.multiwindow import MultiWindowNet
+from pe_triage.models.plain import PlainCNN, plain_cnn
 from pe_triage.models.resnet import ResNet, resnet50
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -22,21 +23,25 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "cbam_drn_d_38": partial(drn_d_38, cbam=True),
     "cbam_drn_d_54": partial(drn_d_54, cbam=True),  # the study's CBAMDRN
     "cbam_resnet50": partial(resnet50, cbam=True),
+    "plain_cnn": plain_cnn,  # the CPU-scale yardstick, not the study's model
 }
 
 
 def build_model(config: ModelConfig, n_windows: int) -> MultiWindowNet:
-    """The configured architecture with one single-channel branch per window."""
+    """The configured architecture over ``n_windows`` windows (branches per ``config.fusion``)."""
     if config.arch not in BACKBONES:
         raise ValueError(f"unknown architecture {config.arch!r}; known: {sorted(BACKBONES)}")
-    backbone = partial(BACKBONES[config.arch], in_channels=1, width=config.width)
-    return MultiWindowNet(backbone, n_windows, num_outputs=config.num_outputs, shared=config.shared_branches,
-                          pooling=config.pooling)
+    builder = BACKBONES[config.arch]
+
+    def backbone(in_channels: int) -> nn.Module:
+        return builder(in_channels=in_channels, width=config.width, min_channels=config.min_channels)
+
+    return MultiWindowNet(backbone, n_windows, num_outputs=config.num_outputs, fusion=config.fusion, pooling=config.pooling)
 
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["BACKBONES", "DRN", "MultiWindowNet", "ResNet", "build_model", "drn_d_22", "drn_d_38", "drn_d_54",
-           "parameter_count", "resnet50"]
+__all__ = ["BACKBONES", "DRN", "MultiWindowNet", "PlainCNN", "ResNet", "build_model", "drn_d_22", "drn_d_38", "drn_d_54",
+           "parameter_count", "plain_cnn", "resnet50"]

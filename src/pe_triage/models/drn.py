@@ -15,8 +15,8 @@ from pe_triage.models.blocks import BasicBlock, Bottleneck
 CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
 
 
-def _scaled(channels: int, width: float) -> int:
-    return max(4, int(round(channels * width)))
+def _scaled(channels: int, width: float, floor: int) -> int:
+    return max(floor, int(round(channels * width)))
 
 
 def _convs(cin: int, cout: int, n: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -28,12 +28,18 @@ def _convs(cin: int, cout: int, n: int, stride: int = 1, dilation: int = 1) -> n
 
 
 class DRN(nn.Module):
-    """Feature extractor: [B, in_channels, H, W] -> [B, out_channels, H/8, W/8]."""
+    """Feature extractor: [B, in_channels, H, W] -> [B, out_channels, H/8, W/8].
+
+    ``width`` scales every level's channels, never below ``min_channels``: the reference's smallest
+    level has 16, so the floor leaves the full-width model as designed, while at width 0.125 it keeps
+    the full-resolution levels at 16 filters instead of 2-4, too few to learn the edges every later
+    level builds on (measured: see ``benchmarks/learning.py``).
+    """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], *, in_channels: int = 1,
-                 width: float = 1.0, cbam: bool = False) -> None:
+                 width: float = 1.0, min_channels: int = 16, cbam: bool = False) -> None:
         super().__init__()
-        ch = [_scaled(c, width) for c in CHANNELS]
+        ch = [_scaled(c, width, min_channels) for c in CHANNELS]
         self.cbam = cbam
         self.layer0 = nn.Sequential(nn.Conv2d(in_channels, ch[0], 7, padding=3, bias=False), nn.BatchNorm2d(ch[0]), nn.ReLU(inplace=True))
         self.layer1 = _convs(ch[0], ch[0], layers[0])

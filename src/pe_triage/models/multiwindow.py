@@ -1,4 +1,6 @@
-"""One backbone branch per HU window, features concatenated, one linear head (the study's TWL/DWL)."""
+"""HU windows into one model: a backbone branch per window (the study's TWL/DWL), one branch shared by
+every window, or one branch over the windows stacked as channels; branch features concatenated, one
+linear head."""
 
 from __future__ import annotations
 
@@ -9,34 +11,47 @@ from torch import Tensor, nn
 
 #: global pooling of each branch's feature map before the head
 POOLINGS = ("avg", "max", "avgmax")
+#: how windows meet the backbone: "branches" (one per window, the study), "shared" (one branch applied
+#: to each window), "stacked" (one branch, windows as input channels)
+FUSIONS = ("branches", "shared", "stacked")
 
 
 class MultiWindowNet(nn.Module):
     """[B, n_windows, H, W] -> [B, num_outputs] logits.
 
-    Each window gets its own branch by default (the study: the windows show different tissue, so
-    the filters differ); ``shared=True`` applies one branch to every window (fewer parameters).
+    ``fusion="branches"`` (the study): each window gets its own branch, since the windows show
+    different tissue. ``"shared"`` applies one branch to every window (fewer parameters).
+    ``"stacked"`` feeds the windows to one branch as input channels: its first filters see a pixel
+    in every window at once (clot: dark in the vascular window, grey in the PE window) at the cost of
+    one branch instead of ``n_windows``. ``backbone(in_channels)`` builds one branch.
     """
 
-    def __init__(self, backbone: Callable[[], nn.Module], n_windows: int, *, num_outputs: int = 1, shared: bool = False,
-                 pooling: str = "avg") -> None:
+    def __init__(self, backbone: Callable[[int], nn.Module], n_windows: int, *, num_outputs: int = 1,
+                 fusion: str = "branches", pooling: str = "avg") -> None:
         super().__init__()
         if n_windows < 1:
             raise ValueError("a model needs at least one window")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.n_windows = n_windows
-        self.shared = shared
+        self.fusion = fusion
         self.pooling = pooling
-        self.branches = nn.ModuleList([backbone() for _ in range(1 if shared else n_windows)])
-        features = self.branches[0].out_channels * n_windows * (2 if pooling == "avgmax" else 1)  # type: ignore[operator]
+        stacked = fusion == "stacked"
+        count = n_windows if fusion == "branches" else 1
+        self.branches = nn.ModuleList([backbone(n_windows if stacked else 1) for _ in range(count)])
+        outputs = 1 if stacked else n_windows
+        features = self.branches[0].out_channels * outputs * (2 if pooling == "avgmax" else 1)  # type: ignore[operator]
         self.head = nn.Linear(features, num_outputs)
 
     def features(self, x: Tensor) -> list[Tensor]:
-        """Per-window feature maps (what Grad-CAM looks at)."""
+        """Feature maps, one per branch application (what Grad-CAM looks at)."""
         if x.shape[1] != self.n_windows:
             raise ValueError(f"input has {x.shape[1]} windows, the model was built for {self.n_windows}")
-        return [self.branches[0 if self.shared else i](x[:, i : i + 1]) for i in range(self.n_windows)]
+        if self.fusion == "stacked":
+            return [self.branches[0](x)]
+        return [self.branches[0 if self.fusion == "shared" else i](x[:, i : i + 1]) for i in range(self.n_windows)]
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = [p for f in self.features(x) for p in global_pool(f, self.pooling)]

@@ -12,16 +12,16 @@ class ResNet(nn.Module):
     """[B, in_channels, H, W] -> [B, out_channels, H/32, W/32]."""
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, int, int, int], *, in_channels: int = 1,
-                 width: float = 1.0, cbam: bool = False) -> None:
+                 width: float = 1.0, min_channels: int = 16, cbam: bool = False) -> None:
         super().__init__()
         self.cbam = cbam
-        self.inplanes = _scaled(64, width)
+        self.inplanes = _scaled(64, width, min_channels)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, self.inplanes, 7, stride=2, padding=3, bias=False),
                                   nn.BatchNorm2d(self.inplanes), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
-        self.layer1 = self._level(block, _scaled(64, width), layers[0])
-        self.layer2 = self._level(block, _scaled(128, width), layers[1], stride=2)
-        self.layer3 = self._level(block, _scaled(256, width), layers[2], stride=2)
-        self.layer4 = self._level(block, _scaled(512, width), layers[3], stride=2)
+        self.layer1 = self._level(block, _scaled(64, width, min_channels), layers[0])
+        self.layer2 = self._level(block, _scaled(128, width, min_channels), layers[1], stride=2)
+        self.layer3 = self._level(block, _scaled(256, width, min_channels), layers[2], stride=2)
+        self.layer4 = self._level(block, _scaled(512, width, min_channels), layers[3], stride=2)
         self.out_channels = self.inplanes
         _init(self)
 

@@ -21,9 +21,9 @@ from pe_triage.registry.tracking import tracking_uri, wait_for_server
 
 
 def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None) -> dict[str, Any]:
-    """``{"name", "latest": version, "aliases": {alias: version}, "metrics": metrics.json of the latest
-    version, "evaluation": local folder}``; the latest version's evaluation folder is downloaded
-    into ``dst``."""
+    """``{"name", "latest": version, "aliases": {alias: version}, "decision": the latest version's last
+    registry decision (reason), "metrics": metrics.json of the latest version, "evaluation": local
+    folder}``; the latest version's evaluation folder is downloaded into ``dst``."""
     import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
@@ -39,5 +39,7 @@ def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfi
     aliases = {a: int(v) for a, v in client.get_registered_model(config.model_name).aliases.items() if a in (CHAMPION, CHALLENGER, PREVIOUS)}
     folder = mlflow.artifacts.download_artifacts(run_id=latest.run_id, artifact_path=EVALUATION_DIR, dst_path=str(dst),
                                                  tracking_uri=resolved)
+    decision = client.get_model_version(config.model_name, latest.version).tags.get("last_decision.reason")
     return {"name": config.model_name, "latest": int(latest.version), "run_id": latest.run_id, "aliases": aliases,
+            "decision": decision,
             "metrics": json.loads((Path(folder) / METRICS_FILE).read_text()), "evaluation": folder}

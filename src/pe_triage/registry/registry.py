@@ -21,6 +21,7 @@ history) and ``last_decision.*`` (action, outcome, actor, time, reason, gates).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -32,8 +33,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pe_triage import __version__
-from pe_triage.config import EvalConfig, RegistryConfig
+from pe_triage.config import Config, EvalConfig, RegistryConfig
+from pe_triage.evaluation.evaluate import EvaluationError, evaluate
 from pe_triage.predict import DecisionRule, Triage
 from pe_triage.provenance import config_hash, git_commit
 from pe_triage.registry.tracking import start_run, tracking_uri, wait_for_server
@@ -45,6 +49,8 @@ METRICS_FILE = "metrics.json"
 EVALUATION_DIR = "evaluation"
 MODEL_DIR = "model"
 CARD_FILE = "model_card.md"
+#: beside a champion's re-evaluation: which version was evaluated (promote checks it is still champion)
+EVALUATED_FILE = "evaluated_version.json"
 #: version tag: the champion a version replaced when it was promoted (rollback walks this chain)
 REPLACED_TAG = "champion.replaced"
 #: the minimum gates: ``GateConfig`` field (the gate's name) and the summary key it bounds
@@ -410,12 +416,53 @@ def _gates(client: Any, candidate: Any, current: Any | None, config: RegistryCon
                            "register it with pe-triage register --metrics"}]
     if current is None:
         return evaluate_gates(metrics, None, config)  # the first champion: thresholds only
+    if champion_metrics and (Path(champion_metrics) / EVALUATED_FILE).is_file():  # evaluate_champion's output
+        evaluated = json.loads((Path(champion_metrics) / EVALUATED_FILE).read_text())["version"]
+        if evaluated != int(current.version):
+            return [{"name": "champion_metrics", "value": evaluated, "threshold": int(current.version), "passed": False,
+                     "detail": f"the champion moved to version {current.version} after {evaluated or 'no champion'} "
+                               "was evaluated on the candidate's test data: run again"}]
+        if not (Path(champion_metrics) / METRICS_FILE).is_file():  # it could not be evaluated on this data
+            champion_metrics = None
     champion = read_metrics(champion_metrics) if champion_metrics else _version_metrics(client, current)
     if champion is None:
         return [{"name": "champion_metrics", "value": None, "threshold": None, "passed": False,
                  "detail": f"the champion (version {current.version}) has no metrics to compare with: pass its "
                            "metrics on the candidate's test data"}]
     return evaluate_gates(metrics, champion, config)
+
+
+def evaluate_champion(windows: str, splits: str, out: str, *, config: Config = Config(), uri: str | None = None) -> int | None:
+    """Evaluate the current champion's stage models on the candidate's test data (``windows`` and
+    ``splits``) into ``out``: its registration metrics come from the data of its own day, and a
+    regression can only be judged on the same patients. Returns the champion's version, also written
+    to ``out`` (promote checks it is still the champion); None when there is none. No Grad-CAM: only
+    the numbers are compared."""
+    import mlflow.artifacts
+
+    from pe_triage.registry.pyfunc import STAGE1, STAGE2
+
+    client = _client(uri)
+    name = config.registry.model_name
+    Path(out).mkdir(parents=True, exist_ok=True)
+    current = _alias(client, name, CHAMPION)
+    if current is None:
+        (Path(out) / EVALUATED_FILE).write_text(json.dumps({"version": None}))
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, current.version), dst_path=tmp,
+            tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri))
+        artifacts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+        stage1, stage2 = (str(local / artifacts[key]["path"]) for key in (STAGE1, STAGE2))
+        quiet = dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, gradcam_per_category=0))
+        try:
+            evaluate(stage1, stage2, windows, splits, out, config=quiet)
+        except EvaluationError as e:  # e.g. other windows: promote then refuses for want of comparable metrics
+            log.warning("%s: champion version %s cannot be evaluated on this data: %s", name, current.version, e)
+    (Path(out) / EVALUATED_FILE).write_text(json.dumps({"version": int(current.version)}))
+    log.info("%s: champion version %s evaluated on the candidate's test data -> %s", name, current.version, out)
+    return int(current.version)
 
 
 def promote(version: int | None = None, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None,

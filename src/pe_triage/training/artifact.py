@@ -24,7 +24,9 @@ from pe_triage.config import ModelConfig, from_dict
 from pe_triage.models import MultiWindowNet, build_model
 from pe_triage.windows import uint8_to_centred
 
-FORMAT = "pe-triage-model/1"
+FORMAT = "pe-triage-model/2"
+#: format 1 predates ``min_channels`` (levels floored at 4) and ``fusion`` (``shared_branches``)
+FORMAT_1 = "pe-triage-model/1"
 WEIGHTS = "model.pt"
 META = "model.json"
 HISTORY = "history.json"
@@ -104,8 +106,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not (path / META).is_file():
         raise ArtifactError(f"{path}: not a pe-triage model folder (no {META})")
     meta = json.loads((path / META).read_text())
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: model format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    if meta.get("format") == FORMAT_1:
+        model = dict(meta["model"])
+        model["fusion"] = "shared" if model.pop("shared_branches", False) else "branches"
+        model.setdefault("min_channels", 4)
+        meta = {**meta, "model": model}
+    elif meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: model format {meta.get('format')!r}, this version reads {FORMAT!r} and {FORMAT_1!r}")
     return meta
 
 
