@@ -105,6 +105,14 @@ def test_real_model_maps_are_per_sample_and_per_branch(drn: MultiWindowNet) -> N
     np.testing.assert_allclose(alone[:, 0], cam[:1, 0], atol=1e-5)
 
 
+def test_a_stacked_model_shows_its_one_map_on_every_window() -> None:
+    torch.manual_seed(0)
+    stacked = build_model(ModelConfig(arch="cbam_drn_d_22", width=0.125, fusion="stacked"), n_windows=2)
+    cam = grad_cam(stacked, torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(2)))
+    assert cam.shape == (3, 2, 32, 32)
+    np.testing.assert_array_equal(cam[:, 0], cam[:, 1])
+
+
 def test_inside_fraction() -> None:
     cam = np.zeros((4, 4))
     cam[0, 0], cam[3, 3] = 3.0, 1.0

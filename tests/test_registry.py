@@ -29,6 +29,7 @@ from pe_triage.registry.cli import add_commands
 from pe_triage.registry.registry import (
     CHALLENGER,
     CHAMPION,
+    EVALUATED_FILE,
     MIN_GATES,
     PREVIOUS,
     RegistryError,
@@ -145,6 +146,27 @@ def test_register_promote_refuse_rollback(mlflow_server: str, cfg: RegistryConfi
     assert t3["last_decision.outcome"] == "rolled_back" and t3["last_decision.actor"] == "carol"
     with pytest.raises(RegistryError, match="no previous-champion"):
         rollback(config=cfg, uri=mlflow_server)
+
+
+def test_a_champion_re_evaluated_on_the_candidates_test_data_is_compared_and_must_still_be_champion(
+        mlflow_server: str, cfg: RegistryConfig, pair: tuple[str, str], tmp_path: Path) -> None:
+    """What the retraining pipeline's evaluate-champion step hands to promote: the champion's metrics
+    on the candidate's test data, tagged with the version evaluated."""
+    register(*pair, str(write_metrics(tmp_path / "m1", test="windows-A")), config=cfg, uri=mlflow_server)
+    assert promote(config=cfg, uri=mlflow_server)["outcome"] == "promoted"
+    register(*pair, str(write_metrics(tmp_path / "m2", pe=0.96, test="windows-B")), config=cfg, uri=mlflow_server)
+    registration_metrics = promote(2, config=cfg, uri=mlflow_server)  # v1 was evaluated on windows-A
+    assert [g["name"] for g in registration_metrics["gates"] if not g["passed"]] == ["same_test_data"]
+
+    again = write_metrics(tmp_path / "champion-on-B", pe=0.9, test="windows-B")
+    (again / EVALUATED_FILE).write_text(json.dumps({"version": 3}))  # not the champion: it moved meanwhile
+    moved = promote(2, config=cfg, uri=mlflow_server, champion_metrics=str(again))
+    assert moved["outcome"] == "refused" and "champion moved to version 1" in moved["reason"]
+    (again / EVALUATED_FILE).write_text(json.dumps({"version": 1}))
+    compared = promote(2, config=cfg, uri=mlflow_server, champion_metrics=str(again))
+    gates = {g["name"]: g["passed"] for g in compared["gates"]}
+    assert compared["outcome"] == "promoted" and gates["same_test_data"] and gates["max_regression.patient_pe_sensitivity"]
+    assert aliases(mlflow_server, cfg.model_name) == {CHAMPION: "2", PREVIOUS: "1"}
 
 
 def test_gates_and_bad_input(mlflow_server: str, cfg: RegistryConfig, pair: tuple[str, str], tmp_path: Path) -> None:

@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # pylibjpeg-openjpeg logs every encoded tile at INFO
+        logging.getLogger("openjpeg").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:

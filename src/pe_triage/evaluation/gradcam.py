@@ -28,7 +28,8 @@ CATEGORIES = ("tp", "fp", "fn")
 def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0) -> np.ndarray:
     """Heat maps [N, n_windows, H, W] (float32, each map scaled to [0, 1]) for ``x`` [N, n_windows, H, W].
 
-    One map per window branch of a ``MultiWindowNet``: the branch's output feature maps weighted by
+    One map per window branch of a ``MultiWindowNet`` (a ``stacked`` model's single branch sees every
+    window, so its one map is repeated for each): the branch's output feature maps weighted by
     the spatial mean of the logit's gradient, ReLU, bilinear upsampling to the input size. The model
     runs in eval mode (batch statistics would mix the samples); its training flag, parameters,
     ``requires_grad`` flags and ``.grad`` are left as they were. A map with no positive evidence is 0.
@@ -52,7 +53,7 @@ def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0) -> np.ndarray:
         weights = grad.mean((2, 3), keepdim=True)
         cam = F.relu((weights * feat).sum(1, keepdim=True)).detach()
         maps.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False))
-    cams = torch.cat(maps, 1).float()
+    cams = torch.cat(maps, 1).float().expand(-1, x.shape[1], -1, -1)  # a stacked branch's one map, on every window
     peak = cams.amax((2, 3), keepdim=True)
     cams = torch.where(peak > 0, cams / peak.clamp_min(torch.finfo(cams.dtype).tiny), torch.zeros_like(cams))
     return cams.clamp_(0, 1).cpu().numpy().astype(np.float32)
