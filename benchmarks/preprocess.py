@@ -27,7 +27,7 @@ import pyarrow.dataset as pads
 from scipy import ndimage as ndi
 
 from pe_triage import schema as S
-from pe_triage.config import IngestConfig, LoaderConfig, PreprocessConfig, SplitConfig, SynthConfig
+from pe_triage.config import IngestConfig, LoaderConfig, PreprocessConfig, SplitConfig, SynthConfig, TrainConfig
 from pe_triage.dicom import DEMO_KEY, Pseudonymizer
 from pe_triage.ingest import ingest_site
 from pe_triage.lung_crop import crop_resize, find_lung_box
@@ -82,7 +82,7 @@ def loader_rate(windows: Path, splits: Path, workers: int, augment: bool) -> flo
     from pe_triage.training.data import WindowsDataset
 
     config = LoaderConfig(augment=augment)
-    with WindowsDataset(str(windows), str(splits), split="train", stage=1, windows_used=["vascular", "lung"],
+    with WindowsDataset(str(windows), str(splits), split="train", stage=1, windows_used=list(TrainConfig().windows),
                         config=config, train=True) as dataset:
         loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, num_workers=workers)
         n = 0
