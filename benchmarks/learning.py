@@ -50,6 +50,7 @@ from pe_triage.config import (
 )
 from pe_triage.dicom import Pseudonymizer, load_key
 from pe_triage.evaluation.evaluate import lesion_masks, slice_boxes
+from pe_triage.evaluation.gradcam import grad_cam, peak_on_lesion
 from pe_triage.evaluation.metrics import auroc
 from pe_triage.ingest import ingest_site
 from pe_triage.preprocess import preprocess
@@ -58,6 +59,7 @@ from pe_triage.synth import generate_cohort
 from pe_triage.training.artifact import load_model
 from pe_triage.training.data import WindowsDataset
 from pe_triage.training.train import train
+from pe_triage.windows import uint8_to_centred
 
 #: PE lesion area bins (model-input pixels the clot touches): below ~8 px a segmental clot is a dot or less
 PE_AREA_BINS = ((0.0, 8.0), (8.0, 30.0), (30.0, float("inf")))
@@ -80,10 +82,12 @@ def prepare(work: Path, synth: SynthConfig, pre: PreprocessConfig) -> None:
     stamp.write_text(wanted)
 
 
-def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfig) -> tuple[pd.DataFrame, np.ndarray]:
+def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfig,
+                    pointing: int = 100) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """The stage's validation slices (as the trainer selects them) with lesion kind and lesion area
-    (model-input pixels the lesion touches, as the evaluation's Grad-CAM check sees it), and the
-    model's probabilities for them."""
+    (model-input pixels the lesion touches, as the evaluation's Grad-CAM check sees it), the model's
+    probabilities for them, and the pointing game on up to ``pointing`` true positives at the
+    stage's threshold (Grad-CAM peak within 8 px of the lesion the label is about)."""
     model = load_model(model_dir)
     windows, truth = str(work / "windows"), str(work / "cohort" / "truth")
     with WindowsDataset(windows, str(work / "splits.parquet"), split="val", stage=stage,
@@ -92,10 +96,19 @@ def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfi
         boxes = slice_boxes(windows, ds.index)
         masks = lesion_masks(truth, boxes, ds.shape[-1])
         frame = ds.index.assign(source_sha256=boxes[S.SOURCE_SHA256])
+        positive = np.flatnonzero((np.asarray(ds.targets) == 1) & (prob >= model.threshold))
+        rows = [int(frame.index[i]) for i in positive if int(frame.index[i]) in masks and masks[int(frame.index[i])].any()]
+        rows = sorted(np.random.default_rng(0).permutation(rows)[:pointing].tolist())
+        position = {int(r): i for i, r in enumerate(frame.index)}
+        hits = []
+        for r in rows:
+            x = torch.from_numpy(uint8_to_centred(np.asarray(ds.array[position[r]])[None]))
+            hits.append(any(peak_on_lesion(c, masks[r], 8.0) for c in grad_cam(model.model, x)[0]))
     frame["lesion_px"] = [float(masks[i].sum()) if i in masks else 0.0 for i in frame.index]
     kinds = pads.dataset(sorted(Path(truth).glob("*.parquet")), format="parquet").to_table(
         columns=[S.SOURCE_SHA256, S.T_LESION]).to_pandas()
-    return frame.merge(kinds, on=S.SOURCE_SHA256, how="left", validate="one_to_one"), prob
+    game = {"true_positives": len(hits), "peak_on_lesion_rate": float(np.mean(hits)) if hits else None}
+    return frame.merge(kinds, on=S.SOURCE_SHA256, how="left", validate="one_to_one"), prob, game
 
 
 def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, Any]:
@@ -128,7 +141,7 @@ def run_stage(stage: int, work: Path, config: Config) -> dict[str, Any]:
     meta = train(str(work / "windows"), str(work / "splits.parquet"), str(out), stage=stage, config=config)
     seconds = time.monotonic() - t0
     history = json.loads((out / "history.json").read_text())
-    frame, prob = val_predictions(stage, work, out, config.loader)
+    frame, prob, game = val_predictions(stage, work, out, config.loader)
     per_epoch = config.train.samples_per_epoch or 0
     return {
         "val_auroc": meta["val"]["auroc"], "best_epoch": meta["best_epoch"], "train_seconds": round(seconds, 1),
@@ -136,6 +149,7 @@ def run_stage(stage: int, work: Path, config: Config) -> dict[str, Any]:
         "history": [{"epoch": h["epoch"], "samples": per_epoch * h["epoch"], "val_auroc": h["val_auroc"],
                      "train_loss": round(h["train_loss"], 4), "images_per_s": round(h["train_images_per_s"], 1)} for h in history],
         "val_breakdown": breakdown(stage, frame, prob),
+        "val_pointing_game": game,
     }
 
 
@@ -149,6 +163,8 @@ def main() -> None:
     ap.add_argument("--input", type=int, default=128, help="model input size (preprocess size)")
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--lesions", default="realistic", help="synth lesion preset")
+    ap.add_argument("--comorbid", type=float, default=SynthConfig().pe_comorbid_fraction,
+                    help="PE patients who also have other disease (synth.pe_comorbid_fraction)")
     ap.add_argument("--windows", default="vascular,clinical_lung")
     ap.add_argument("--arch", default="cbam_drn_d_54")
     ap.add_argument("--width", type=float, default=0.125)
@@ -171,7 +187,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     synth = SynthConfig(sites=a.sites, patients_per_site=a.patients_per_site, slices=a.slices, size=a.source_size,
                         seed=a.seed, pe_fraction=0.45, other_fraction=0.3, pe_extent_slices=(6, 16), write_tissue_maps=False,
-                        lesions=a.lesions)
+                        lesions=a.lesions, pe_comorbid_fraction=a.comorbid)
     pre = replace(PreprocessConfig(), size=a.input, windows=windows)
     t0 = time.monotonic()
     prepare(a.work, synth, pre)

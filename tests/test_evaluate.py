@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from factories import write_splits, write_toy_cohort, write_windows
@@ -69,3 +70,25 @@ def test_mismatched_models_are_named(trained: tuple[str, str, str, str, Config],
         evaluate(stage2, stage1, windows, splits, str(tmp_path / "e"), config=config)
     with pytest.raises(EvaluationError, match="fold 'site-a' not in splits file"):
         evaluate(stage1, stage2, windows, splits, str(tmp_path / "e"), fold="site-a", config=replace(config))
+
+
+def test_with_lesion_masks_the_localisation_of_true_positives_is_measured(
+        trained: tuple[str, str, str, str, Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The truth of a synthetic cohort gives every slice its lesion mask; here a mask covering the
+    whole image (every peak is on it) and one covering nothing (no true positive can be measured)."""
+    windows, splits, stage1, stage2, config = trained
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (truth / "cohort.json").write_text(json.dumps({"seed": 0, "lesions": "conspicuous", "min_visible_area_mm2": {}}))
+    import pe_triage.evaluation.evaluate as ev
+
+    for fill in (True, False):
+        monkeypatch.setattr(ev, "lesion_masks", lambda _t, boxes, size, fill=fill: {
+            int(i): np.full((size, size), fill) for i in boxes.index})
+        metrics = evaluate(stage1, stage2, windows, splits, str(tmp_path / f"eval-{fill}"), config=config, truth=str(truth))
+        for stage in ("stage1", "stage2"):
+            loc = metrics["localisation"][stage]
+            hits, n = loc["peak_on_lesion"]["k"], loc["peak_on_lesion"]["n"]
+            assert loc["true_positives"] > 0 and n == (loc["true_positives"] if fill else 0)
+            assert hits == (n - loc["blank_maps"] if fill else 0)  # every map with a peak has it on an all-image lesion
+        assert "Grad-CAM localisation" in (tmp_path / f"eval-{fill}" / "report.md").read_text()

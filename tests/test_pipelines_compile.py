@@ -87,14 +87,15 @@ def test_retraining_graph(compiled: dict[str, Path]) -> None:
     tasks = _tasks(spec)
     deps = {name: set(task.get("dependentTasks", [])) for name, (_, task) in tasks.items()}
     inner = {name for name, (parent, _) in tasks.items() if parent == "comp-exit-handler-1"}
-    assert inner == {"dataset-version", "importer", "preprocess", "split", "train", "train-2", "evaluate", "register",
-                     "check-gates", "condition-2"}
+    assert inner == {"dataset-version", "importer", "preprocess", "split", "train", "train-2", "calibrate", "evaluate",
+                     "register", "check-gates", "condition-2"}
     assert deps["importer"] == {"dataset-version"} and deps["preprocess"] == {"dataset-version", "importer"}
     assert deps["split"] == {"preprocess"}
     assert deps["train"] == deps["train-2"] == {"preprocess", "split"}  # the two stages train in parallel
     assert {tasks[t][1]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] for t in ("train", "train-2")} == {1, 2}
-    assert deps["evaluate"] == {"preprocess", "split", "train", "train-2"}
-    assert deps["register"] == {"evaluate", "train", "train-2"}
+    assert deps["calibrate"] == {"preprocess", "split", "train", "train-2"}  # one operating point for the pair
+    assert deps["evaluate"] == {"preprocess", "split", "calibrate"}
+    assert deps["register"] == {"evaluate", "calibrate"}  # what is registered is what was evaluated
     assert deps["check-gates"] == {"evaluate", "register"}
     condition = tasks["condition-2"][1]
     assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--check-gates-Output'] == true"

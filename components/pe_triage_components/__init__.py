@@ -30,6 +30,7 @@ class Components:
     preprocess: PythonComponent
     split: PythonComponent
     train: PythonComponent
+    calibrate: PythonComponent
     evaluate: PythonComponent
     register: PythonComponent
     check_gates: PythonComponent
@@ -51,6 +52,7 @@ def build(cpu_image: str = CPU_IMAGE, cuda_image: str = CUDA_IMAGE) -> Component
         preprocess=cpu(data.preprocess),
         split=cpu(data.split),
         train=dsl.component(model.train, base_image=cuda_image, install_kfp_package=False),
+        calibrate=cpu(model.calibrate),
         evaluate=cpu(model.evaluate),
         register=cpu(registry.register),
         check_gates=cpu(registry.check_gates),

@@ -1,4 +1,4 @@
-"""Model steps: train one stage (GPU image), evaluate the two-stage cascade."""
+"""Model steps: train one stage (GPU image), set the cascade's operating point, evaluate the cascade."""
 
 from kfp.dsl import (
     HTML,
@@ -24,6 +24,20 @@ def train(windows: Input[Dataset], splits: Input[Dataset], stage: int, config: s
     meta = train(windows.path, splits.path, model.path, stage=stage, config=cfg, resume=True, tracking_uri=tracking_uri or None)
     model.metadata.update(stage=stage, threshold=meta["threshold"], best_epoch=meta["best_epoch"],
                           mlflow_run_id=meta.get("mlflow_run_id") or "", **{f"val_{k}": v for k, v in meta["val"].items()})
+
+
+def calibrate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset], splits: Input[Dataset], config: str,
+              calibrated_stage1: Output[Model], calibrated_stage2: Output[Model]):
+    """Set the triage's operating point on the validation exams: both models, each with the
+    threshold of the pair and how it was chosen (``operating_point`` in its metadata)."""
+    from pe_triage.config import parse_config
+    from pe_triage.evaluation.operating_point import calibrate
+
+    record = calibrate(stage1.path, stage2.path, windows.path, splits.path, calibrated_stage1.path, calibrated_stage2.path,
+                       config=parse_config(config))
+    for stage, out in ((1, calibrated_stage1), (2, calibrated_stage2)):
+        out.metadata.update(stage=stage, threshold=record["thresholds"][f"stage{stage}"], operating_point=record["level"],
+                            **{f"val_{k}": v for k, v in (record["achieved"] or {}).items() if isinstance(v, float)})
 
 
 def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset], splits: Input[Dataset], config: str,

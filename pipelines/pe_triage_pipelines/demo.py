@@ -177,7 +177,7 @@ def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dic
         with _captured(data / "kfp.log", terminal):
             with _step(3, f"onboarding pipeline: {len(sites)} sites -> {data / 'slices'}", terminal):
                 run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=data / "kfp")
-            with _step(4, "retraining pipeline: preprocess, split, train x2, evaluate, register, gates, promote", terminal):
+            with _step(4, "retraining pipeline: preprocess, split, train x2, calibrate, evaluate, register, gates, promote", terminal):
                 run_local("retraining", {**common, "truth": str(data / "cohort" / "truth")}, pipeline_root=data / "kfp")
         with _step(5, "results", terminal):
             result = registry_overview(data / "results", config=config.registry, uri=uri)

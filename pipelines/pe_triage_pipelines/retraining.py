@@ -1,5 +1,5 @@
 """Retraining: the current slices store -> windows -> splits -> both stages trained in parallel ->
-evaluation -> registered as challenger -> promoted to champion only if the gates pass, the champion
+the operating point set on the validation exams -> evaluation -> registered as challenger -> promoted to champion only if the gates pass, the champion
 being re-evaluated on the same test split first so that "no regression" compares like with like. An
 exit handler records the run's outcome in MLflow whether or not a step failed.
 
@@ -35,10 +35,13 @@ def build_retraining(options: ClusterOptions = ClusterOptions()):
                                         config=config, tracking_uri=tracking_uri), options).set_display_name(f"train-stage{stage}")
                 for stage in (1, 2)
             }
-            evaluated = io_step(c.evaluate(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],
+            calibrated = io_step(c.calibrate(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],
+                                             windows=windows.outputs["windows"], splits=splits.outputs["splits"], config=config), options)
+            models = {stage: calibrated.outputs[f"calibrated_stage{stage}"] for stage in (1, 2)}
+            evaluated = io_step(c.evaluate(stage1=models[1], stage2=models[2],
                                            windows=windows.outputs["windows"], splits=splits.outputs["splits"], config=config,
                                            tracking_uri=tracking_uri, truth=truth), options)
-            registered = io_step(c.register(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],
+            registered = io_step(c.register(stage1=models[1], stage2=models[2],
                                             evaluation=evaluated.outputs["evaluation"], config=config, tracking_uri=tracking_uri,
                                             actor=actor), options)
             gates = c.check_gates(evaluation=evaluated.outputs["evaluation"], config=config).after(registered)

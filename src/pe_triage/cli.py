@@ -102,6 +102,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from pe_triage.evaluation.operating_point import calibrate
+
+    record = calibrate(args.stage1, args.stage2, args.windows, args.splits, args.out_stage1, args.out_stage2, split=args.split,
+                       fold=args.fold, config=load_config(args.config))
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 def _summarize_folds(args: argparse.Namespace) -> int:
     from pe_triage.evaluation.evaluate import summarize_site_folds
 
@@ -179,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--config", help="YAML configuration (sections model, train, loader, registry)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("calibrate", help="set both stages' thresholds on the validation exams (the operating point)")
+    p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
+    p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
+    p.add_argument("--windows", required=True, help="windows dataset")
+    p.add_argument("--splits", required=True, help="splits Parquet file")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="never test: it would grade its own choice")
+    p.add_argument("--fold", default="default", help="fold of the splits file")
+    p.add_argument("--out-stage1", required=True, help="calibrated stage 1 model folder")
+    p.add_argument("--out-stage2", required=True, help="calibrated stage 2 model folder")
+    p.add_argument("--config", help="YAML configuration (sections operating_point, evaluate, loader)")
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("evaluate", help="per-slice, per-patient, per-site and cascade metrics + report of both stages")
     p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")

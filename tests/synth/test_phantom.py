@@ -65,7 +65,7 @@ def test_mid_chest_has_every_structure() -> None:
     for tissue in (Tissue.AIR, Tissue.TABLE, Tissue.FAT, Tissue.MUSCLE, Tissue.BONE, Tissue.CONTRAST_BLOOD,
                    Tissue.LUNG, Tissue.AIRWAY, Tissue.SOFT_TISSUE, Tissue.LUNG_VESSEL):
         assert (s.tissue == tissue).any(), tissue.name
-    assert s.label(LesionVisibility()) is Label.WNL and s.lesion == "none" and not s.mask.any()
+    assert s.label(LesionVisibility()) is Label.WNL and s.lesion == "none" and not s.lesion_mask(Label.WNL).any()
 
 
 @pytest.mark.parametrize("seed", [0, 4, 5])
@@ -137,7 +137,7 @@ def test_emboli_are_hypodense_defects_inside_contrast_arteries(seed: int) -> Non
         vessel = np.isin(clean.tissue[pe], [Tissue.CONTRAST_BLOOD, Tissue.LUNG_VESSEL])
         assert vessel.all()
         assert clean.hu[pe].min() >= 150  # without the clot these pixels are contrast-opacified vessel
-        assert np.array_equal(with_pe.mask, pe)
+        assert np.array_equal(with_pe.lesion_mask(Label.PE), pe)
     runs = "".join("P" if lab is Label.PE else "." for lab in labels)
     assert "PP" in runs  # a defect spans consecutive slices
 

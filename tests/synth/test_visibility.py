@@ -102,6 +102,7 @@ def test_truth_labels_follow_the_masks_and_minima(strict_cohort: Path) -> None:
         assert (label == "pe") == (pe >= STRICT.pe)
         if label == "pe":
             assert r[schema.T_LESION] == "pe"
+            assert np.array_equal(mask, tissue == Tissue.PE)  # the clot the label is about, not a lesion beside it
         if label == "other":
             assert other >= min_other
         if label == "indeterminate" and r[schema.T_LESION] == "pe" and other == 0:

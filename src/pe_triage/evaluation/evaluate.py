@@ -34,7 +34,7 @@ from pe_triage.evaluation.gradcam import (
     overlay_png,
     peak_on_lesion,
 )
-from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary
+from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary, proportion
 from pe_triage.evaluation.report import write_loso_report, write_report
 from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
 from pe_triage.registry.tracking import start_run
@@ -110,6 +110,65 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
     return items
 
 
+def _open_split(models: dict[int, StageModel], windows: str, splits: str, split: str, fold: str, config: Config) -> WindowsDataset:
+    """Every slice of ``split`` (indeterminate ones included) with the windows both models read."""
+    for stage, model in models.items():
+        if model.stage != stage:
+            raise EvaluationError(f"--stage{stage} model is a stage {model.stage} model")
+    names = list(dict.fromkeys(models[1].window_names + models[2].window_names))
+    try:
+        return WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader,
+                              keep_indeterminate=True)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+
+
+def _score(models: dict[int, StageModel], ds: WindowsDataset, split: str) -> tuple[pd.DataFrame, dict[int, list[int]]]:
+    """Both stages' probabilities for every slice (``PRED_COLUMNS``) and each model's channels."""
+    channels = {s: _channels(m, ds.window_defs, f"stage {s} model") for s, m in models.items()}
+    pred = ds.index[[S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL]].copy()
+    for stage, column in ((1, "p_disease"), (2, "p_pe")):
+        log.info("stage %d on %d %s slices", stage, len(ds), split)
+        pred[column] = _predict(models[stage], ds.array, channels[stage])
+    return pred, channels
+
+
+def predict_split(models: dict[int, StageModel], windows: str, splits: str, *, split: str, fold: str = S.DEFAULT_FOLD,
+                  config: Config = Config()) -> pd.DataFrame:
+    """Both stages applied to every slice of ``split``: the labelled prediction frame the metrics read."""
+    with _open_split(models, windows, splits, split, fold, config) as ds:
+        return _score(models, ds, split)[0]
+
+
+def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]], ds: WindowsDataset, pred: pd.DataFrame,
+                  masks: dict[int, np.ndarray], config: Config, batch: int = 32) -> dict[str, Any]:
+    """Grad-CAM of a seeded sample of each stage's true positives against their lesion masks: how often
+    the map's peak is on the lesion (with its Wilson interval; a blank map, no positive evidence
+    anywhere, is a miss), and the mean mass inside it."""
+    ev = config.evaluate
+    out = {}
+    for stage, model in models.items():
+        tp = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.threshold, per_category=ev.gradcam_localisation,
+                             seed=ev.seed).query("category == 'tp'")
+        rows = [int(i) for i in tp["index"] if int(i) in masks and masks[int(i)].any()]
+        hits, inside, area, blank = [], [], [], 0
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            images = np.stack([np.asarray(ds.array[i])[channels[stage]] for i in chunk])
+            cams = grad_cam(model.model, torch.from_numpy(uint8_to_centred(images)))
+            for i, cam in zip(chunk, cams):
+                blank += int(not cam.any())
+                hits.append(any(peak_on_lesion(c, masks[i], ev.gradcam_pointing_tolerance_px) for c in cam))
+                inside.append(max(inside_fraction(c, masks[i]) or 0.0 for c in cam))
+                area.append(float(masks[i].mean()))
+        out[f"stage{stage}"] = {"true_positives": int(len(tp)), "peak_on_lesion": proportion(sum(hits), len(hits), ev.confidence),
+                                "blank_maps": blank,  # no positive evidence anywhere: counted as a miss
+                                "mean_inside_fraction": float(np.mean(inside)) if inside else None,
+                                "mean_lesion_area_fraction": float(np.mean(area)) if area else None,
+                                "tolerance_px": ev.gradcam_pointing_tolerance_px}
+    return out
+
+
 def evaluate(
     stage1: str,
     stage2: str,
@@ -126,33 +185,21 @@ def evaluate(
     """Evaluate the stage models on ``split`` of ``fold``; write metrics.json, report.md, report.html,
     plots and Grad-CAM overlays to ``out``; return the metrics."""
     models = {1: load_model(stage1), 2: load_model(stage2)}
-    for stage, model in models.items():
-        if model.stage != stage:
-            raise EvaluationError(f"--stage{stage} model is a stage {model.stage} model")
-    names = list(dict.fromkeys(models[1].window_names + models[2].window_names))
-    try:
-        ds = WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader,
-                            keep_indeterminate=True)
-    except ValueError as e:
-        raise EvaluationError(str(e)) from None
     out_dir = Path(out)
-    with ds:
-        channels = {s: _channels(m, ds.window_defs, f"stage {s} model") for s, m in models.items()}
-        pred = ds.index[[S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL]].copy()
-        for stage, column in ((1, "p_disease"), (2, "p_pe")):
-            log.info("evaluate: stage %d on %d %s slices", stage, len(ds), split)
-            pred[column] = _predict(models[stage], ds.array, channels[stage])
+    with _open_split(models, windows, splits, split, fold, config) as ds:
+        pred, channels = _score(models, ds, split)
         t1, t2 = models[1].threshold, models[2].threshold
         metrics = evaluate_predictions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config.evaluate)
         metrics["test_data"] = {"windows_digest": dataset_digest(windows), "splits_digest": file_digest(splits), "split": split,
                                 "fold": fold, "slices": len(pred), "patients": int(pred[[S.SITE, S.PATIENT_ID]].drop_duplicates().shape[0])}
-        metrics["models"] = {f"stage{s}": {k: m.meta.get(k) for k in ("model", "threshold", "target_sensitivity", "val", "git_commit",
-                                                                      "config_hash", "mlflow_run_id", "data")}
-                             for s, m in models.items()}
+        kept = ("model", "threshold", "target_sensitivity", "operating_point", "val", "git_commit", "config_hash", "mlflow_run_id", "data")
+        metrics["models"] = {f"stage{s}": {k: m.meta.get(k) for k in kept} for s, m in models.items()}
         masks = None
         if truth is not None:
             masks = lesion_masks(truth, slice_boxes(windows, ds.index), ds.shape[-1])
             metrics["synthetic"] = synthetic_cohort(truth)
+            if config.evaluate.gradcam_localisation:
+                metrics["localisation"] = _localisation(models, channels, ds, pred, masks, config)
         gradcam = _gradcam(models, channels, ds, pred, masks, out_dir, config) if config.evaluate.gradcam_per_category else []
     paths = write_report(metrics, pred, out_dir, gradcam=gradcam or None)
     pred.to_parquet(out_dir / "predictions.parquet", index=False)

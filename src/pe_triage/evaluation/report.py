@@ -367,9 +367,21 @@ def _document(metrics: dict[str, Any], images: list[Image], gradcam: list[dict[s
     if metrics.get("leave_one_site_out"):
         doc.append(Section("Leave one site out", [_loso_table(metrics["leave_one_site_out"])]))
     doc.append(Section("Plots", images))
+    if metrics.get("localisation"):
+        doc.append(Section("Grad-CAM localisation", [_localisation_table(metrics["localisation"])]))
     if gradcam:
         doc.append(_gradcam_section(gradcam, out_dir))
     return doc
+
+
+def _localisation_table(loc: dict[str, Any]) -> Table:
+    tolerance = next(iter(loc.values()))["tolerance_px"]
+    return Table(f"Grad-CAM on the lesion over a seeded sample of true positives: map peak on the lesion (pointing game, "
+                 f"within {tolerance:g} px) and mass inside the mask vs the lesion's share of the image",
+                 ["Stage", "True positives", "Peak on lesion", "Blank maps (misses)", "Mean inside fraction", "Lesion area"],
+                 [[stage.replace("stage", "Stage "), str(v["true_positives"]), format_proportion(v["peak_on_lesion"], ci=True),
+                   str(v["blank_maps"]), _rate(v["mean_inside_fraction"]), _rate(v["mean_lesion_area_fraction"])]
+                  for stage, v in loc.items()])
 
 
 # ----------------------------------------------------------------------------- renderers

@@ -56,6 +56,7 @@ REPLACED_TAG = "champion.replaced"
 #: the minimum gates: ``GateConfig`` field (the gate's name) and the summary key it bounds
 MIN_GATES = (
     ("min_patient_pe_sensitivity", "patient_pe_sensitivity"),
+    ("min_patient_disease_sensitivity", "patient_disease_sensitivity"),
     ("min_slice_disease_sensitivity", "slice_disease_sensitivity"),
     ("min_slice_disease_specificity", "slice_wnl_sensitivity"),
     ("min_slice_pe_specificity", "slice_pe_specificity"),
@@ -64,9 +65,11 @@ MIN_GATES = (
     ("min_stage2_auroc_ci_low", "slice_stage2_auroc_ci_low"),
 )
 #: metrics on which a candidate may lose at most ``gates.max_regression`` against the champion (the
-#: AUROC point estimates: on the same test data a drop is real, not interval width)
+#: AUROC point estimates: on the same test data a drop is real, not interval width). Per exam, not
+#: per slice: each version sets its own operating point on the exams, so its slice sensitivity moves
+#: with it and says nothing about a regression
 REGRESSION_METRICS = (
-    "patient_pe_sensitivity", "slice_disease_sensitivity", "patient_cascade_accuracy", "slice_cascade_accuracy",
+    "patient_pe_sensitivity", "patient_disease_sensitivity", "patient_cascade_accuracy", "slice_cascade_accuracy",
     "slice_stage1_auroc", "slice_stage2_auroc",
 )
 _EPS = 1e-9  # a metric exactly at its threshold passes despite float rounding
@@ -223,9 +226,8 @@ def model_card(meta1: Mapping[str, Any], meta2: Mapping[str, Any], metrics: Mapp
         (f"| architecture | {meta1['model']['arch']} (width {meta1['model'].get('width', 1.0)}) | "
          f"{meta2['model']['arch']} (width {meta2['model'].get('width', 1.0)}) |"),
         f"| windows | {_windows(meta1)} | {_windows(meta2)} |",
-        (f"| operating threshold | {_fmt(float(meta1['threshold']))} (validation sensitivity target "
-         f"{_fmt(meta1.get('target_sensitivity'))}) | {_fmt(float(meta2['threshold']))} (target "
-         f"{_fmt(meta2.get('target_sensitivity'))}) |"),
+        f"| operating threshold | {_fmt(float(meta1['threshold']))} | {_fmt(float(meta2['threshold']))} |",
+        f"| chosen for | {_operating_point(meta1, 1)} | {_operating_point(meta2, 2)} |",
         f"| validation AUROC | {_fmt(v1.get('auroc'))} | {_fmt(v2.get('auroc'))} |",
         "",
         f"Input: {pre.get('size', '?')} px crops, crop mode `{(pre.get('crop') or {}).get('mode', '?')}`. Per-patient rule: "
@@ -318,6 +320,15 @@ def _version_tags(triage: Triage, metrics: Mapping[str, Any], actor: str, when: 
     tags |= {f"test_data.{k}": str(v) for k, v in metrics["test_data"].items()}
     tags |= {f"metric.{k}": repr(v) for k, v in metrics["summary"].items() if v is not None}
     return tags
+
+
+def _operating_point(meta: dict[str, Any], stage: int) -> str:
+    op = meta.get("operating_point")
+    if not op or op.get("level") == "slice":
+        return f"{_fmt(meta.get('target_sensitivity'))} of the validation slices"
+    target = op["patient_disease_sensitivity"] if stage == 1 else op["patient_pe_sensitivity"]
+    exams = "exams with disease flagged" if stage == 1 else "PE exams called PE by the cascade"
+    return f"{_fmt(target)} of the {op.get('split', 'val')} {exams}"
 
 
 def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConfig = RegistryConfig(),

@@ -105,6 +105,9 @@ def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
     """Write the cohort under ``out`` (which must not hold a previous cohort: nothing is deleted)."""
     out = Path(out)
     preset = lesion_preset(config.lesions)
+    for name in ("pe_fraction", "other_fraction", "pe_comorbid_fraction"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ValueError(f"synth.{name} {getattr(config, name)}: expected a fraction in [0, 1]")
     for sub in ("sites", "truth"):
         if (out / sub).exists() and any((out / sub).iterdir()):
             raise FileExistsError(f"{out / sub} is not empty; generate into a new directory")
@@ -205,8 +208,8 @@ def _disease(an: Anatomy, rng: np.random.Generator, label: Label, z: np.ndarray,
              preset: LesionPreset, spacing: float) -> Anatomy:
     if label is Label.PE:
         an = add_emboli(an, rng, z, config.pe_extent_slices, spacing, preset)
-        if rng.random() < 0.15:
-            an = add_other_disease(an, rng, z, 1, spacing, preset)
+        if rng.random() < config.pe_comorbid_fraction:
+            an = add_other_disease(an, rng, z, int(rng.choice([1, 2], p=[0.7, 0.3])), spacing, preset)
     elif label is Label.OTHER:
         an = add_other_disease(an, rng, z, int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1])), spacing, preset)
     return an
@@ -423,7 +426,7 @@ def _write_patient(root: Path, conv: SiteConventions, hospital: SitePHI, pat: _P
             schema.COLS: config.size,
             schema.LABEL: pat.labels[i].value,
             schema.T_LESION: s.lesion,
-            schema.T_MASK: s.mask.astype(np.uint8).tobytes(),
+            schema.T_MASK: s.lesion_mask(pat.labels[i]).astype(np.uint8).tobytes(),
             schema.T_TISSUE: s.tissue.tobytes() if config.write_tissue_maps else None,
         }
     truth += [rows[i] for i in range(len(pat.z))]

@@ -114,8 +114,12 @@ class RenderedSlice:
     kind: Array  # uint8: 1 + index into OTHER_KINDS where an other-disease lesion was painted
     spacing: float  # pixel spacing, mm
 
-    @cached_property
-    def mask(self) -> Array:
+    def lesion_mask(self, label: Label) -> Array:
+        """The pixels of the lesion ``label`` is about: the clot alone on a PE slice (an effusion beside
+        it is not what the label claims, and a Grad-CAM peak on it must not count as finding the
+        clot), every lesion pixel otherwise."""
+        if label is Label.PE:
+            return self.tissue == Tissue.PE
         return (self.tissue == Tissue.PE) | (self.tissue == Tissue.OTHER_LESION)
 
     @cached_property

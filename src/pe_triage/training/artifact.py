@@ -101,6 +101,26 @@ def save_model(out: str | Path, model: torch.nn.Module, meta: dict[str, Any], hi
     return out
 
 
+def rethreshold(src: str | Path, out: str | Path, threshold: float, operating_point: dict[str, Any]) -> Path:
+    """Copy the artifact at ``src`` to ``out`` with a new operating ``threshold`` and the record of how
+    it was chosen; the stage's own threshold stays as ``slice_threshold`` (atomic, like ``save_model``)."""
+    meta = read_meta(src)
+    meta = {**meta, "format": FORMAT, "slice_threshold": meta.get("slice_threshold", meta["threshold"]), "threshold": float(threshold),
+            "operating_point": operating_point}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        shutil.copytree(src, tmp)
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / META).is_file():

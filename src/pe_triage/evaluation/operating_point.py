@@ -1,0 +1,113 @@
+"""The operating point: the two thresholds the triage runs at, chosen per exam on the validation split.
+
+Each stage's training sets a threshold for 95% of its validation *slices*. The triage flags exams,
+though, and the study's rule calls an exam positive when any slice is: with slice-level thresholds
+every extra slice is another chance of a false alarm (at 8 slices per exam and 36% slice
+specificity, 0-12% of WNL exams stayed WNL; on a 300-slice scan none would), while a PE exam is
+caught when any of its clot slices is. So the thresholds are set where the decision is made: the
+highest stage 1 threshold that keeps ``patient_disease_sensitivity`` of the validation disease
+exams, then the highest stage 2 threshold that keeps ``patient_pe_sensitivity`` of the validation PE
+exams through the whole cascade (stage 1 included, so the two misses do not compound unseen), both
+under the evaluation's patient rule. Sensitivity cannot rise with a threshold, so each is a binary
+search over the observed scores.
+
+The calibrated models are copies of the trained ones with the new threshold and a record of how it
+was chosen (``operating_point`` in ``model.json``, beside the stage's own ``slice_threshold``): what
+is evaluated, registered and deployed is one consistent pair.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from pe_triage import schema as S
+from pe_triage.config import Config, EvalConfig, OperatingPointConfig
+from pe_triage.evaluation.evaluate import EvaluationError, predict_split
+from pe_triage.evaluation.metrics import patient_decisions, patient_predictions
+from pe_triage.training.artifact import load_model, rethreshold
+
+log = logging.getLogger(__name__)
+
+
+def _highest(candidates: np.ndarray, ok: Callable[[float], bool]) -> float | None:
+    """The highest candidate (sorted ascending) where ``ok`` holds, ``ok`` being true up to some point."""
+    lo, hi, best = 0, len(candidates) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(float(candidates[mid])):
+            best, lo = float(candidates[mid]), mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def choose_thresholds(pred: pd.DataFrame, *, disease_sensitivity: float, pe_sensitivity: float,
+                      config: EvalConfig) -> dict[str, Any]:
+    """Thresholds ``(stage1, stage2)`` for the patient targets on labelled slice predictions (the
+    layout of ``metrics``), and what they reach there: ``{"stage1", "stage2", "achieved": {...}}``."""
+    truth = patient_predictions(pred, threshold_stage1=0.5, threshold_stage2=0.5, config=config)["truth"].to_numpy(object)
+    disease, pe = np.isin(truth, ["other", "pe"]), truth == "pe"
+    if not pe.any():
+        raise EvaluationError("the calibration split has no PE patient: no patient-level operating point can be set")
+    c1 = np.unique(np.r_[pred["p_disease"].to_numpy(float), 0.0])
+    c2 = np.unique(np.r_[pred["p_pe"].to_numpy(float), 0.0])
+
+    def rates(t1: float, t2: float) -> pd.DataFrame:
+        return patient_decisions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config)
+
+    def disease_ok(t1: float) -> bool:
+        return rates(t1, 0.0)["disease_positive"].to_numpy(bool)[disease].mean() >= disease_sensitivity
+
+    def pe_ok_at(t1: float) -> Callable[[float], bool]:
+        return lambda t2: rates(t1, t2)["pe_positive"].to_numpy(bool)[pe].mean() >= pe_sensitivity
+
+    t1 = _highest(c1, disease_ok) or 0.0
+    if not pe_ok_at(t1)(0.0):  # stage 1 alone already drops too many PE exams: lower it for them
+        t1 = _highest(c1, lambda t: pe_ok_at(t)(0.0)) or 0.0
+    t2 = _highest(c2, pe_ok_at(t1)) or 0.0
+    d = rates(t1, t2)
+    flagged, pe_flagged = d["disease_positive"].to_numpy(bool), d["pe_positive"].to_numpy(bool)
+    label, p_disease = pred["label"].to_numpy(object), pred["p_disease"].to_numpy(float)
+
+    def share(hit: np.ndarray, where: np.ndarray) -> float | None:
+        return float(hit[where].mean()) if where.any() else None
+
+    return {"stage1": t1, "stage2": t2, "achieved": {
+        "patient_disease_sensitivity": share(flagged, disease), "patient_wnl_specificity": share(~flagged, truth == "wnl"),
+        "patient_pe_sensitivity": share(pe_flagged, pe), "patient_pe_specificity": share(~pe_flagged, np.isin(truth, ["wnl", "other"])),
+        "slice_disease_sensitivity": share(p_disease >= t1, np.isin(label, ["other", "pe"])),
+        "slice_disease_specificity": share(p_disease < t1, label == "wnl"),
+        "patients": {"wnl": int((truth == "wnl").sum()), "other": int((truth == "other").sum()), "pe": int(pe.sum())},
+    }}
+
+
+def calibrate(stage1: str, stage2: str, windows: str, splits: str, out_stage1: str, out_stage2: str, *,
+              split: str = "val", fold: str = S.DEFAULT_FOLD, config: Config = Config()) -> dict[str, Any]:
+    """Set both stages' thresholds on ``split`` (``operating_point.level`` "patient") or keep each
+    stage's own (``"slice"``); write the models with their operating point to ``out_stage*``."""
+    op: OperatingPointConfig = config.operating_point
+    if op.level not in ("patient", "slice"):
+        raise EvaluationError(f"operating_point.level {op.level!r}: expected 'patient' or 'slice'")
+    for name in ("patient_disease_sensitivity", "patient_pe_sensitivity"):
+        if not 0 < getattr(op, name) <= 1:
+            raise EvaluationError(f"operating_point.{name} {getattr(op, name)}: expected a value in (0, 1]")
+    models = {1: load_model(stage1), 2: load_model(stage2)}
+    if op.level == "slice":
+        chosen = {"stage1": models[1].threshold, "stage2": models[2].threshold, "achieved": None}
+    else:
+        pred = predict_split(models, windows, splits, split=split, fold=fold, config=config)
+        chosen = choose_thresholds(pred, disease_sensitivity=op.patient_disease_sensitivity, pe_sensitivity=op.patient_pe_sensitivity,
+                                   config=replace(config.evaluate, bootstrap=0))
+    record = {"level": op.level, "split": split, "fold": fold, "patient_rule": config.evaluate.patient_rule, "k": config.evaluate.k,
+              "patient_disease_sensitivity": op.patient_disease_sensitivity, "patient_pe_sensitivity": op.patient_pe_sensitivity,
+              "thresholds": {"stage1": chosen["stage1"], "stage2": chosen["stage2"]}, "achieved": chosen["achieved"]}
+    for stage, src, dst in ((1, stage1, out_stage1), (2, stage2, out_stage2)):
+        rethreshold(src, dst, chosen[f"stage{stage}"], record)
+    log.info("operating point (%s, %s split): stage 1 %.4f, stage 2 %.4f; reached %s", op.level, split, chosen["stage1"],
+             chosen["stage2"], chosen["achieved"])
+    return record
