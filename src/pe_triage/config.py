@@ -218,8 +218,9 @@ class TrainConfig:
     imbalance: str = "sampler"
     #: training samples per epoch (default: the training split's size)
     samples_per_epoch: int | None = None
-    #: the operating threshold is the highest that keeps this validation sensitivity (a missed PE
-    #: costs more than a false alarm)
+    #: the stage's own threshold is the highest that keeps this validation slice sensitivity (a missed
+    #: PE costs more than a false alarm); the triage runs at the pair ``calibrate`` sets per exam
+    #: (``OperatingPointConfig``), this one only with ``operating_point.level: slice``
     target_sensitivity: float = 0.95
     seed: int = 0
     #: DataLoader worker processes (0 = load in the training process)
