@@ -38,6 +38,7 @@ import pyarrow.dataset as pads
 import torch
 
 from pe_triage import schema as S
+from pe_triage.artifact import load_model
 from pe_triage.config import (
     Config,
     LoaderConfig,
@@ -48,16 +49,15 @@ from pe_triage.config import (
     TrainConfig,
     to_dict,
 )
+from pe_triage.dataset import WindowsDataset
 from pe_triage.dicom import Pseudonymizer, load_key
 from pe_triage.evaluation.evaluate import lesion_masks, slice_boxes
 from pe_triage.evaluation.gradcam import grad_cam, peak_on_lesion
-from pe_triage.evaluation.metrics import auroc
 from pe_triage.ingest import ingest_site
 from pe_triage.preprocess import preprocess
 from pe_triage.splits import split_dataset
+from pe_triage.stats import auroc
 from pe_triage.synth import generate_cohort
-from pe_triage.training.artifact import load_model
-from pe_triage.training.data import WindowsDataset
 from pe_triage.training.train import train
 from pe_triage.windows import uint8_to_centred
 

@@ -79,7 +79,7 @@ def per_second(fn: Callable[..., None], slices: list[tuple[np.ndarray, tuple[flo
 def loader_rate(windows: Path, splits: Path, workers: int, augment: bool) -> float:
     import torch
 
-    from pe_triage.training.data import WindowsDataset
+    from pe_triage.dataset import WindowsDataset
 
     config = LoaderConfig(augment=augment)
     with WindowsDataset(str(windows), str(splits), split="train", stage=1, windows_used=list(TrainConfig().windows),

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from pe_triage import schema as S
 from pe_triage.config import LoaderConfig
-from pe_triage.training.data import WindowsDataset, balanced_sampler
+from pe_triage.dataset import WindowsDataset, balanced_sampler
 
 SIZE = 16
 Key = tuple[str, str, int]

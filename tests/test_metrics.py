@@ -25,7 +25,8 @@ from pe_triage.evaluation import (
     wilson_interval,
 )
 from pe_triage.evaluation.evaluate import EvaluationError, summarize_site_folds
-from pe_triage.evaluation.metrics import bootstrap_ranking, curves
+from pe_triage.evaluation.metrics import curves
+from pe_triage.stats import bootstrap_ranking
 
 T1 = T2 = 0.5
 

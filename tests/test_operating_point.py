@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from factories import write_toy_cohort
 
+from pe_triage.artifact import load_model, read_meta
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, OperatingPointConfig, TrainConfig
 from pe_triage.evaluation import patient_decisions
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate
 from pe_triage.evaluation.operating_point import calibrate, choose_thresholds
-from pe_triage.training.artifact import load_model, read_meta
 from pe_triage.training.train import train
 
 

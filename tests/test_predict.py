@@ -15,6 +15,7 @@ import torch
 from factories import ct_slice, pseudo, write
 
 from pe_triage import schema as S
+from pe_triage.artifact import load_model, save_model
 from pe_triage.config import IngestConfig, ModelConfig, PreprocessConfig, SynthConfig, to_dict
 from pe_triage.ingest import ingest_site
 from pe_triage.models import build_model
@@ -27,7 +28,6 @@ from pe_triage.predict import (
 )
 from pe_triage.preprocess import preprocess, resolve_windows
 from pe_triage.synth import generate_cohort
-from pe_triage.training.artifact import load_model, save_model
 
 #: small crops keep the CPU models fast; 96 px synthetic slices keep ingest fast
 PRE = PreprocessConfig(size=32)

@@ -21,10 +21,10 @@ from factories import pseudo
 from mlflow.tracking import MlflowClient
 from test_predict import edited, stage_model
 
+from pe_triage import tracking
 from pe_triage.config import IngestConfig, RegistryConfig, SynthConfig
 from pe_triage.ingest import ingest_site
 from pe_triage.predict import Triage
-from pe_triage.registry import tracking
 from pe_triage.registry.cli import add_commands
 from pe_triage.registry.registry import (
     CHALLENGER,
@@ -39,8 +39,8 @@ from pe_triage.registry.registry import (
     rollback,
 )
 from pe_triage.registry.server import free_port
-from pe_triage.registry.tracking import TrackingUnavailable
 from pe_triage.synth import generate_cohort
+from pe_triage.tracking import TrackingUnavailable
 
 SUMMARY_KEYS = (
     "slice_stage1_accuracy", "slice_disease_sensitivity", "slice_wnl_sensitivity", "slice_stage1_auroc",

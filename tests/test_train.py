@@ -19,17 +19,10 @@ import torch
 from factories import write_splits, write_toy_cohort, write_windows
 
 from pe_triage import schema as S
+from pe_triage.artifact import load_model, read_meta
 from pe_triage.config import Config, LoaderConfig, ModelConfig, TrainConfig
-from pe_triage.training.artifact import load_model, read_meta
-from pe_triage.training.train import (
-    CHECKPOINT,
-    TrainingError,
-    binary_rates,
-    checkpoint_dir_for,
-    lr_factor,
-    threshold_for_sensitivity,
-    train,
-)
+from pe_triage.stats import binary_rates, threshold_for_sensitivity
+from pe_triage.training.train import CHECKPOINT, TrainingError, checkpoint_dir_for, lr_factor, train
 
 SIZE = 32
 

@@ -61,7 +61,7 @@ def promote(version: int, champion_evaluation: Input[Artifact], config: str, tra
 def record_outcome(status: dsl.PipelineTaskFinalStatus, pipeline: str, config: str, tracking_uri: str):
     """Exit handler: one MLflow run per pipeline run with its final state, whatever failed before."""
     from pe_triage.config import parse_config
-    from pe_triage.registry.tracking import start_run
+    from pe_triage.tracking import start_run
 
     cfg = parse_config(config)
     tags = {"pe_triage.kind": "pipeline_outcome", "pe_triage.pipeline": pipeline, "pe_triage.outcome": status.state,

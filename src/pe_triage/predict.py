@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pe_triage import schema as S
+from pe_triage.artifact import StageModel, load_model
 from pe_triage.config import EvalConfig, IngestConfig, PreprocessConfig, WindowConfig, from_dict
 from pe_triage.dicom import Pseudonymizer
 from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_decisions
@@ -40,7 +41,6 @@ from pe_triage.ingest import ingest_site
 from pe_triage.lung_crop import NoBodyError
 from pe_triage.preprocess import preprocess, resolve_windows, series_box, too_small, window_slice
 from pe_triage.storage import location
-from pe_triage.training.artifact import StageModel, load_model
 from pe_triage.windows import Window
 
 FORMAT = "pe-triage-triage/1"

@@ -10,8 +10,6 @@ from pe_triage.evaluation.gradcam import (
 )
 from pe_triage.evaluation.metrics import (
     SUMMARY_KEYS,
-    auroc,
-    average_precision,
     cascade_labels,
     evaluate_predictions,
     format_proportion,
@@ -22,6 +20,7 @@ from pe_triage.evaluation.metrics import (
     wilson_interval,
 )
 from pe_triage.evaluation.report import write_report
+from pe_triage.stats import auroc, average_precision
 
 __all__ = [
     "SUMMARY_KEYS", "auroc", "average_precision", "cascade_labels", "evaluate_predictions", "format_proportion",

@@ -26,7 +26,9 @@ import pyarrow.dataset as pads
 import torch
 
 from pe_triage import schema as S
+from pe_triage.artifact import StageModel, load_model
 from pe_triage.config import Config
+from pe_triage.dataset import WindowsDataset
 from pe_triage.evaluation.gradcam import (
     grad_cam,
     gradcam_samples,
@@ -37,9 +39,7 @@ from pe_triage.evaluation.gradcam import (
 from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary, proportion
 from pe_triage.evaluation.report import write_loso_report, write_report
 from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
-from pe_triage.registry.tracking import start_run
-from pe_triage.training.artifact import StageModel, load_model
-from pe_triage.training.data import WindowsDataset
+from pe_triage.tracking import start_run
 from pe_triage.windows import uint8_to_centred
 
 log = logging.getLogger(__name__)

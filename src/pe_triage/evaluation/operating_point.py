@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 from pe_triage import schema as S
+from pe_triage.artifact import load_model, rethreshold
 from pe_triage.config import Config, EvalConfig, OperatingPointConfig
 from pe_triage.evaluation.evaluate import EvaluationError, predict_split
 from pe_triage.evaluation.metrics import patient_decisions, patient_predictions
-from pe_triage.training.artifact import load_model, rethreshold
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ def _guarded(handler: Callable[[argparse.Namespace, Config], tuple[int, Any]]) -
     def run(args: argparse.Namespace) -> int:
         from mlflow.exceptions import MlflowException
 
+        from pe_triage.artifact import ArtifactError
         from pe_triage.predict import PredictError
         from pe_triage.registry.registry import RegistryError
-        from pe_triage.registry.tracking import TrackingUnavailable
-        from pe_triage.training.artifact import ArtifactError
+        from pe_triage.tracking import TrackingUnavailable
 
         try:
             with contextlib.redirect_stdout(sys.stderr):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pe_triage.quality import flat_metrics, to_markdown
-from pe_triage.registry.tracking import Tracker, start_run
+from pe_triage.tracking import Tracker, start_run
 
 #: MLflow dataset digests are short strings; the full sha256 goes into the run's tags
 _DIGEST_CHARS = 16

@@ -17,7 +17,7 @@ from pe_triage.registry.registry import (
     PREVIOUS,
     RegistryError,
 )
-from pe_triage.registry.tracking import tracking_uri, wait_for_server
+from pe_triage.tracking import tracking_uri, wait_for_server
 
 
 def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None) -> dict[str, Any]:

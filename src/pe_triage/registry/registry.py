@@ -40,7 +40,7 @@ from pe_triage.config import Config, EvalConfig, RegistryConfig
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate
 from pe_triage.predict import DecisionRule, Triage
 from pe_triage.provenance import config_hash, git_commit
-from pe_triage.registry.tracking import start_run, tracking_uri, wait_for_server
+from pe_triage.tracking import start_run, tracking_uri, wait_for_server
 
 log = logging.getLogger(__name__)
 

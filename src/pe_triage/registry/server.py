@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pe_triage.registry.tracking import TrackingUnavailable, wait_for_server
+from pe_triage.tracking import TrackingUnavailable, wait_for_server
 
 log = logging.getLogger(__name__)
 

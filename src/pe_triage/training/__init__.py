@@ -1,1 +1,2 @@
-"""Training: data loading, loops and model artifacts for the two stages."""
+"""Training: the loop for the two stages (the dataset and the model artifact it writes live below,
+in ``pe_triage.dataset`` and ``pe_triage.artifact``, shared with evaluation and prediction)."""

@@ -32,14 +32,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from pe_triage import schema as S
+from pe_triage.artifact import POSITIVE, save_model
 from pe_triage.config import Config, TrainConfig, to_dict
-from pe_triage.evaluation.metrics import auroc
+from pe_triage.dataset import WindowsDataset, balanced_sampler
 from pe_triage.models import build_model, parameter_count
 from pe_triage.provenance import config_hash, dataset_digest, file_digest, git_commit, package_version
-from pe_triage.registry.tracking import NullTracker, start_run
+from pe_triage.stats import auroc, binary_rates, threshold_for_sensitivity
 from pe_triage.storage import atomic_path
-from pe_triage.training.artifact import POSITIVE, save_model
-from pe_triage.training.data import WindowsDataset, balanced_sampler
+from pe_triage.tracking import NullTracker, start_run
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +53,6 @@ class TrainingError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ pure helpers
-def threshold_for_sensitivity(probs: np.ndarray, targets: np.ndarray, sensitivity: float) -> float:
-    """The highest threshold (``p >= t`` is positive) that keeps at least ``sensitivity`` of the positives.
-
-    The highest such threshold gives the fewest false alarms at the required sensitivity.
-    """
-    if not 0 < sensitivity <= 1:
-        raise ValueError(f"target sensitivity must be in (0, 1], got {sensitivity}")
-    positives = np.sort(np.asarray(probs)[np.asarray(targets) == 1])[::-1]
-    if positives.size == 0:
-        raise ValueError("no positive samples to set a threshold on")
-    needed = math.ceil(sensitivity * positives.size - 1e-9)
-    return float(positives[needed - 1])
-
-
-def binary_rates(probs: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, float]:
-    predicted = np.asarray(probs) >= threshold
-    targets = np.asarray(targets) == 1
-    tp, tn = int((predicted & targets).sum()), int((~predicted & ~targets).sum())
-    return {
-        "sensitivity": tp / max(1, int(targets.sum())),
-        "specificity": tn / max(1, int((~targets).sum())),
-        "accuracy": (tp + tn) / max(1, targets.size),
-    }
-
-
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up, then cosine decay to zero over the remaining steps."""
     if step < warmup_steps:

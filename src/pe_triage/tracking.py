@@ -1,4 +1,5 @@
-"""MLflow tracking for the pipeline steps (this package is the only one that imports mlflow).
+"""MLflow tracking for the pipeline steps. With the ``registry`` package, the only code that imports
+mlflow, always lazily: a step that tracks nothing never loads it.
 
 Steps get a :class:`Tracker` from :func:`start_run`: a real run when a tracking URI is configured
 (argument or the standard ``MLFLOW_TRACKING_URI``), a :class:`NullTracker` otherwise, so library
