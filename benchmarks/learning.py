@@ -91,12 +91,12 @@ def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfi
     model = load_model(model_dir)
     windows, truth = str(work / "windows"), str(work / "cohort" / "truth")
     with WindowsDataset(windows, str(work / "splits.parquet"), split="val", stage=stage,
-                        windows_used=model.window_names, config=loader) as ds:
+                        windows_used=model.meta.window_names, config=loader) as ds:
         prob = model.predict_proba(np.asarray(ds.array))
         boxes = slice_boxes(windows, ds.index)
         masks = lesion_masks(truth, boxes, ds.shape[-1])
         frame = ds.index.assign(source_sha256=boxes[S.SOURCE_SHA256])
-        positive = np.flatnonzero((np.asarray(ds.targets) == 1) & (prob >= model.threshold))
+        positive = np.flatnonzero((np.asarray(ds.targets) == 1) & (prob >= model.meta.threshold))
         rows = [int(frame.index[i]) for i in positive if int(frame.index[i]) in masks and masks[int(frame.index[i])].any()]
         rows = sorted(np.random.default_rng(0).permutation(rows)[:pointing].tolist())
         position = {int(r): i for i, r in enumerate(frame.index)}

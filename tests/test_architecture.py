@@ -133,7 +133,7 @@ def test_the_graph_builder_finds_known_edges() -> None:
     assert "pe_triage.schema" in INTERNAL["pe_triage.training.train"]  # from pe_triage import schema as S
     assert "pe_triage.synth.anatomy" in INTERNAL["pe_triage.synth.cohort"]  # a relative import
     assert "pe_triage.registry.pyfunc" in INTERNAL["pe_triage.registry.registry"]  # inside a function
-    assert "pe_triage" in INTERNAL["pe_triage.ingest"]  # from pe_triage import __version__
+    assert "pe_triage" in INTERNAL["pe_triage.ingest.site"]  # from pe_triage import __version__
     assert "mlflow" in EXTERNAL["pe_triage.registry.pyfunc"]
     assert "torch" in EXTERNAL["pe_triage.evaluation.gradcam"]
     assert len(INTERNAL) > 50 and sum(map(len, INTERNAL.values())) > 100

@@ -3,7 +3,8 @@ flags everything and one that scores at random, and pass a good one."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import json
+from dataclasses import asdict, fields
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from pe_triage.config import EvalConfig, GateConfig, RegistryConfig
 from pe_triage.evaluation import evaluate_predictions
-from pe_triage.registry.registry import MIN_GATES, REGRESSION_METRICS, evaluate_gates
+from pe_triage.registry.registry import MIN_GATES, REGRESSION_METRICS, GateResult, evaluate_gates
 
 GOOD = {
     "patient_pe_sensitivity": 1.0, "patient_disease_sensitivity": 1.0, "slice_disease_sensitivity": 0.95, "slice_wnl_sensitivity": 0.9,
@@ -27,13 +28,13 @@ def metrics(**summary: Any) -> dict[str, Any]:
     return {"summary": GOOD | summary, "test_data": TEST_DATA}
 
 
-def failed(gates: list[dict[str, Any]]) -> list[str]:
-    return [g["name"] for g in gates if not g["passed"]]
+def failed(gates: list[GateResult]) -> list[str]:
+    return [g.name for g in gates if not g.passed]
 
 
 def test_every_minimum_is_on_by_default_and_a_good_summary_passes() -> None:
     gates = evaluate_gates(metrics(), None, RegistryConfig())
-    assert [g["name"] for g in gates] == [name for name, _ in MIN_GATES]
+    assert [g.name for g in gates] == [name for name, _ in MIN_GATES]
     assert failed(gates) == []
     assert {f.name for f in fields(GateConfig)} == {n for n, _ in MIN_GATES} | {"max_regression"}
 
@@ -42,26 +43,32 @@ def test_every_minimum_is_on_by_default_and_a_good_summary_passes() -> None:
 def test_each_minimum_refuses_below_its_threshold_and_names_itself(name: str, key: str) -> None:
     gates = evaluate_gates(metrics(**{key: 0.4}), None, RegistryConfig())
     assert failed(gates) == [name]
-    (gate,) = [g for g in gates if g["name"] == name]
-    assert key in gate["detail"] and "<" in gate["detail"]
+    (gate,) = [g for g in gates if g.name == name]
+    assert key in gate.detail and "<" in gate.detail
 
 
 def test_a_metric_not_measured_fails_its_gate_without_a_crash() -> None:
     summary = {k: v for k, v in GOOD.items() if k != "slice_pe_specificity"} | {
         "slice_stage2_auroc_ci_low": None, "patient_pe_specificity": "n/a"}
     results = evaluate_gates({"summary": summary, "test_data": TEST_DATA}, None, RegistryConfig())
-    gates = {g["name"]: g for g in results}
-    assert sorted(n for n, g in gates.items() if not g["passed"]) == [
+    gates = {g.name: g for g in results}
+    assert sorted(n for n, g in gates.items() if not g.passed) == [
         "min_patient_pe_specificity", "min_slice_pe_specificity", "min_stage2_auroc_ci_low"]
-    assert "missing from the metrics summary" in gates["min_slice_pe_specificity"]["detail"]
-    assert "not measured" in gates["min_stage2_auroc_ci_low"]["detail"]
-    assert gates["min_patient_pe_specificity"]["value"] is None
+    assert "missing from the metrics summary" in gates["min_slice_pe_specificity"].detail
+    assert "not measured" in gates["min_stage2_auroc_ci_low"].detail
+    assert gates["min_patient_pe_specificity"].value is None
+
+
+def test_a_gate_result_is_recorded_as_the_json_the_decision_tags_always_held() -> None:
+    gate = GateResult("min_patient_pe_sensitivity", 0.9, 0.8, True, "patient_pe_sensitivity 0.9000 >= 0.8")
+    assert json.dumps(asdict(gate)) == json.dumps({"name": "min_patient_pe_sensitivity", "value": 0.9, "threshold": 0.8,
+                                                   "passed": True, "detail": "patient_pe_sensitivity 0.9000 >= 0.8"})
 
 
 def test_a_gate_set_to_none_is_off() -> None:
     config = RegistryConfig(gates=GateConfig(min_stage2_auroc_ci_low=None, min_slice_pe_specificity=None))
     gates = evaluate_gates(metrics(slice_stage2_auroc_ci_low=None, slice_pe_specificity=0.0), None, config)
-    assert failed(gates) == [] and "min_stage2_auroc_ci_low" not in [g["name"] for g in gates]
+    assert failed(gates) == [] and "min_stage2_auroc_ci_low" not in [g.name for g in gates]
 
 
 def test_the_champion_comparison_covers_discrimination() -> None:
@@ -71,7 +78,7 @@ def test_the_champion_comparison_covers_discrimination() -> None:
     assert failed(gates) == ["max_regression.slice_stage1_auroc"]
     old_champion = metrics()
     del old_champion["summary"]["slice_stage2_auroc"]  # nothing measured to regress from: no gate
-    names = [g["name"] for g in evaluate_gates(metrics(), old_champion, RegistryConfig())]
+    names = [g.name for g in evaluate_gates(metrics(), old_champion, RegistryConfig())]
     assert "max_regression.slice_stage2_auroc" not in names
 
 
@@ -88,7 +95,7 @@ def cohort() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def judged(p_disease: np.ndarray, p_pe: np.ndarray, pred: pd.DataFrame) -> list[dict[str, Any]]:
+def judged(p_disease: np.ndarray, p_pe: np.ndarray, pred: pd.DataFrame) -> list[GateResult]:
     scored = pred.assign(p_disease=p_disease, p_pe=p_pe)
     m = evaluate_predictions(scored, threshold_stage1=0.5, threshold_stage2=0.5,
                              config=EvalConfig(bootstrap=200))

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from factories import ct_slice, pseudo, write, write_series
 
-from pe_triage import ingest as ingest_mod
 from pe_triage import schema as S
 from pe_triage.config import IngestConfig
 from pe_triage.ingest import IngestError, ingest_site
+from pe_triage.ingest import site as site_mod
 
 CFG = IngestConfig(workers=1)
 
@@ -149,7 +149,7 @@ def test_interrupted_run_leaves_nothing_visible(tmp_path: Path, monkeypatch: pyt
     src, out = tmp_path / "src", tmp_path / "out"
     write_series(src, 3)
     write_series(src / "b", 3, series="1.2.3.4.8")
-    real = ingest_mod.write_series
+    real = site_mod.write_series
     calls = []
 
     def crash_on_second(task):  # type: ignore[no-untyped-def]
@@ -158,11 +158,11 @@ def test_interrupted_run_leaves_nothing_visible(tmp_path: Path, monkeypatch: pyt
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(ingest_mod, "write_series", crash_on_second)
+    monkeypatch.setattr(site_mod, "write_series", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         run(src, out)
     assert not list((out).glob("site=*/*.parquet"))
-    monkeypatch.setattr(ingest_mod, "write_series", real)
+    monkeypatch.setattr(site_mod, "write_series", real)
     report = run(src, out)  # the re-run cleans up and completes
     assert report["files"]["ingested"] == 6
     assert not list((out / "_staging").rglob("*.parquet"))

@@ -41,7 +41,7 @@ def stage_model(out: Path, stage: int, *, windows: tuple[str, ...] | None = None
     torch.manual_seed(seed * 10 + stage)
     model_config = ModelConfig(arch="cbam_drn_d_22", width=0.125)
     names = windows or STAGE_WINDOWS[stage]
-    defs = [{"name": w.name, "lo": w.lo, "hi": w.hi} for w in resolve_windows(PreprocessConfig(windows=names))]
+    defs = [w.to_dict() for w in resolve_windows(PreprocessConfig(windows=names))]
     meta = {
         "stage": stage, "model": to_dict(model_config), "windows": defs, "threshold": threshold,
         "target_sensitivity": 0.95, "val": {"auroc": 0.9}, "preprocess": to_dict(preprocess) | {"workers": None},
@@ -54,7 +54,7 @@ def stage_model(out: Path, stage: int, *, windows: tuple[str, ...] | None = None
 def edited(src: Path, dst: Path, **changes: object) -> Path:
     """A copy of a stage artifact with metadata changed (same weights)."""
     model = load_model(src)
-    return save_model(dst, model.model, {**model.meta, **changes}, history=[])
+    return save_model(dst, model.model, {**model.meta.raw, **changes}, history=[])
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def reference(stage_pair: tuple[Path, Path], dicom: Path, work: Path) -> tuple[p
     for stage, path in enumerate(stage_pair, start=1):
         model = load_model(path)
         windows = work / f"windows-{stage}"
-        preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.window_names), workers=1))
+        preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.meta.window_names), workers=1))
         table = pads.dataset(windows, format="parquet", partitioning="hive").to_table().sort_by(S.SLICE_INDEX)
         stack = S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS)))
         out[S.SLICE_INDEX] = table[S.SLICE_INDEX].to_numpy()
@@ -115,7 +115,7 @@ def test_dicom_input_gives_the_training_path_probabilities(triage: Triage, train
     assert list(frame["slice_index"]) == list(ref["slice_index"])
     np.testing.assert_allclose(frame["p_disease"], ref["p1"], atol=1e-5)
     np.testing.assert_allclose(frame["p_pe"], ref["p2"], atol=1e-5)
-    t1, t2 = triage.stage1.threshold, triage.stage2.threshold
+    t1, t2 = triage.stage1.meta.threshold, triage.stage2.meta.threshold
     expected = np.where(frame["p_disease"] < t1, "wnl", np.where(frame["p_pe"] >= t2, "pe", "other"))
     assert list(frame["triage"]) == list(expected)
     assert list(frame["flagged"]) == list(expected == "pe")
@@ -175,7 +175,7 @@ def test_report_holds_no_phi(triage: Triage, cohort: Path) -> None:
 
 
 def test_patient_rule_is_the_evaluations(triage: Triage) -> None:
-    t1, t2 = triage.stage1.threshold, triage.stage2.threshold
+    t1, t2 = triage.stage1.meta.threshold, triage.stage2.meta.threshold
     hi1, lo1, hi2 = min(1.0, t1 + 1e-3), max(0.0, t1 - 1e-3), min(1.0, t2 + 1e-3)
     frame = pd.DataFrame({"study_uid": "s", "series_uid": "x", "slice_index": range(5),
                           "p_disease": [hi1, lo1, hi1, lo1, lo1], "p_pe": [hi2] * 5})

@@ -1,4 +1,4 @@
-"""The slices pixel encoding round-trips every int16 value and rejects a wrong size."""
+"""The slices pixel encoding round-trips every int16 value and rejects a wrong size; the stage table is consistent."""
 
 from __future__ import annotations
 
@@ -42,3 +42,15 @@ def test_windows_column_round_trip_without_copy_and_with_offsets() -> None:
 
     chunked = pa.chunked_array([column.slice(0, 2), column.slice(2, 3)])
     np.testing.assert_array_equal(S.windows_stack(chunked, (2, 4, 4)), stack)
+
+
+def test_the_stage_table_splits_each_stages_labels_in_two() -> None:
+    definite = {S.Label.WNL.value, S.Label.OTHER.value, S.Label.PE.value}
+    assert list(S.STAGES) == [1, 2]
+    for number, stage in S.STAGES.items():
+        assert stage.number == number and stage.name == f"stage{number}"
+        assert stage.positive_labels and stage.negative_labels
+        assert not set(stage.positive_labels) & set(stage.negative_labels) and set(stage.labels) <= definite
+    assert set(S.STAGES[1].labels) == definite  # stage 1 sees every slice with a definite label
+    assert set(S.STAGES[2].labels) == set(S.STAGES[1].positive_labels)  # stage 2 sees what stage 1 calls disease
+    assert [s.column for s in S.STAGES.values()] == [S.P_DISEASE, S.P_PE] == S.PREDICTION_COLUMNS[-2:]

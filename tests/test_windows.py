@@ -1,11 +1,15 @@
-"""HU windows: configuration forms, the uint8 storage map and the zero-centred network input."""
+"""HU windows: configuration forms, the uint8 storage map, the zero-centred network input, the stored
+form and picking a model's channels out of a stack."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import numpy as np
 import pytest
 
-from pe_triage.windows import PRESETS, Window, uint8_to_centred, window_to_uint8
+from pe_triage.windows import PRESETS, Window, uint8_to_centred, window_channels, window_to_uint8
 
 
 def test_study_windows_and_clinical_presets() -> None:
@@ -36,3 +40,27 @@ def test_centred_network_input() -> None:
 def test_bad_window_is_named() -> None:
     with pytest.raises(ValueError, match="'broken'"):
         Window("broken", 10, 10)
+
+
+def test_stored_form_round_trips_to_the_same_json() -> None:
+    assert all(Window.from_dict(w.to_dict()) == w for w in PRESETS.values())
+    stored = [{"name": "vascular", "lo": 0, "hi": 650}, {"name": "lung", "lo": -400.0, "hi": 1500.0}]
+    assert json.dumps([Window.from_dict(d).to_dict() for d in stored]) == json.dumps(stored)  # what model.json keeps
+
+
+def test_channels_are_picked_by_name_in_the_order_wanted() -> None:
+    available = [PRESETS["vascular"], PRESETS["mediastinal"], PRESETS["lung"]]
+    assert window_channels(available, ["lung", "vascular"]) == [2, 0]
+    assert window_channels(available, [PRESETS["mediastinal"], Window("lung", -400.0, 1500.0)]) == [1, 2]
+
+
+@pytest.mark.parametrize(("wanted", "message"), [
+    (["vascular", "soft"], "unknown window(s) ['soft']; available windows: ['vascular', 'lung']"),
+    ([Window("lung", -1000, 1600)], "window 'lung' is defined differently: -1000..1600 HU wanted, -400..1500 HU available"),
+    (["lung", "lung"], "a window is wanted twice: ['lung', 'lung']"),
+    ([], "non-empty list"),
+    ("lung", "non-empty list"),
+])
+def test_the_channel_picker_names_what_is_missing_or_differs(wanted: list[str | Window], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        window_channels([PRESETS["vascular"], PRESETS["lung"]], wanted)

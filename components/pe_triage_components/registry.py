@@ -31,8 +31,8 @@ def check_gates(evaluation: Input[Artifact], config: str) -> bool:
     cfg = parse_config(config)
     gates = evaluate_gates(read_metrics(evaluation.path), None, cfg.registry)
     for gate in gates:
-        print(f"gate {gate['name']}: {'passed' if gate['passed'] else 'FAILED'} ({gate['detail']})")
-    return all(gate["passed"] for gate in gates)
+        print(f"gate {gate.name}: {'passed' if gate.passed else 'FAILED'} ({gate.detail})")
+    return all(gate.passed for gate in gates)
 
 
 def evaluate_champion(windows: Input[Dataset], splits: Input[Dataset], config: str, tracking_uri: str,

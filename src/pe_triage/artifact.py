@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 
 from pe_triage.config import ModelConfig, from_dict
 from pe_triage.models import MultiWindowNet, build_model
-from pe_triage.windows import uint8_to_centred
+from pe_triage.windows import Window, uint8_to_centred
 
 FORMAT = "pe-triage-model/2"
 #: format 1 predates ``min_channels`` (levels floored at 4) and ``fusion`` (``shared_branches``)
@@ -30,12 +31,40 @@ FORMAT_1 = "pe-triage-model/1"
 WEIGHTS = "model.pt"
 META = "model.json"
 HISTORY = "history.json"
-#: the positive class of each stage's single logit
-POSITIVE = {1: "disease", 2: "pe"}
+#: what every ``model.json`` holds (the rest is provenance and records, read through ``ModelMeta.raw``)
+_REQUIRED = ("stage", "model", "windows", "threshold")
 
 
 class ArtifactError(ValueError):
     """A model folder is missing, of another format, or inconsistent; the message says which."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """A stage model's ``model.json``: what code acts on, typed and checked once when read, and
+    ``raw``, the whole JSON (format 1 upgraded) for what only travels on (registry tags, the
+    evaluation's record of its models, the model card)."""
+
+    stage: int
+    model: ModelConfig
+    #: in branch order
+    windows: tuple[Window, ...]
+    #: the operating threshold on P(positive)
+    threshold: float
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any]) -> ModelMeta:
+        for key in _REQUIRED:
+            if key not in meta:
+                raise ArtifactError(f"model metadata lacks {key!r}")
+        return cls(stage=int(meta["stage"]), model=from_dict(ModelConfig, meta["model"]),
+                   windows=tuple(Window.from_dict(w) for w in meta["windows"]), threshold=float(meta["threshold"]),
+                   raw=dict(meta))
+
+    @property
+    def window_names(self) -> list[str]:
+        return [w.name for w in self.windows]
 
 
 @dataclass
@@ -43,19 +72,7 @@ class StageModel:
     """A loaded stage model (eval mode) and its metadata."""
 
     model: MultiWindowNet
-    meta: dict[str, Any]
-
-    @property
-    def stage(self) -> int:
-        return int(self.meta["stage"])
-
-    @property
-    def threshold(self) -> float:
-        return float(self.meta["threshold"])
-
-    @property
-    def window_names(self) -> list[str]:
-        return [w["name"] for w in self.meta["windows"]]
+    meta: ModelMeta
 
     def predict_proba(self, windows: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
         """uint8 window stacks ``[N, C, H, W]`` (this model's windows, in its order) -> P(positive) ``[N]``."""
@@ -76,10 +93,9 @@ def predict_proba(model: torch.nn.Module, windows: np.ndarray, *, batch_size: in
 
 
 def save_model(out: str | Path, model: torch.nn.Module, meta: dict[str, Any], history: list[dict[str, Any]]) -> Path:
-    """Write the artifact folder atomically (replacing an older one at ``out``)."""
-    for key in ("stage", "model", "windows", "threshold"):
-        if key not in meta:
-            raise ArtifactError(f"model metadata lacks {key!r}")
+    """Write the artifact folder atomically (replacing an older one at ``out``); ``meta`` must read back
+    as a :class:`ModelMeta`."""
+    ModelMeta.from_dict(meta)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
@@ -122,6 +138,7 @@ def rethreshold(src: str | Path, out: str | Path, threshold: float, operating_po
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The whole ``model.json`` of the artifact at ``path``, a format 1 one upgraded to the current layout."""
     path = Path(path)
     if not (path / META).is_file():
         raise ArtifactError(f"{path}: not a pe-triage model folder (no {META})")
@@ -139,8 +156,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> StageModel:
     """Rebuild the architecture from ``model.json`` and load the weights (eval mode)."""
     path = Path(path)
-    meta = read_meta(path)
-    model = build_model(from_dict(ModelConfig, meta["model"]), len(meta["windows"]))
+    meta = ModelMeta.from_dict(read_meta(path))
+    model = build_model(meta.model, len(meta.windows))
     state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

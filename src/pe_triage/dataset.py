@@ -36,13 +36,11 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 
 from pe_triage import schema as S
 from pe_triage.config import LoaderConfig
-from pe_triage.windows import uint8_to_centred
+from pe_triage.windows import Window, uint8_to_centred, window_channels
 
 #: per-slice keys kept as ``WindowsDataset.index`` (evaluation groups slices by patient and series)
 INDEX_COLUMNS = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL]
 TARGET = "target"
-#: labels whose slices enter each stage (targets: see _targets)
-STAGE_LABELS = {1: (S.Label.WNL.value, S.Label.PE.value, S.Label.OTHER.value), 2: (S.Label.PE.value, S.Label.OTHER.value)}
 #: the target of an indeterminate slice (kept only on request, for evaluation): it has none
 NO_TARGET = -1
 _KNOWN_LABELS = pa.array([label.value for label in S.Label])
@@ -61,8 +59,8 @@ class _FileSelection:
 
 
 def _targets(labels: np.ndarray, stage: int) -> np.ndarray:
-    """Stage 1: disease (pe or other) = 1, wnl = 0. Stage 2: pe = 1, other = 0. Indeterminate: NO_TARGET."""
-    positive = np.isin(labels, STAGE_LABELS[2]) if stage == 1 else labels == S.Label.PE.value
+    """1 for the stage's positive labels, 0 for its negative ones (``schema.STAGES``); indeterminate: NO_TARGET."""
+    positive = np.isin(labels, S.STAGES[stage].positive_labels)
     return np.where(labels == _INDETERMINATE, NO_TARGET, positive.astype(np.int64))
 
 
@@ -76,23 +74,11 @@ def _split_keys(splits: str, fold: str, split: str) -> pa.Array:
     return pc.binary_join_element_wise(chosen[S.SITE], chosen[S.PATIENT_ID], _KEY_SEP)
 
 
-def _window_defs(pf: pq.ParquetFile, path: str) -> list[dict[str, Any]]:
+def _window_defs(pf: pq.ParquetFile, path: str) -> list[Window]:
     raw = (pf.schema_arrow.metadata or {}).get(S.META_WINDOWS.encode())
     if raw is None:
         raise ValueError(f"{path}: no {S.META_WINDOWS!r} file metadata (not a windows dataset file?)")
-    return list(json.loads(raw))
-
-
-def _channels(defs: list[dict[str, Any]], windows_used: Sequence[str]) -> list[int]:
-    names = [d["name"] for d in defs]
-    if isinstance(windows_used, str) or not windows_used:
-        raise ValueError(f"windows_used must be a non-empty list of window names from {names}, got {windows_used!r}")
-    unknown = [w for w in windows_used if w not in names]
-    if unknown:
-        raise ValueError(f"unknown window(s) {unknown}; available windows: {names}")
-    if len(set(windows_used)) != len(windows_used):
-        raise ValueError(f"windows_used names a window twice: {list(windows_used)}")
-    return [names.index(w) for w in windows_used]
+    return [Window.from_dict(d) for d in json.loads(raw)]
 
 
 def _copy_selected(sel: _FileSelection, out: np.ndarray, channels: list[int]) -> None:
@@ -179,7 +165,7 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         train: bool = False,
         keep_indeterminate: bool = False,
     ) -> None:
-        if stage not in STAGE_LABELS:
+        if stage not in S.STAGES:
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
         if split not in S.SPLITS:
             raise ValueError(f"split must be one of {list(S.SPLITS)}, got {split!r}")
@@ -191,13 +177,13 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if not files:
             raise ValueError(f"windows dataset {windows!r} has no Parquet files")
         defs, shape, selections, keys = self._plan(files, _split_keys(splits, fold, split))
-        channels = _channels(defs, windows_used)
-        self.window_defs: list[dict[str, Any]] = [defs[c] for c in channels]
-        self.window_names: tuple[str, ...] = tuple(d["name"] for d in self.window_defs)
+        channels = window_channels(defs, windows_used)
+        self.windows: tuple[Window, ...] = tuple(defs[c] for c in channels)
+        self.window_names: tuple[str, ...] = tuple(w.name for w in self.windows)
         if not keys.num_rows:
             raise ValueError(
                 f"no slices for split {split!r} of fold {fold!r}, stage {stage} "
-                f"(labels {list(STAGE_LABELS[stage])}) in {windows!r}"
+                f"(labels {list(S.STAGES[stage].labels)}) in {windows!r}"
             )
         self.index: pd.DataFrame = keys.to_pandas()
         self.targets: np.ndarray = _targets(self.index[S.LABEL].to_numpy(), stage)
@@ -216,13 +202,13 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             self.close()
             raise
 
-    def _plan(self, files: list[str], patients: pa.Array) -> tuple[list[dict[str, Any]], list[int], list[_FileSelection], pa.Table]:
+    def _plan(self, files: list[str], patients: pa.Array) -> tuple[list[Window], list[int], list[_FileSelection], pa.Table]:
         """Read the key columns of every file; choose the rows (and so the row groups) to materialise."""
         first = pq.ParquetFile(files[0])
         defs, shape = _window_defs(first, files[0]), list(S.windows_shape(first.schema_arrow.field(S.WINDOWS)))
         if len(defs) != shape[0]:
             raise ValueError(f"{files[0]}: {len(defs)} window definitions for {shape[0]} stored windows")
-        labels = pa.array([*STAGE_LABELS[self.stage], *([_INDETERMINATE] if self.keep_indeterminate else [])])
+        labels = pa.array([*S.STAGES[self.stage].labels, *([_INDETERMINATE] if self.keep_indeterminate else [])])
         selections, key_tables = [], []
         for path in files:
             pf = pq.ParquetFile(path)
@@ -269,6 +255,11 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             list(pool.map(_copy_selected, selections, ranges, [channels] * len(selections)))
         out.flush()
         del out, ranges
+
+    @property
+    def window_defs(self) -> list[dict[str, Any]]:
+        """The windows in their stored form, what a model trained on them records in ``model.json``."""
+        return [w.to_dict() for w in self.windows]
 
     @property
     def array(self) -> np.ndarray:

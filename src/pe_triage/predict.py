@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pe_triage import schema as S
-from pe_triage.artifact import StageModel, load_model
+from pe_triage.artifact import ModelMeta, StageModel, load_model
 from pe_triage.config import EvalConfig, IngestConfig, PreprocessConfig, WindowConfig, from_dict
 from pe_triage.dicom import Pseudonymizer
 from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_decisions
@@ -41,17 +41,17 @@ from pe_triage.ingest import ingest_site
 from pe_triage.lung_crop import NoBodyError
 from pe_triage.preprocess import preprocess, resolve_windows, series_box, too_small, window_slice
 from pe_triage.storage import location
-from pe_triage.windows import Window
+from pe_triage.windows import Window, window_channels
 
 FORMAT = "pe-triage-triage/1"
 #: HU input: int16 little-endian, row-major (what ``array.astype("<i2").tobytes()`` gives)
 HU_INPUT = "hu"
 DICOM_PATH = "dicom_path"
-P_DISEASE, P_PE, TRIAGE, FLAGGED, STUDY_TRIAGE = "p_disease", "p_pe", "triage", "flagged", "study_triage"
+TRIAGE, FLAGGED, STUDY_TRIAGE = "triage", "flagged", "study_triage"
 SKIPPED = "skipped"
 KEY_COLUMNS = [S.STUDY_UID, S.SERIES_UID, S.SLICE_INDEX]
 SLICE_INPUT_COLUMNS = [*KEY_COLUMNS, S.ROWS, S.COLS, S.PIXEL_SPACING_ROW, S.PIXEL_SPACING_COL]
-OUTPUT_COLUMNS = [*KEY_COLUMNS, P_DISEASE, P_PE, TRIAGE, FLAGGED, STUDY_TRIAGE]
+OUTPUT_COLUMNS = [*KEY_COLUMNS, S.P_DISEASE, S.P_PE, TRIAGE, FLAGGED, STUDY_TRIAGE]
 _SITE = "predict"  # the temporary dataset's site name (never in the output)
 #: preprocess settings that only change how a run executes
 _EXECUTION_ONLY = ("workers", "row_group_slices", "zstd_level")
@@ -76,39 +76,24 @@ class DecisionRule:
         return EvalConfig(patient_rule=self.rule, k=self.k)
 
 
-def _windows_of(meta: dict[str, Any]) -> list[Window]:
-    return [Window(d["name"], float(d["lo"]), float(d["hi"])) for d in meta["windows"]]
-
-
-def composite_preprocess(meta1: dict[str, Any], meta2: dict[str, Any]) -> PreprocessConfig:
+def composite_preprocess(meta1: ModelMeta, meta2: ModelMeta) -> PreprocessConfig:
     """The preprocessing both stages were trained on, producing every window either one needs
     (the union, stage 1's first). The stages must agree on everything but the windows."""
     configs = []
     for meta in (meta1, meta2):
-        stored = {k: v for k, v in meta["preprocess"].items() if k not in _EXECUTION_ONLY}
+        stored = {k: v for k, v in meta.raw["preprocess"].items() if k not in _EXECUTION_ONLY}
         configs.append(replace(from_dict(PreprocessConfig, stored), windows=("vascular",), custom_windows=()))
     if configs[0] != configs[1]:
         diff = [f for f in ("size", "crop", "min_image_size") if getattr(configs[0], f) != getattr(configs[1], f)]
         raise PredictError(f"the stage models were trained on different preprocessing ({', '.join(diff)}): "
                            "not a consistent pair")
     union: dict[str, Window] = {}
-    for w in [*_windows_of(meta1), *_windows_of(meta2)]:
+    for w in [*meta1.windows, *meta2.windows]:
         if union.setdefault(w.name, w) != w:
             raise PredictError(f"window {w.name!r} differs between the stages ({union[w.name]} vs {w}): "
                                "not a consistent pair")
     return replace(configs[0], windows=tuple(union), workers=1,
                    custom_windows=tuple(WindowConfig(w.name, lo=w.lo, hi=w.hi) for w in union.values()))
-
-
-def _channels(windows: Sequence[Window], stage: StageModel) -> list[int]:
-    """Indices of the stage's windows (by name, in its branch order) in a stack of ``windows``."""
-    have = {w.name: (i, w) for i, w in enumerate(windows)}
-    out = []
-    for w in _windows_of(stage.meta):
-        if w.name not in have or have[w.name][1] != w:
-            raise PredictError(f"stage {stage.stage} needs window {w} but the input has {list(windows)}")
-        out.append(have[w.name][0])
-    return out
 
 
 def _hu(row: Any, hu_column: str) -> np.ndarray:
@@ -133,8 +118,8 @@ class Triage:
     @classmethod
     def load(cls, stage1: str | Path, stage2: str | Path, *, rule: DecisionRule = DecisionRule()) -> Triage:
         m1, m2 = load_model(stage1), load_model(stage2)
-        if (m1.stage, m2.stage) != (1, 2):
-            raise PredictError(f"expected a stage 1 and a stage 2 model, got stages {m1.stage} and {m2.stage}")
+        if (m1.meta.stage, m2.meta.stage) != (1, 2):
+            raise PredictError(f"expected a stage 1 and a stage 2 model, got stages {m1.meta.stage} and {m2.meta.stage}")
         return cls(m1, m2, rule, composite_preprocess(m1.meta, m2.meta))
 
     def config(self) -> dict[str, Any]:
@@ -142,8 +127,8 @@ class Triage:
         return {
             "format": FORMAT,
             "rule": {"rule": self.rule.rule, "k": self.rule.k},
-            "thresholds": {"stage1": self.stage1.threshold, "stage2": self.stage2.threshold},
-            "windows": [{"name": w.name, "lo": w.lo, "hi": w.hi} for w in resolve_windows(self.preprocess)],
+            "thresholds": {"stage1": self.stage1.meta.threshold, "stage2": self.stage2.meta.threshold},
+            "windows": [w.to_dict() for w in resolve_windows(self.preprocess)],
             "size": self.preprocess.size,
             "crop_mode": self.preprocess.crop.mode,
         }
@@ -160,19 +145,24 @@ class Triage:
         """uint8 window stacks ``[N, C, H, W]`` (channels = ``windows``) -> (p_disease, p_pe)."""
         if len(stack) == 0:
             return np.empty(0, np.float32), np.empty(0, np.float32)
-        p_disease = self.stage1.predict_proba(stack[:, _channels(windows, self.stage1)])
-        p_pe = self.stage2.predict_proba(stack[:, _channels(windows, self.stage2)])
-        return p_disease, p_pe
+        probs = []
+        for model in (self.stage1, self.stage2):
+            try:
+                channels = window_channels(windows, model.meta.windows)
+            except ValueError as e:
+                raise PredictError(f"stage {model.meta.stage} model: {e}") from None
+            probs.append(model.predict_proba(stack[:, channels]))
+        return probs[0], probs[1]
 
     def _per_slice(self, keys: pd.DataFrame, p_disease: np.ndarray, p_pe: np.ndarray) -> pd.DataFrame:
         """Keys + probabilities (NaN: skipped) -> the output frame, with the per-study decision."""
         out = keys[KEY_COLUMNS].reset_index(drop=True).copy()
-        out[P_DISEASE], out[P_PE] = p_disease.astype(float), p_pe.astype(float)
-        scored = out[P_DISEASE].notna().to_numpy()
+        out[S.P_DISEASE], out[S.P_PE] = p_disease.astype(float), p_pe.astype(float)
+        scored = out[S.P_DISEASE].notna().to_numpy()
         triage = np.full(len(out), SKIPPED, dtype=object)
-        triage[scored] = cascade_labels(p_disease[scored], p_pe[scored], self.stage1.threshold, self.stage2.threshold)
+        triage[scored] = cascade_labels(p_disease[scored], p_pe[scored], self.stage1.meta.threshold, self.stage2.meta.threshold)
         out[TRIAGE] = triage
-        out[FLAGGED] = triage == "pe"
+        out[FLAGGED] = triage == S.Label.PE.value
         decisions = study_decisions(out[scored], self)
         by_study = dict(zip(decisions[S.STUDY_UID], decisions["triage"], strict=True))
         out[STUDY_TRIAGE] = [by_study.get(str(study), SKIPPED) for study in out[S.STUDY_UID]]
@@ -237,9 +227,9 @@ class Triage:
             keys, stack, windows = _read_windows(sorted((root / "windows").glob(f"{S.SITE}=*/*.parquet")))
         if not len(keys):
             raise PredictError(f"no slice of the input could be scored (skipped: {summary['slices_skipped']})")
-        keys[P_DISEASE], keys[P_PE] = self.score(stack, windows)
+        keys[S.P_DISEASE], keys[S.P_PE] = self.score(stack, windows)
         slices = _ordinal_ids(keys)
-        return self._per_slice(slices, slices[P_DISEASE].to_numpy(), slices[P_PE].to_numpy()), summary
+        return self._per_slice(slices, slices[S.P_DISEASE].to_numpy(), slices[S.P_PE].to_numpy()), summary
 
 
 def _read_windows(paths: Sequence[Path]) -> tuple[pd.DataFrame, np.ndarray, list[Window]]:
@@ -249,7 +239,7 @@ def _read_windows(paths: Sequence[Path]) -> tuple[pd.DataFrame, np.ndarray, list
     for path in paths:
         table = pq.read_table(path)
         defs = json.loads((table.schema.metadata or {})[S.META_WINDOWS.encode()])
-        windows = windows or [Window(d["name"], float(d["lo"]), float(d["hi"])) for d in defs]  # one run: same in every file
+        windows = windows or [Window.from_dict(d) for d in defs]  # one run: same in every file
         stacks.append(S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS))))
         keys.append(table.select([*KEY_COLUMNS, S.SOURCE_SHA256]).to_pandas())
     if not keys:
@@ -295,10 +285,10 @@ def study_decisions(per_slice: pd.DataFrame, triage: Triage) -> pd.DataFrame:
     if per_slice.empty:
         return pd.DataFrame({S.STUDY_UID: [], "triage": [], "disease_score": [], "pe_score": [], "slices": []})
     pred = pd.DataFrame({
-        "site": _SITE, "patient_id": per_slice[S.STUDY_UID].astype(str), "series_uid": per_slice[S.SERIES_UID].astype(str),
-        "slice_index": per_slice[S.SLICE_INDEX].astype(int), "p_disease": per_slice[P_DISEASE], "p_pe": per_slice[P_PE],
+        S.SITE: _SITE, S.PATIENT_ID: per_slice[S.STUDY_UID].astype(str), S.SERIES_UID: per_slice[S.SERIES_UID].astype(str),
+        S.SLICE_INDEX: per_slice[S.SLICE_INDEX].astype(int), S.P_DISEASE: per_slice[S.P_DISEASE], S.P_PE: per_slice[S.P_PE],
     })
-    pt = patient_decisions(pred, threshold_stage1=triage.stage1.threshold, threshold_stage2=triage.stage2.threshold,
+    pt = patient_decisions(pred, threshold_stage1=triage.stage1.meta.threshold, threshold_stage2=triage.stage2.meta.threshold,
                            config=triage.rule.eval_config())
     return pd.DataFrame({S.STUDY_UID: pt["patient_id"], "triage": pt["predicted"], "disease_score": pt["disease_score"],
                          "pe_score": pt["pe_score"], "slices": pt["slices"]})
@@ -314,7 +304,7 @@ def triage_report(per_slice: pd.DataFrame, triage: Triage, *, model: str,
         for uid, s in rows.groupby(S.SERIES_UID, sort=False):
             series.append({
                 "series": uid,
-                "slices": [{"slice_index": int(r[S.SLICE_INDEX]), P_DISEASE: _num(r[P_DISEASE]), P_PE: _num(r[P_PE]),
+                "slices": [{"slice_index": int(r[S.SLICE_INDEX]), S.P_DISEASE: _num(r[S.P_DISEASE]), S.P_PE: _num(r[S.P_PE]),
                             TRIAGE: r[TRIAGE]} for r in s.to_dict("records")],
             })
         flagged = rows[rows[FLAGGED]]
@@ -323,7 +313,7 @@ def triage_report(per_slice: pd.DataFrame, triage: Triage, *, model: str,
             "triage": rows[STUDY_TRIAGE].iloc[0],
             "slices": len(rows),
             "slice_counts": {k: int(v) for k, v in rows[TRIAGE].value_counts().sort_index().items()},
-            "flagged_slices": [{"series": r[S.SERIES_UID], "slice_index": int(r[S.SLICE_INDEX]), P_PE: _num(r[P_PE])}
+            "flagged_slices": [{"series": r[S.SERIES_UID], "slice_index": int(r[S.SLICE_INDEX]), S.P_PE: _num(r[S.P_PE])}
                                for r in flagged.to_dict("records")],
             "series": series,
         })

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -191,6 +192,44 @@ def windows_stack(column: pa.Array | pa.ChunkedArray, shape: tuple[int, int, int
         parts.append(data[chunk.offset * width : (chunk.offset + len(chunk)) * width].reshape(len(chunk), *shape))
     return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty((0, *shape), np.uint8)
 
+
+# ---------------------------------------------------------------------------- stages and predictions
+P_DISEASE = "p_disease"  # stage 1's probability
+P_PE = "p_pe"  # stage 2's probability (computed for every slice, so the cascade can be formed)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the cascade: the slice labels it learns from, which of them its single logit
+    calls positive, and the column its probability goes to. Dataset targets, training, metrics,
+    Grad-CAM samples and the operating point all read this one table, so they cannot disagree."""
+
+    number: int
+    #: the stage's key in metrics.json and the registry tags ("stage1")
+    name: str
+    positive_labels: tuple[str, ...]
+    negative_labels: tuple[str, ...]
+    column: str
+    #: the class words of the logit's two sides ("wnl" / "disease")
+    negative_name: str
+    positive_name: str
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every label whose slices enter the stage (indeterminate never does: it has no target)."""
+        return (*self.negative_labels, *self.positive_labels)
+
+
+STAGES: dict[int, Stage] = {
+    1: Stage(1, "stage1", positive_labels=(Label.OTHER.value, Label.PE.value), negative_labels=(Label.WNL.value,),
+             column=P_DISEASE, negative_name=Label.WNL.value, positive_name="disease"),
+    2: Stage(2, "stage2", positive_labels=(Label.PE.value,), negative_labels=(Label.OTHER.value,),
+             column=P_PE, negative_name=Label.OTHER.value, positive_name=Label.PE.value),
+}
+#: the keys and truth of a slice in a prediction frame
+PREDICTION_KEYS = [SITE, PATIENT_ID, SERIES_UID, SLICE_INDEX, LABEL]
+#: one row per slice of an evaluated split, each stage's probability beside its keys: what the metrics read
+PREDICTION_COLUMNS = [*PREDICTION_KEYS, *(stage.column for stage in STAGES.values())]
 
 # ---------------------------------------------------------------------------- splits
 FOLD = "fold"  # "default" for the ratio split; the held-out site for leave-one-site-out folds

@@ -7,7 +7,9 @@ a stored byte always has one meaning.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +37,38 @@ class Window:
     @property
     def width(self) -> float:
         return self.hi - self.lo
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form, ``{"name", "lo", "hi"}``: windows dataset file metadata and ``model.json``."""
+        return {"name": self.name, "lo": self.lo, "hi": self.hi}
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> Window:
+        """The inverse of :meth:`to_dict` (bounds kept as stored, so a round trip writes the same JSON)."""
+        return cls(str(stored["name"]), stored["lo"], stored["hi"])
+
+
+def window_channels(available: Sequence[Window], wanted: Sequence[str | Window]) -> list[int]:
+    """Indices, in the order of ``wanted``, of its windows in a stack whose channels are ``available``.
+
+    A name picks the window of that name. A :class:`Window` (a model's) must also have the same
+    bounds: a stored byte means another HU under another definition, which the model never saw.
+    """
+    names = [w.name for w in available]
+    if isinstance(wanted, str) or not wanted:
+        raise ValueError(f"the windows wanted must be a non-empty list of window names from {names}, got {wanted!r}")
+    wanted_names = [w if isinstance(w, str) else w.name for w in wanted]
+    unknown = [n for n in wanted_names if n not in names]
+    if unknown:
+        raise ValueError(f"unknown window(s) {unknown}; available windows: {names}")
+    if len(set(wanted_names)) != len(wanted_names):
+        raise ValueError(f"a window is wanted twice: {wanted_names}")
+    channels = [names.index(n) for n in wanted_names]
+    for w, c in zip(wanted, channels):
+        if isinstance(w, Window) and available[c] != w:
+            raise ValueError(f"window {w.name!r} is defined differently: {w.lo:g}..{w.hi:g} HU wanted, "
+                             f"{available[c].lo:g}..{available[c].hi:g} HU available")
+    return channels
 
 
 #: the study's windows as printed (vascular 0..650, mediastinal 40..400, lung -400..1500), the wider

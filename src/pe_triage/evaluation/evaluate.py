@@ -40,29 +40,13 @@ from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_ou
 from pe_triage.evaluation.report import write_loso_report, write_report
 from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
 from pe_triage.tracking import start_run
-from pe_triage.windows import uint8_to_centred
+from pe_triage.windows import uint8_to_centred, window_channels
 
 log = logging.getLogger(__name__)
-
-PRED_COLUMNS = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL, "p_disease", "p_pe"]
 
 
 class EvaluationError(ValueError):
     """The models and the data do not fit together; the message says how."""
-
-
-def _channels(model: StageModel, available: list[dict[str, Any]], where: str) -> list[int]:
-    """Channel indices of the model's windows in the loaded stack; their definitions must match."""
-    by_name = {d["name"]: (i, d) for i, d in enumerate(available)}
-    out = []
-    for window in model.meta["windows"]:
-        if window["name"] not in by_name:
-            raise EvaluationError(f"{where}: model window {window['name']!r} is not in the windows dataset ({sorted(by_name)})")
-        i, stored = by_name[window["name"]]
-        if (stored["lo"], stored["hi"]) != (window["lo"], window["hi"]):
-            raise EvaluationError(f"{where}: window {window['name']!r} is {stored} in the dataset but {window} in the model")
-        out.append(i)
-    return out
 
 
 def lesion_masks(truth: str, boxes: pd.DataFrame, size: int) -> dict[int, np.ndarray]:
@@ -91,7 +75,7 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
     tolerance = config.evaluate.gradcam_pointing_tolerance_px
     folder.mkdir(parents=True, exist_ok=True)
     for stage, model in models.items():
-        sample = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.threshold,
+        sample = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold,
                                  per_category=config.evaluate.gradcam_per_category, seed=config.evaluate.seed)
         for n, row in enumerate(sample.itertuples(index=False)):
             image = np.asarray(ds.array[int(row.index)])[channels[stage]]
@@ -102,7 +86,7 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
             fraction = max((inside_fraction(c, mask) or 0.0) for c in cam) if has_lesion else None
             on_lesion = any(peak_on_lesion(c, mask, tolerance) for c in cam) if has_lesion else None
             path = folder / f"stage{stage}-{row.category}-{n:02d}.png"
-            overlay_png(image, cam, path, mask=mask if has_lesion else None, titles=model.window_names,
+            overlay_png(image, cam, path, mask=mask if has_lesion else None, titles=model.meta.window_names,
                         caption=f"stage {stage} {row.category}: {row.site}, slice {row.slice_index}, label {row.label}")
             items.append({"stage": stage, "category": row.category, "png": str(path), "inside_fraction": fraction,
                           "lesion_area_fraction": float(mask.mean()) if has_lesion else None, "peak_on_lesion": on_lesion,
@@ -113,9 +97,9 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
 def _open_split(models: dict[int, StageModel], windows: str, splits: str, split: str, fold: str, config: Config) -> WindowsDataset:
     """Every slice of ``split`` (indeterminate ones included) with the windows both models read."""
     for stage, model in models.items():
-        if model.stage != stage:
-            raise EvaluationError(f"--stage{stage} model is a stage {model.stage} model")
-    names = list(dict.fromkeys(models[1].window_names + models[2].window_names))
+        if model.meta.stage != stage:
+            raise EvaluationError(f"--stage{stage} model is a stage {model.meta.stage} model")
+    names = list(dict.fromkeys(models[1].meta.window_names + models[2].meta.window_names))
     try:
         return WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader,
                               keep_indeterminate=True)
@@ -124,12 +108,16 @@ def _open_split(models: dict[int, StageModel], windows: str, splits: str, split:
 
 
 def _score(models: dict[int, StageModel], ds: WindowsDataset, split: str) -> tuple[pd.DataFrame, dict[int, list[int]]]:
-    """Both stages' probabilities for every slice (``PRED_COLUMNS``) and each model's channels."""
-    channels = {s: _channels(m, ds.window_defs, f"stage {s} model") for s, m in models.items()}
-    pred = ds.index[[S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL]].copy()
-    for stage, column in ((1, "p_disease"), (2, "p_pe")):
-        log.info("stage %d on %d %s slices", stage, len(ds), split)
-        pred[column] = _predict(models[stage], ds.array, channels[stage])
+    """Both stages' probabilities for every slice (``schema.PREDICTION_COLUMNS``) and each model's channels."""
+    pred = ds.index[S.PREDICTION_KEYS].copy()
+    channels = {}
+    for stage in S.STAGES.values():
+        try:
+            channels[stage.number] = window_channels(ds.windows, models[stage.number].meta.windows)
+        except ValueError as e:
+            raise EvaluationError(f"stage {stage.number} model and the windows dataset: {e}") from None
+        log.info("stage %d on %d %s slices", stage.number, len(ds), split)
+        pred[stage.column] = _predict(models[stage.number], ds.array, channels[stage.number])
     return pred, channels
 
 
@@ -148,7 +136,7 @@ def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]],
     ev = config.evaluate
     out = {}
     for stage, model in models.items():
-        tp = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.threshold, per_category=ev.gradcam_localisation,
+        tp = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold, per_category=ev.gradcam_localisation,
                              seed=ev.seed).query("category == 'tp'")
         rows = [int(i) for i in tp["index"] if int(i) in masks and masks[int(i)].any()]
         hits, inside, area, blank = [], [], [], 0
@@ -188,12 +176,12 @@ def evaluate(
     out_dir = Path(out)
     with _open_split(models, windows, splits, split, fold, config) as ds:
         pred, channels = _score(models, ds, split)
-        t1, t2 = models[1].threshold, models[2].threshold
+        t1, t2 = models[1].meta.threshold, models[2].meta.threshold
         metrics = evaluate_predictions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config.evaluate)
         metrics["test_data"] = {"windows_digest": dataset_digest(windows), "splits_digest": file_digest(splits), "split": split,
                                 "fold": fold, "slices": len(pred), "patients": int(pred[[S.SITE, S.PATIENT_ID]].drop_duplicates().shape[0])}
         kept = ("model", "threshold", "target_sensitivity", "operating_point", "val", "git_commit", "config_hash", "mlflow_run_id", "data")
-        metrics["models"] = {f"stage{s}": {k: m.meta.get(k) for k in kept} for s, m in models.items()}
+        metrics["models"] = {S.STAGES[s].name: {k: m.meta.raw.get(k) for k in kept} for s, m in models.items()}
         masks = None
         if truth is not None:
             masks = lesion_masks(truth, slice_boxes(windows, ds.index), ds.shape[-1])
@@ -206,7 +194,8 @@ def evaluate(
     with start_run(experiment=config.registry.experiment, run_name=f"evaluate-{split}", uri=tracking_uri,
                    tags={"step": "evaluate", "split": split, "fold": fold, "git_commit": git_commit(),
                          "package_version": package_version(), "windows_digest": metrics["test_data"]["windows_digest"],
-                         "stage1_run_id": models[1].meta.get("mlflow_run_id"), "stage2_run_id": models[2].meta.get("mlflow_run_id")}) as tracker:
+                         "stage1_run_id": models[1].meta.raw.get("mlflow_run_id"),
+                         "stage2_run_id": models[2].meta.raw.get("mlflow_run_id")}) as tracker:
         tracker.log_metrics({k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float))})
         tracker.log_artifacts(out_dir, "evaluation")
         metrics["mlflow_run_id"] = tracker.run_id

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pe_triage.evaluation.metrics import CLASSES
+from pe_triage.schema import LABEL, STAGES
 
 CATEGORIES = ("tp", "fp", "fn")
 
@@ -95,14 +95,11 @@ def gradcam_samples(pred: pd.DataFrame, *, stage: int, threshold: float, per_cat
 
     Random rather than the most confident: the overlays should show what is typical, not the extremes.
     """
-    if stage == 1:
-        rows = pred[pred["label"].isin(CLASSES)]
-        truth, score = rows["label"] != "wnl", rows["p_disease"]
-    elif stage == 2:
-        rows = pred[pred["label"].isin(("other", "pe"))]
-        truth, score = rows["label"] == "pe", rows["p_pe"]
-    else:
+    if stage not in STAGES:
         raise ValueError(f"stage must be 1 or 2, got {stage}")
+    spec = STAGES[stage]
+    rows = pred[pred[LABEL].isin(spec.labels)]
+    truth, score = rows[LABEL].isin(spec.positive_labels), rows[spec.column]
     positive = score >= threshold
     masks = {"tp": truth & positive, "fp": ~truth & positive, "fn": truth & ~positive}
     rng = np.random.default_rng(seed)

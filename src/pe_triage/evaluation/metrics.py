@@ -75,18 +75,19 @@ import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pe_triage.config import EvalConfig
-from pe_triage.schema import Label, patient_class
+from pe_triage.schema import P_DISEASE, P_PE, PREDICTION_COLUMNS, STAGES, Label, patient_class
 from pe_triage.stats import bootstrap_ranking
 
 SCHEMA_VERSION = 1
-CLASSES = ("wnl", "other", "pe")
+#: the cascade's classes, in the order of its tables
+CLASSES = (Label.WNL.value, Label.OTHER.value, Label.PE.value)
+_WNL, _OTHER, _PE = CLASSES
 INDETERMINATE = Label.INDETERMINATE.value
 #: every label a prediction row may carry
 LABELS = (*CLASSES, INDETERMINATE)
 #: values of ``EvalConfig.indeterminate``: leave indeterminate slices out of the slice tables, or score them as a class
 INDETERMINATE_MODES = ("exclude", *CLASSES)
 RULES = ("any", "k_consecutive", "top_k_mean")
-COLUMNS = ("site", "patient_id", "series_uid", "slice_index", "label", "p_disease", "p_pe")
 SUMMARY_KEYS = (
     "slice_stage1_accuracy", "slice_disease_sensitivity", "slice_wnl_sensitivity", "slice_stage1_auroc",
     "slice_stage1_auroc_ci_low", "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_pe_specificity",
@@ -206,7 +207,7 @@ def _cascade_table(truth: np.ndarray, predicted: np.ndarray, confidence: float) 
 def cascade_labels(p_disease: np.ndarray, p_pe: np.ndarray, threshold_stage1: float, threshold_stage2: float) -> np.ndarray:
     """Per-slice cascade class: wnl below t1, else pe at or above t2, else other."""
     p_disease, p_pe = np.asarray(p_disease, float), np.asarray(p_pe, float)
-    return np.where(p_disease < threshold_stage1, "wnl", np.where(p_pe >= threshold_stage2, "pe", "other"))
+    return np.where(p_disease < threshold_stage1, _WNL, np.where(p_pe >= threshold_stage2, _PE, _OTHER))
 
 
 # ----------------------------------------------------------------------------- patient rules
@@ -254,7 +255,7 @@ def _run_codes(s: pd.DataFrame, keys: list[str]) -> np.ndarray:
 
 
 def _validate(pred: pd.DataFrame, config: EvalConfig, *, labelled: bool = True) -> None:
-    missing = [c for c in COLUMNS if c not in pred.columns and (labelled or c != "label")]
+    missing = [c for c in PREDICTION_COLUMNS if c not in pred.columns and (labelled or c != "label")]
     if missing:
         raise ValueError(f"predictions lack column(s) {missing}")
     if labelled:
@@ -263,7 +264,7 @@ def _validate(pred: pd.DataFrame, config: EvalConfig, *, labelled: bool = True) 
             raise ValueError(f"labels must be one of {list(LABELS)}, found {bad}")
         if config.indeterminate not in INDETERMINATE_MODES:
             raise ValueError(f"unknown indeterminate mode {config.indeterminate!r}; known: {list(INDETERMINATE_MODES)}")
-    for col in ("p_disease", "p_pe"):
+    for col in (P_DISEASE, P_PE):
         v = pred[col].to_numpy(float)
         if not np.all((v >= 0) & (v <= 1)):
             raise ValueError(f"{col} must be probabilities in [0, 1] (NaN is not allowed)")
@@ -277,7 +278,7 @@ def _decisions(s: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> tup
     """The per-patient decisions of a ``_sorted`` frame and each slice's patient code (row of the result)."""
     patient, series = _run_codes(s, ["site", "patient_id"]), _run_codes(s, ["site", "patient_id", "series_uid"])
     n = int(patient.max()) + 1 if patient.size else 0
-    p_d, p_pe = s["p_disease"].to_numpy(float), s["p_pe"].to_numpy(float)
+    p_d, p_pe = s[P_DISEASE].to_numpy(float), s[P_PE].to_numpy(float)
     disease_score = _rule_scores(p_d, patient, series, n, rule=config.patient_rule, k=config.k)
     disease_positive = disease_score >= t1
     gated = np.where(p_d >= t1, p_pe, -np.inf)
@@ -288,7 +289,7 @@ def _decisions(s: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> tup
         "site": first["site"].to_numpy(object), "patient_id": first["patient_id"].to_numpy(object),
         "disease_score": disease_score, "pe_score": pe_score,
         "disease_positive": disease_positive, "pe_positive": pe_positive,
-        "predicted": np.where(pe_positive, "pe", np.where(disease_positive, "other", "wnl")),
+        "predicted": np.where(pe_positive, _PE, np.where(disease_positive, _OTHER, _WNL)),
         "slices": np.bincount(patient, minlength=n),
     }), patient
 
@@ -313,9 +314,9 @@ def patient_predictions(pred: pd.DataFrame, *, threshold_stage1: float, threshol
     label = s["label"].to_numpy(object)
     groups = np.split(label, np.flatnonzero(np.diff(patient)) + 1) if n else []
     out.insert(2, "truth", np.array([patient_class(g) for g in groups], object))
-    wnl = label == "wnl"
+    wnl = label == _WNL
     out["wnl_slices"] = np.bincount(patient, wnl.astype(float), minlength=n).astype(int)
-    correct = wnl & (s["p_disease"].to_numpy(float) < threshold_stage1)
+    correct = wnl & (s[P_DISEASE].to_numpy(float) < threshold_stage1)
     out["wnl_slices_correct"] = np.bincount(patient, correct.astype(float), minlength=n).astype(int)
     return out
 
@@ -331,23 +332,26 @@ def _scored(s: pd.DataFrame, config: EvalConfig) -> pd.DataFrame:
 
 
 def _slice_tables(s: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> dict[str, Any]:
+    one, two = STAGES[1], STAGES[2]
     label = s["label"].to_numpy(object)
-    p_d, p_pe = s["p_disease"].to_numpy(float), s["p_pe"].to_numpy(float)
+    p_d, p_pe = s[one.column].to_numpy(float), s[two.column].to_numpy(float)
     groups = (s["site"].astype(str) + "\x00" + s["patient_id"].astype(str)).to_numpy(object)
-    disease = label != "wnl"
+    disease = np.isin(label, one.positive_labels)
     return {
-        "stage1": _binary_table(disease, p_d >= t1, p_d, groups, classes=("wnl", "disease"), threshold=t1, config=config),
-        "stage2": _binary_table(label[disease] == "pe", p_pe[disease] >= t2, p_pe[disease], groups[disease],
-                                classes=("other", "pe"), threshold=t2, config=config),
+        one.name: _binary_table(disease, p_d >= t1, p_d, groups, classes=(one.negative_name, one.positive_name), threshold=t1,
+                                config=config),
+        two.name: _binary_table(np.isin(label[disease], two.positive_labels), p_pe[disease] >= t2, p_pe[disease],
+                                groups[disease], classes=(two.negative_name, two.positive_name), threshold=t2, config=config),
         "cascade": _cascade_table(label, cascade_labels(p_d, p_pe, t1, t2), config.confidence),
     }
 
 
 def _patient_tables(pt: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> dict[str, Any]:
+    one, two = STAGES[1], STAGES[2]
     truth = pt["truth"].to_numpy(object)
     ids = np.arange(len(pt))
     c = config.confidence
-    wnl_patients = pt[truth == "wnl"]
+    wnl_patients = pt[truth == _WNL]
     by_class = {}
     for cls in CLASSES:
         g = pt[truth == cls]
@@ -361,10 +365,12 @@ def _patient_tables(pt: pd.DataFrame, t1: float, t2: float, config: EvalConfig) 
     return {
         "rule": {"name": config.patient_rule, "k": None if config.patient_rule == "any" else config.k},
         "n": len(pt),
-        "disease": _binary_table(truth != "wnl", pt["disease_positive"].to_numpy(bool), pt["disease_score"].to_numpy(float),
-                                 ids, classes=("wnl", "disease"), threshold=t1, config=config),
-        "pe": _binary_table(truth == "pe", pt["pe_positive"].to_numpy(bool), pt["pe_score"].to_numpy(float), ids,
-                            classes=("no_pe", "pe"), threshold=t2, config=config),
+        "disease": _binary_table(np.isin(truth, one.positive_labels), pt["disease_positive"].to_numpy(bool),
+                                 pt["disease_score"].to_numpy(float), ids, classes=(one.negative_name, one.positive_name),
+                                 threshold=t1, config=config),
+        # every patient without PE is a negative here, other disease and WNL alike
+        "pe": _binary_table(np.isin(truth, two.positive_labels), pt["pe_positive"].to_numpy(bool), pt["pe_score"].to_numpy(float),
+                            ids, classes=("no_pe", two.positive_name), threshold=t2, config=config),
         "cascade": _cascade_table(truth, pt["predicted"].to_numpy(object), c),
         # the study's "WNL per-slice sensitivity" column: WNL slices of WNL patients that stage 1 kept WNL
         "wnl_slice_sensitivity": proportion(int(wnl_patients["wnl_slices_correct"].sum()),
@@ -422,7 +428,8 @@ def evaluate_predictions(pred: pd.DataFrame, *, threshold_stage1: float, thresho
     out = _evaluate_subset(s, pt, t1, t2, config)
     scored = _scored(s, config)
     label = scored["label"].to_numpy(object)
-    disease = label != "wnl"
+    one, two = STAGES[1], STAGES[2]
+    disease = np.isin(label, one.positive_labels)
     return {
         "schema_version": SCHEMA_VERSION,
         "thresholds": {"stage1": t1, "stage2": t2},
@@ -431,8 +438,8 @@ def evaluate_predictions(pred: pd.DataFrame, *, threshold_stage1: float, thresho
         **out,
         "per_site": {str(site): _evaluate_subset(s[s["site"] == site], pt[pt["site"] == site], t1, t2, config)
                      for site in sorted(s["site"].unique(), key=str)},
-        "curves": {"stage1": curves(disease, scored["p_disease"].to_numpy(float)),
-                   "stage2": curves(label[disease] == "pe", scored["p_pe"].to_numpy(float)[disease])},
+        "curves": {one.name: curves(disease, scored[one.column].to_numpy(float)),
+                   two.name: curves(np.isin(label[disease], two.positive_labels), scored[two.column].to_numpy(float)[disease])},
     }
 
 

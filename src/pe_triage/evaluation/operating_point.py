@@ -50,12 +50,14 @@ def choose_thresholds(pred: pd.DataFrame, *, disease_sensitivity: float, pe_sens
                       config: EvalConfig) -> dict[str, Any]:
     """Thresholds ``(stage1, stage2)`` for the patient targets on labelled slice predictions (the
     layout of ``metrics``), and what they reach there: ``{"stage1", "stage2", "achieved": {...}}``."""
+    one, two = S.STAGES[1], S.STAGES[2]
+    wnl, other = S.Label.WNL.value, S.Label.OTHER.value
     truth = patient_predictions(pred, threshold_stage1=0.5, threshold_stage2=0.5, config=config)["truth"].to_numpy(object)
-    disease, pe = np.isin(truth, ["other", "pe"]), truth == "pe"
+    disease, pe = np.isin(truth, one.positive_labels), np.isin(truth, two.positive_labels)
     if not pe.any():
         raise EvaluationError("the calibration split has no PE patient: no patient-level operating point can be set")
-    c1 = np.unique(np.r_[pred["p_disease"].to_numpy(float), 0.0])
-    c2 = np.unique(np.r_[pred["p_pe"].to_numpy(float), 0.0])
+    c1 = np.unique(np.r_[pred[one.column].to_numpy(float), 0.0])
+    c2 = np.unique(np.r_[pred[two.column].to_numpy(float), 0.0])
 
     def rates(t1: float, t2: float) -> pd.DataFrame:
         return patient_decisions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config)
@@ -72,17 +74,17 @@ def choose_thresholds(pred: pd.DataFrame, *, disease_sensitivity: float, pe_sens
     t2 = _highest(c2, pe_ok_at(t1)) or 0.0
     d = rates(t1, t2)
     flagged, pe_flagged = d["disease_positive"].to_numpy(bool), d["pe_positive"].to_numpy(bool)
-    label, p_disease = pred["label"].to_numpy(object), pred["p_disease"].to_numpy(float)
+    label, p_disease = pred[S.LABEL].to_numpy(object), pred[one.column].to_numpy(float)
 
     def share(hit: np.ndarray, where: np.ndarray) -> float | None:
         return float(hit[where].mean()) if where.any() else None
 
     return {"stage1": t1, "stage2": t2, "achieved": {
-        "patient_disease_sensitivity": share(flagged, disease), "patient_wnl_specificity": share(~flagged, truth == "wnl"),
-        "patient_pe_sensitivity": share(pe_flagged, pe), "patient_pe_specificity": share(~pe_flagged, np.isin(truth, ["wnl", "other"])),
-        "slice_disease_sensitivity": share(p_disease >= t1, np.isin(label, ["other", "pe"])),
-        "slice_disease_specificity": share(p_disease < t1, label == "wnl"),
-        "patients": {"wnl": int((truth == "wnl").sum()), "other": int((truth == "other").sum()), "pe": int(pe.sum())},
+        "patient_disease_sensitivity": share(flagged, disease), "patient_wnl_specificity": share(~flagged, truth == wnl),
+        "patient_pe_sensitivity": share(pe_flagged, pe), "patient_pe_specificity": share(~pe_flagged, np.isin(truth, [wnl, other])),
+        "slice_disease_sensitivity": share(p_disease >= t1, np.isin(label, one.positive_labels)),
+        "slice_disease_specificity": share(p_disease < t1, np.isin(label, one.negative_labels)),
+        "patients": {wnl: int((truth == wnl).sum()), other: int((truth == other).sum()), S.Label.PE.value: int(pe.sum())},
     }}
 
 
@@ -98,7 +100,7 @@ def calibrate(stage1: str, stage2: str, windows: str, splits: str, out_stage1: s
             raise EvaluationError(f"operating_point.{name} {getattr(op, name)}: expected a value in (0, 1]")
     models = {1: load_model(stage1), 2: load_model(stage2)}
     if op.level == "slice":
-        chosen = {"stage1": models[1].threshold, "stage2": models[2].threshold, "achieved": None}
+        chosen = {"stage1": models[1].meta.threshold, "stage2": models[2].meta.threshold, "achieved": None}
     else:
         pred = predict_split(models, windows, splits, split=split, fold=fold, config=config)
         chosen = choose_thresholds(pred, disease_sensitivity=op.patient_disease_sensitivity, pe_sensitivity=op.patient_pe_sensitivity,

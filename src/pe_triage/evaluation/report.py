@@ -22,6 +22,7 @@ import pandas as pd
 
 from pe_triage.evaluation.gradcam import CATEGORIES, gradcam_summary
 from pe_triage.evaluation.metrics import CLASSES, INDETERMINATE, LABELS, format_proportion
+from pe_triage.schema import STAGES
 
 NAMES = {"wnl": "WNL", "other": "Other disease", "pe": "PE", "disease": "Disease", "no_pe": "No PE",
          INDETERMINATE: "Indeterminate"}
@@ -270,8 +271,8 @@ def _site_plot(per_site: dict[str, Any]) -> bytes:
 def _histogram_plot(pred: pd.DataFrame, thresholds: dict[str, float]) -> bytes:
     fig = _figure(10.0, 3.8)
     bins = np.linspace(0, 1, 26)
-    panels = [("p_disease", "Stage 1: P(disease), all slices", LABELS, thresholds["stage1"]),
-              ("p_pe", "Stage 2: P(PE), true disease slices", ("other", "pe"), thresholds["stage2"])]
+    panels = [(STAGES[1].column, "Stage 1: P(disease), all slices", LABELS, thresholds["stage1"]),
+              (STAGES[2].column, "Stage 2: P(PE), true disease slices", STAGES[2].labels, thresholds["stage2"])]
     for ax, (col, title, classes, t) in zip(fig.subplots(1, 2), panels):
         for cls in classes:
             v = pred.loc[pred["label"] == cls, col].to_numpy(float)

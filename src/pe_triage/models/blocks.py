@@ -1,4 +1,5 @@
-"""Residual blocks (torchvision layout) with optional CBAM attention (Woo et al., ECCV 2018)."""
+"""Residual blocks (torchvision layout) with optional CBAM attention (Woo et al., ECCV 2018), and what the
+backbones share: channel scaling, initialisation, a level of residual blocks."""
 
 from __future__ import annotations
 
@@ -92,3 +93,34 @@ class Bottleneck(nn.Module):
         if self.cbam is not None:
             out = self.cbam(out)
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def scaled_channels(channels: int, width: float, floor: int) -> int:
+    """A level's channels at ``width``, never below ``floor`` (see :class:`pe_triage.models.drn.DRN`)."""
+    return max(floor, round(channels * width))
+
+
+def init_weights(model: nn.Module) -> None:
+    """He initialisation for convolutions, identity BatchNorm (no pretrained weights, ever)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def residual_level(block: type[BasicBlock | Bottleneck], inplanes: int, planes: int, n: int, *, stride: int = 1,
+                   dilation: int = 1, cbam: bool = False) -> nn.Sequential:
+    """``n`` blocks from ``inplanes`` to ``planes * block.expansion`` channels (a ResNet or DRN level).
+
+    The first block strides and, where the shape changes, projects its shortcut with a strided 1x1
+    convolution (torchvision's layout, so the state_dict keys are ``<i>.downsample.0/1``).
+    """
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+    blocks = [block(inplanes, planes, stride, downsample, dilation=(dilation, dilation), cbam=cbam)]
+    blocks += [block(out, planes, dilation=(dilation, dilation), cbam=cbam) for _ in range(1, n)]
+    return nn.Sequential(*blocks)

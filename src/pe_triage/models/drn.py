@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pe_triage.models.blocks import BasicBlock, Bottleneck
+from pe_triage.models.blocks import BasicBlock, Bottleneck, init_weights, residual_level, scaled_channels
 
 #: channels of levels 1-8 (the reference DRN-D)
 CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
-
-
-def _scaled(channels: int, width: float, floor: int) -> int:
-    return max(floor, int(round(channels * width)))
 
 
 def _convs(cin: int, cout: int, n: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -39,30 +35,19 @@ class DRN(nn.Module):
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], *, in_channels: int = 1,
                  width: float = 1.0, min_channels: int = 16, cbam: bool = False) -> None:
         super().__init__()
-        ch = [_scaled(c, width, min_channels) for c in CHANNELS]
-        self.cbam = cbam
+        ch = [scaled_channels(c, width, min_channels) for c in CHANNELS]
+        e = block.expansion
         self.layer0 = nn.Sequential(nn.Conv2d(in_channels, ch[0], 7, padding=3, bias=False), nn.BatchNorm2d(ch[0]), nn.ReLU(inplace=True))
         self.layer1 = _convs(ch[0], ch[0], layers[0])
         self.layer2 = _convs(ch[0], ch[1], layers[1], stride=2)
-        self.inplanes = ch[1]
-        self.layer3 = self._level(block, ch[2], layers[2], stride=2)
-        self.layer4 = self._level(block, ch[3], layers[3], stride=2)
-        self.layer5 = self._level(block, ch[4], layers[4], dilation=2)
-        self.layer6 = self._level(block, ch[5], layers[5], dilation=4)
-        self.layer7 = _convs(self.inplanes, ch[6], layers[6], dilation=2)
+        self.layer3 = residual_level(block, ch[1], ch[2], layers[2], stride=2, cbam=cbam)
+        self.layer4 = residual_level(block, ch[2] * e, ch[3], layers[3], stride=2, cbam=cbam)
+        self.layer5 = residual_level(block, ch[3] * e, ch[4], layers[4], dilation=2, cbam=cbam)
+        self.layer6 = residual_level(block, ch[4] * e, ch[5], layers[5], dilation=4, cbam=cbam)
+        self.layer7 = _convs(ch[5] * e, ch[6], layers[6], dilation=2)
         self.layer8 = _convs(ch[6], ch[7], layers[7])
         self.out_channels = ch[7]
-        _init(self)
-
-    def _level(self, block: type[BasicBlock | Bottleneck], planes: int, n: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                                       nn.BatchNorm2d(planes * block.expansion))
-        blocks = [block(self.inplanes, planes, stride, downsample, dilation=(dilation, dilation), cbam=self.cbam)]
-        self.inplanes = planes * block.expansion
-        blocks += [block(self.inplanes, planes, dilation=(dilation, dilation), cbam=self.cbam) for _ in range(1, n)]
-        return nn.Sequential(*blocks)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in (self.layer0, self.layer1, self.layer2, self.layer3, self.layer4, self.layer5, self.layer6, self.layer7, self.layer8):
@@ -70,23 +55,38 @@ class DRN(nn.Module):
         return x
 
 
-def _init(model: nn.Module) -> None:
-    """He initialisation for convolutions, identity BatchNorm (no pretrained weights, ever)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+def drn_d_22(*, in_channels: int = 1, width: float = 1.0, min_channels: int = 16, cbam: bool = False) -> DRN:
+    """DRN-D-22 from `Dilated Residual Networks <https://arxiv.org/abs/1705.09914>`_: basic blocks.
+
+    Args:
+        in_channels: input channels (1 for a branch that sees one window).
+        width: multiplier of every level's channels (1.0 is the reference design).
+        min_channels: the fewest channels a level keeps after scaling.
+        cbam: CBAM attention at the end of every residual block.
+    """
+    return DRN(BasicBlock, (1, 1, 2, 2, 2, 2, 1, 1), in_channels=in_channels, width=width, min_channels=min_channels, cbam=cbam)
 
 
-def drn_d_22(**kwargs: object) -> DRN:
-    return DRN(BasicBlock, (1, 1, 2, 2, 2, 2, 1, 1), **kwargs)  # type: ignore[arg-type]
+def drn_d_38(*, in_channels: int = 1, width: float = 1.0, min_channels: int = 16, cbam: bool = False) -> DRN:
+    """DRN-D-38 from `Dilated Residual Networks <https://arxiv.org/abs/1705.09914>`_: basic blocks.
+
+    Args:
+        in_channels: input channels (1 for a branch that sees one window).
+        width: multiplier of every level's channels (1.0 is the reference design).
+        min_channels: the fewest channels a level keeps after scaling.
+        cbam: CBAM attention at the end of every residual block.
+    """
+    return DRN(BasicBlock, (1, 1, 3, 4, 6, 3, 1, 1), in_channels=in_channels, width=width, min_channels=min_channels, cbam=cbam)
 
 
-def drn_d_38(**kwargs: object) -> DRN:
-    return DRN(BasicBlock, (1, 1, 3, 4, 6, 3, 1, 1), **kwargs)  # type: ignore[arg-type]
+def drn_d_54(*, in_channels: int = 1, width: float = 1.0, min_channels: int = 16, cbam: bool = False) -> DRN:
+    """DRN-D-54 from `Dilated Residual Networks <https://arxiv.org/abs/1705.09914>`_: bottleneck blocks;
+    with ``cbam=True`` the study's CBAMDRN.
 
-
-def drn_d_54(**kwargs: object) -> DRN:
-    return DRN(Bottleneck, (1, 1, 3, 4, 6, 3, 1, 1), **kwargs)  # type: ignore[arg-type]
+    Args:
+        in_channels: input channels (1 for a branch that sees one window).
+        width: multiplier of every level's channels (1.0 is the reference design).
+        min_channels: the fewest channels a level keeps after scaling.
+        cbam: CBAM attention at the end of every residual block.
+    """
+    return DRN(Bottleneck, (1, 1, 3, 4, 6, 3, 1, 1), in_channels=in_channels, width=width, min_channels=min_channels, cbam=cbam)

@@ -36,10 +36,13 @@ from typing import Any
 import yaml
 
 from pe_triage import __version__
+from pe_triage.artifact import ModelMeta
 from pe_triage.config import Config, EvalConfig, RegistryConfig
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate
+from pe_triage.evaluation.metrics import SUMMARY_KEYS
 from pe_triage.predict import DecisionRule, Triage
 from pe_triage.provenance import config_hash, git_commit
+from pe_triage.registry.card import fmt, model_card, training_sites
 from pe_triage.tracking import start_run, tracking_uri, wait_for_server
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,24 @@ REGRESSION_METRICS = (
     "patient_pe_sensitivity", "patient_disease_sensitivity", "patient_cascade_accuracy", "slice_cascade_accuracy",
     "slice_stage1_auroc", "slice_stage2_auroc",
 )
+# the summary keys are defined by the evaluation: a renamed metric fails here, not as a gate that never passes
+if _unknown := sorted(({key for _, key in MIN_GATES} | set(REGRESSION_METRICS)) - set(SUMMARY_KEYS)):
+    raise ImportError(f"gates name metrics that pe_triage.evaluation.metrics.SUMMARY_KEYS lacks: {_unknown}")
 _EPS = 1e-9  # a metric exactly at its threshold passes despite float rounding
+
+
+@dataclasses.dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict on a promotion; recorded as its ``dataclasses.asdict`` in the decision tags."""
+
+    name: str
+    #: what was measured (a number, or the test data compared; None when nothing was)
+    value: Any
+    #: what it had to reach
+    threshold: Any
+    passed: bool
+    #: the verdict in words, quoted in a refusal's reason
+    detail: str
 
 
 class RegistryError(RuntimeError):
@@ -163,114 +183,6 @@ def _record(client: Any, name: str, version: str, decision: Mapping[str, Any]) -
     client.set_model_version_tag(name, version, "last_decision.gates", json.dumps(decision.get("gates", [])))
 
 
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-# ------------------------------------------------------------------------------------ model card
-_SUMMARY_NAMES = {
-    "slice_stage1_accuracy": "slice: stage 1 accuracy (WNL vs disease)",
-    "slice_disease_sensitivity": "slice: disease sensitivity",
-    "slice_wnl_sensitivity": "slice: WNL sensitivity (specificity)",
-    "slice_stage1_auroc": "slice: stage 1 AUROC",
-    "slice_stage1_auroc_ci_low": "slice: stage 1 AUROC, lower confidence bound",
-    "slice_stage2_accuracy": "slice: stage 2 accuracy (PE vs other, disease slices)",
-    "slice_pe_sensitivity": "slice: PE sensitivity (stage 2)",
-    "slice_pe_specificity": "slice: PE specificity (stage 2, other-disease slices)",
-    "slice_stage2_auroc": "slice: stage 2 AUROC",
-    "slice_stage2_auroc_ci_low": "slice: stage 2 AUROC, lower confidence bound",
-    "slice_cascade_accuracy": "slice: cascade accuracy (wnl/other/pe)",
-    "patient_accuracy": "patient: disease accuracy",
-    "patient_disease_sensitivity": "patient: disease sensitivity",
-    "patient_wnl_sensitivity": "patient: WNL sensitivity",
-    "patient_pe_sensitivity": "patient: PE sensitivity",
-    "patient_pe_specificity": "patient: PE specificity (non-PE patients not flagged)",
-    "patient_cascade_accuracy": "patient: cascade accuracy",
-    "slices": "slices",
-    "patients": "patients",
-}
-
-
-def _sites(meta1: Mapping[str, Any], meta2: Mapping[str, Any]) -> list[str]:
-    return sorted({*((meta1.get("data") or {}).get("sites") or []), *((meta2.get("data") or {}).get("sites") or [])})
-
-
-def _windows(meta: Mapping[str, Any]) -> str:
-    return ", ".join(f"{w['name']} ({w['lo']:g}..{w['hi']:g} HU)" for w in meta["windows"])
-
-
-def model_card(meta1: Mapping[str, Any], meta2: Mapping[str, Any], metrics: Mapping[str, Any], *,
-               rule: DecisionRule = DecisionRule(), name: str = "pe-triage") -> str:
-    """The Markdown model card of a composite version: intended use, models, data, metrics
-    overall and per site, limits, provenance."""
-    d1, v1, v2 = meta1.get("data") or {}, meta1.get("val") or {}, meta2.get("val") or {}
-    sites = _sites(meta1, meta2)
-    per_site = metrics.get("per_site") or {}
-    test = metrics["test_data"]
-    pre = meta1.get("preprocess") or {}
-    lines = [
-        f"# {name}: two-stage chest-CT pulmonary-embolism triage",
-        "",
-        "## Intended use",
-        "",
-        "Worklist triage of contrast-enhanced chest CT (CT pulmonary angiography) of adults: each axial slice is",
-        "classified WNL vs disease (stage 1), disease slices PE vs other disease (stage 2), and studies the",
-        "per-patient rule calls PE are flagged for an earlier read. Decision support for radiologists only:",
-        "not a diagnosis, and never a reason to skip or delay reading a study.",
-        "",
-        "## Models",
-        "",
-        "| | stage 1 | stage 2 |",
-        "|---|---|---|",
-        "| task | WNL vs disease, every slice | PE vs other disease, disease slices |",
-        (f"| architecture | {meta1['model']['arch']} (width {meta1['model'].get('width', 1.0)}) | "
-         f"{meta2['model']['arch']} (width {meta2['model'].get('width', 1.0)}) |"),
-        f"| windows | {_windows(meta1)} | {_windows(meta2)} |",
-        f"| operating threshold | {_fmt(float(meta1['threshold']))} | {_fmt(float(meta2['threshold']))} |",
-        f"| chosen for | {_operating_point(meta1, 1)} | {_operating_point(meta2, 2)} |",
-        f"| validation AUROC | {_fmt(v1.get('auroc'))} | {_fmt(v2.get('auroc'))} |",
-        "",
-        f"Input: {pre.get('size', '?')} px crops, crop mode `{(pre.get('crop') or {}).get('mode', '?')}`. Per-patient rule: "
-        f"`{rule.rule}`" + ("" if rule.rule == "any" else f" (k = {rule.k})") + ".",
-        "",
-        "## Data",
-        "",
-        f"- Training sites: {', '.join(sites) or 'unknown'}; fold `{d1.get('fold', '?')}`.",
-        f"- Windows dataset digest `{d1.get('windows_digest', '?')}`, splits digest `{d1.get('splits_digest', '?')}`.",
-        (f"- Test data: split `{test.get('split', '?')}` of fold `{test.get('fold', '?')}`, {test.get('patients', '?')} "
-         f"patients, {test.get('slices', '?')} slices (windows digest `{test.get('windows_digest', '?')}`, splits digest "
-         f"`{test.get('splits_digest', '?')}`)."),
-        "",
-        "## Metrics on the test data",
-        "",
-        "| metric | all sites | " + " | ".join(per_site) + " |",
-        "|---|---|" + "---|" * len(per_site),
-    ]
-    for key, label in _SUMMARY_NAMES.items():
-        row = [_fmt(metrics["summary"].get(key)), *(_fmt((s.get("summary") or {}).get(key)) for s in per_site.values())]
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "## Limits",
-        "",
-        f"- Trained and tested on {len(sites) or 'unknown'} site(s) ({', '.join(sites) or 'unknown'}). Other hospitals,",
-        "  scanners, kernels and protocols (non-contrast, low-dose) are untested: evaluate on a new site's data first.",
-        "- Thresholds were chosen on validation data for a target sensitivity; predictive values depend on prevalence.",
-        "- Small test sets give wide confidence intervals (see the evaluation report); `n/a` means a metric could not",
-        "  be measured (a class was absent).",
-        "- Slices that ingest quarantines (not CT, lossy compression, burned-in annotation, ...) or that show no",
-        "  body are not scored; a study with no scorable slice gets no decision.",
-        "",
-        "## Provenance",
-        "",
-        "| | stage 1 | stage 2 |",
-        "|---|---|---|",
-    ]
-    for key in ("git_commit", "config_hash", "mlflow_run_id", "package_version"):
-        lines.append(f"| {key} | `{meta1.get(key)}` | `{meta2.get(key)}` |")
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------ register
 def _ensure_registered_model(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
@@ -283,21 +195,21 @@ def _ensure_registered_model(client: Any, name: str) -> None:
             raise
 
 
-def _check_pair(meta1: Mapping[str, Any], meta2: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+def _check_pair(meta1: ModelMeta, meta2: ModelMeta, metrics: Mapping[str, Any]) -> None:
     """Both stages from the same data, and metrics computed for these models at their operating points."""
-    d1, d2 = meta1.get("data") or {}, meta2.get("data") or {}
+    d1, d2 = meta1.raw.get("data") or {}, meta2.raw.get("data") or {}
     for key in ("windows_digest", "splits_digest", "fold"):
         if d1.get(key) != d2.get(key):
             raise RegistryError(f"the stage models were trained on different data ({key}: {d1.get(key)} vs {d2.get(key)})")
     measured, evaluated = metrics.get("thresholds") or {}, metrics.get("models") or {}
     for stage, meta in (("stage1", meta1), ("stage2", meta2)):
-        if stage in measured and abs(float(measured[stage]) - float(meta["threshold"])) > _EPS:
+        if stage in measured and abs(float(measured[stage]) - meta.threshold) > _EPS:
             raise RegistryError(f"the metrics were computed at {stage} threshold {measured[stage]}, the model operates at "
-                                f"{meta['threshold']}: evaluate these models")
+                                f"{meta.threshold}: evaluate these models")
         for key in ("mlflow_run_id", "config_hash"):
-            if stage in evaluated and evaluated[stage].get(key) != meta.get(key):
+            if stage in evaluated and evaluated[stage].get(key) != meta.raw.get(key):
                 raise RegistryError(f"the metrics are of another {stage} model ({key} {evaluated[stage].get(key)} vs "
-                                    f"{meta.get(key)}): evaluate these models")
+                                    f"{meta.raw.get(key)}): evaluate these models")
 
 
 def _rule(metrics: Mapping[str, Any], evaluate: EvalConfig) -> DecisionRule:
@@ -311,24 +223,15 @@ def _version_tags(triage: Triage, metrics: Mapping[str, Any], actor: str, when: 
                             "config_hash": config_hash(triage.config())}
     for stage, model in (("stage1", triage.stage1), ("stage2", triage.stage2)):
         meta = model.meta
-        tags |= {f"{stage}.git_commit": str(meta.get("git_commit")), f"{stage}.config_hash": str(meta.get("config_hash")),
-                 f"{stage}.training_run_id": str(meta.get("mlflow_run_id")), f"{stage}.threshold": repr(model.threshold),
-                 f"{stage}.windows": ",".join(model.window_names), f"{stage}.arch": meta["model"]["arch"]}
-    data = triage.stage1.meta.get("data") or {}
+        tags |= {f"{stage}.git_commit": str(meta.raw.get("git_commit")), f"{stage}.config_hash": str(meta.raw.get("config_hash")),
+                 f"{stage}.training_run_id": str(meta.raw.get("mlflow_run_id")), f"{stage}.threshold": repr(meta.threshold),
+                 f"{stage}.windows": ",".join(meta.window_names), f"{stage}.arch": meta.model.arch}
+    data = triage.stage1.meta.raw.get("data") or {}
     tags |= {f"dataset.{k}": str(data.get(k)) for k in ("windows_digest", "splits_digest", "fold")}
-    tags["dataset.sites"] = ",".join(_sites(triage.stage1.meta, triage.stage2.meta))
+    tags["dataset.sites"] = ",".join(training_sites(triage.stage1.meta.raw, triage.stage2.meta.raw))
     tags |= {f"test_data.{k}": str(v) for k, v in metrics["test_data"].items()}
     tags |= {f"metric.{k}": repr(v) for k, v in metrics["summary"].items() if v is not None}
     return tags
-
-
-def _operating_point(meta: dict[str, Any], stage: int) -> str:
-    op = meta.get("operating_point")
-    if not op or op.get("level") == "slice":
-        return f"{_fmt(meta.get('target_sensitivity'))} of the validation slices"
-    target = op["patient_disease_sensitivity"] if stage == 1 else op["patient_pe_sensitivity"]
-    exams = "exams with disease flagged" if stage == 1 else "PE exams called PE by the cascade"
-    return f"{_fmt(target)} of the {op.get('split', 'val')} {exams}"
 
 
 def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConfig = RegistryConfig(),
@@ -341,7 +244,7 @@ def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConf
     _check_pair(triage.stage1.meta, triage.stage2.meta, metrics)
     client = _client(uri)
     name, who, when = config.model_name, _actor(actor), _now()
-    card = model_card(triage.stage1.meta, triage.stage2.meta, metrics, rule=rule, name=name)
+    card = model_card(triage.stage1.meta.raw, triage.stage2.meta.raw, metrics, rule=rule, name=name)
     run_tags = {"step": "register", "registered_model": name, "git_commit": git_commit(), "package_version": __version__}
     with tempfile.TemporaryDirectory() as tmp, start_run(experiment=config.experiment, run_name=f"register-{name}",
                                                           tags=run_tags, uri=client.tracking_uri) as tracker:
@@ -350,17 +253,17 @@ def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConf
         model_dir = save_composite(Path(tmp) / MODEL_DIR, stage1, stage2, triage)
         (model_dir / CARD_FILE).write_text(card)
         (Path(tmp) / CARD_FILE).write_text(card)
-        tracker.log_params({"triage": triage.config(), "stage1": {"arch": triage.stage1.meta["model"]["arch"]},
-                            "stage2": {"arch": triage.stage2.meta["model"]["arch"]}})
+        tracker.log_params({"triage": triage.config(), "stage1": {"arch": triage.stage1.meta.model.arch},
+                            "stage2": {"arch": triage.stage2.meta.model.arch}})
         tracker.log_metrics({k: v for k, v in metrics["summary"].items() if isinstance(v, (int, float))})
         tracker.log_artifacts(model_dir, MODEL_DIR)
         tracker.log_artifacts(metrics_dir, EVALUATION_DIR)
         tracker.log_artifact(Path(tmp) / CARD_FILE)
         _ensure_registered_model(client, name)
         summary = metrics["summary"]
-        description = (f"{triage.stage1.meta['model']['arch']} + {triage.stage2.meta['model']['arch']}; test patient PE "
-                       f"sensitivity {_fmt(summary.get('patient_pe_sensitivity'))}, slice disease sensitivity "
-                       f"{_fmt(summary.get('slice_disease_sensitivity'))}. Model card: {CARD_FILE} in the run's artifacts.")
+        description = (f"{triage.stage1.meta.model.arch} + {triage.stage2.meta.model.arch}; test patient PE "
+                       f"sensitivity {fmt(summary.get('patient_pe_sensitivity'))}, slice disease sensitivity "
+                       f"{fmt(summary.get('slice_disease_sensitivity'))}. Model card: {CARD_FILE} in the run's artifacts.")
         version = client.create_model_version(name, f"runs:/{tracker.run_id}/{MODEL_DIR}", run_id=tracker.run_id,
                                               tags=_version_tags(triage, metrics, who, when), description=description)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -377,21 +280,21 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _min_gate(name: str, key: str, summary: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+def _min_gate(name: str, key: str, summary: Mapping[str, Any], threshold: float) -> GateResult:
     value = _number(summary.get(key))
     passed = value is not None and value + _EPS >= threshold
     if value is not None:
-        detail = f"{key} {_fmt(value)} {'>=' if passed else '<'} {threshold}"
+        detail = f"{key} {fmt(value)} {'>=' if passed else '<'} {threshold}"
     elif key not in summary:
         detail = f"{key} missing from the metrics summary: evaluate the models with this pe-triage version"
     else:
         detail = f"{key} not measured on the test data (a class absent, or no bootstrap interval)"
-    return {"name": name, "value": value, "threshold": threshold, "passed": passed, "detail": detail}
+    return GateResult(name, value, threshold, passed, detail)
 
 
 def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None,
-                   config: RegistryConfig) -> list[dict[str, Any]]:
-    """Gate results (name, value, threshold, passed, detail) of candidate metrics against the
+                   config: RegistryConfig) -> list[GateResult]:
+    """Gate results of candidate metrics against the
     thresholds (gates set to None are off) and, when a champion is given, against the champion's metrics."""
     g, summary = config.gates, candidate["summary"]
     gates = [_min_gate(name, key, summary, threshold) for name, key in MIN_GATES
@@ -399,11 +302,11 @@ def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | N
     if champion is None:
         return gates
     same = dict(candidate["test_data"]) == dict(champion["test_data"])
-    gates.append({
-        "name": "same_test_data", "value": candidate["test_data"], "threshold": champion["test_data"], "passed": same,
-        "detail": "same test data" if same else "the champion was evaluated on other test data: evaluate its stage models "
-                  "on the candidate's test data and pass that metrics folder as the champion's metrics",
-    })
+    gates.append(GateResult(
+        "same_test_data", candidate["test_data"], champion["test_data"], same,
+        "same test data" if same else "the champion was evaluated on other test data: evaluate its stage models "
+        "on the candidate's test data and pass that metrics folder as the champion's metrics",
+    ))
     if not same:
         return gates
     for key in REGRESSION_METRICS:
@@ -412,34 +315,33 @@ def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | N
             continue  # nothing measured to regress from
         delta = None if new is None else new - old
         passed = delta is not None and delta + _EPS >= -g.max_regression
-        gates.append({"name": f"max_regression.{key}", "value": delta, "threshold": -g.max_regression, "passed": passed,
-                      "detail": f"{_fmt(new)} vs champion {_fmt(old)} (change {_fmt(delta)}, allowed -{g.max_regression})"})
+        gates.append(GateResult(f"max_regression.{key}", delta, -g.max_regression, passed,
+                                f"{fmt(new)} vs champion {fmt(old)} (change {fmt(delta)}, allowed -{g.max_regression})"))
     return gates
 
 
 def _gates(client: Any, candidate: Any, current: Any | None, config: RegistryConfig,
-           champion_metrics: str | None) -> list[dict[str, Any]]:
+           champion_metrics: str | None) -> list[GateResult]:
     """The gates of promoting ``candidate`` over ``current``; a missing metrics file is a failed gate."""
     metrics = _version_metrics(client, candidate)
     if metrics is None:
-        return [{"name": "metrics", "value": None, "threshold": None, "passed": False,
-                 "detail": f"version {candidate.version} has no {EVALUATION_DIR}/{METRICS_FILE}: "
-                           "register it with pe-triage register --metrics"}]
+        return [GateResult("metrics", None, None, False, f"version {candidate.version} has no {EVALUATION_DIR}/{METRICS_FILE}: "
+                                                         "register it with pe-triage register --metrics")]
     if current is None:
         return evaluate_gates(metrics, None, config)  # the first champion: thresholds only
     if champion_metrics and (Path(champion_metrics) / EVALUATED_FILE).is_file():  # evaluate_champion's output
         evaluated = json.loads((Path(champion_metrics) / EVALUATED_FILE).read_text())["version"]
         if evaluated != int(current.version):
-            return [{"name": "champion_metrics", "value": evaluated, "threshold": int(current.version), "passed": False,
-                     "detail": f"the champion moved to version {current.version} after {evaluated or 'no champion'} "
-                               "was evaluated on the candidate's test data: run again"}]
+            return [GateResult("champion_metrics", evaluated, int(current.version), False,
+                               f"the champion moved to version {current.version} after {evaluated or 'no champion'} "
+                               "was evaluated on the candidate's test data: run again")]
         if not (Path(champion_metrics) / METRICS_FILE).is_file():  # it could not be evaluated on this data
             champion_metrics = None
     champion = read_metrics(champion_metrics) if champion_metrics else _version_metrics(client, current)
     if champion is None:
-        return [{"name": "champion_metrics", "value": None, "threshold": None, "passed": False,
-                 "detail": f"the champion (version {current.version}) has no metrics to compare with: pass its "
-                           "metrics on the candidate's test data"}]
+        return [GateResult("champion_metrics", None, None, False,
+                           f"the champion (version {current.version}) has no metrics to compare with: pass its "
+                           "metrics on the candidate's test data")]
     return evaluate_gates(metrics, champion, config)
 
 
@@ -496,9 +398,10 @@ def promote(version: int | None = None, *, config: RegistryConfig = RegistryConf
         decision |= {"outcome": "unchanged", "promoted": False, "reason": f"version {version} is already {CHAMPION}"}
         _record(client, name, candidate.version, decision)
         return decision
-    decision["gates"] = gates = _gates(client, candidate, current, config, champion_metrics)
-    if failed := [g for g in gates if not g["passed"]]:
-        reason = "refused: " + "; ".join(f"gate {g['name']} failed ({g['detail']})" for g in failed)
+    gates = _gates(client, candidate, current, config, champion_metrics)
+    decision["gates"] = [dataclasses.asdict(g) for g in gates]
+    if failed := [g for g in gates if not g.passed]:
+        reason = "refused: " + "; ".join(f"gate {g.name} failed ({g.detail})" for g in failed)
         decision |= {"outcome": "refused", "promoted": False, "reason": reason}
         _record(client, name, candidate.version, decision)
         log.warning("%s version %s not promoted: %s", name, version, reason)

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from pe_triage import schema as S
-from pe_triage.artifact import POSITIVE, save_model
+from pe_triage.artifact import save_model
 from pe_triage.config import Config, TrainConfig, to_dict
 from pe_triage.dataset import WindowsDataset, balanced_sampler
 from pe_triage.models import build_model, parameter_count
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 IMBALANCE = ("sampler", "weight", "none")
-NEGATIVE = {1: "wnl", 2: "other"}
 
 
 class TrainingError(ValueError):
@@ -193,7 +193,7 @@ def train(
     """
     cfg = config.train
     check_train_config(cfg)
-    if stage not in POSITIVE:
+    if stage not in S.STAGES:
         raise TrainingError(f"stage must be 1 or 2, got {stage!r}")
     rank, world, local_rank = _distributed()
     device = _device(cfg, local_rank)
@@ -216,20 +216,19 @@ def train(
     with train_ds, val_ds:
         _check_classes(train_ds, "train")
         _check_classes(val_ds, "val")
-        return _fit(
-            train_ds, val_ds, out, stage=stage, config=config, fold=fold, device=device, amp=amp, rank=rank, world=world,
-            state=state, identity=identity, ckpt_path=ckpt_path, tracking_uri=tracking_uri,
-            data={"windows_digest": windows_digest, "splits_digest": splits_digest, "fold": fold,
-                  "sites": sorted(set(train_ds.index[S.SITE]) | set(val_ds.index[S.SITE])),
-                  "train_slices": _named_counts(train_ds), "val_slices": _named_counts(val_ds),
-                  "excluded_indeterminate": {"train": train_ds.excluded_indeterminate, "val": val_ds.excluded_indeterminate},
-                  "preprocess": _preprocess_meta(windows)},
-        )
+        run = _Run(stage=stage, config=config, fold=fold, train_ds=train_ds, val_ds=val_ds, device=device, amp=amp,
+                   rank=rank, world=world, identity=identity, ckpt_path=ckpt_path, out=out)
+        data = {"windows_digest": windows_digest, "splits_digest": splits_digest, "fold": fold,
+                "sites": sorted(set(train_ds.index[S.SITE]) | set(val_ds.index[S.SITE])),
+                "train_slices": _named_counts(train_ds), "val_slices": _named_counts(val_ds),
+                "excluded_indeterminate": {"train": train_ds.excluded_indeterminate, "val": val_ds.excluded_indeterminate},
+                "preprocess": _preprocess_meta(windows)}
+        return _fit(run, state, tracking_uri, data)
 
 
 def _named_counts(ds: WindowsDataset) -> dict[str, int]:
-    counts = ds.class_counts()
-    return {NEGATIVE[ds.stage]: counts[0], POSITIVE[ds.stage]: counts[1]}
+    counts, stage = ds.class_counts(), S.STAGES[ds.stage]
+    return {stage.negative_name: counts[0], stage.positive_name: counts[1]}
 
 
 def _preprocess_meta(windows: str) -> dict[str, Any]:
@@ -241,147 +240,241 @@ def _preprocess_meta(windows: str) -> dict[str, Any]:
     return dict(json.loads(raw))
 
 
-def _fit(
-    train_ds: WindowsDataset,
-    val_ds: WindowsDataset,
-    out: str,
-    *,
-    stage: int,
-    config: Config,
-    fold: str,
-    device: torch.device,
-    amp: bool,
-    rank: int,
-    world: int,
-    state: dict[str, Any] | None,
-    identity: dict[str, Any],
-    ckpt_path: Path,
-    tracking_uri: str | None,
-    data: dict[str, Any],
-) -> dict[str, Any]:
-    cfg = config.train
-    cuda = device.type == "cuda"
+# ------------------------------------------------------------------------------------ one run
+@dataclass(frozen=True)
+class _Run:
+    """What a training run is given: the data, the configuration, where it runs and what it writes."""
+
+    stage: int
+    config: Config
+    fold: str
+    train_ds: WindowsDataset
+    val_ds: WindowsDataset
+    device: torch.device
+    amp: bool
+    rank: int
+    world: int
+    #: what the checkpoint must match to be resumed
+    identity: dict[str, Any]
+    ckpt_path: Path
+    out: str
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.channels_last
+
+    @property
+    def samples(self) -> int:
+        """Samples drawn per epoch (over all ranks)."""
+        return self.cfg.samples_per_epoch or len(self.train_ds)
+
+    def loader_kw(self) -> dict[str, Any]:
+        workers = self.cfg.num_workers
+        return {"batch_size": self.cfg.batch_size, "num_workers": workers, "pin_memory": self.device.type == "cuda",
+                "persistent_workers": False, **({"prefetch_factor": 4} if workers else {})}
+
+
+@dataclass(frozen=True)
+class _Net:
+    """The model and what steps it: ``net`` is ``model`` itself, or its DDP wrapper over several ranks."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    pos_weight: torch.Tensor | None
+
+
+@dataclass
+class _Progress:
+    """The early-stopping state and history; with the model, optimiser and schedule, what a checkpoint holds."""
+
+    epoch: int = 0
+    best: float = -math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+
+    def record(self, val_auroc: float | None, model: nn.Module) -> bool:
+        """Count an epoch's validation AUROC; keep a copy of the weights when it is the best so far."""
+        score = -math.inf if val_auroc is None else val_auroc
+        if score > self.best:
+            self.best, self.stale = score, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return True
+        self.stale += 1
+        return False
+
+
+def _build(run: _Run) -> _Net:
+    """The model at the run's seed, its optimiser and its warm-up + cosine schedule."""
+    cfg, device = run.cfg, run.device
     torch.manual_seed(cfg.seed)
-    model = build_model(config.model, len(cfg.windows)).to(device)
-    if cuda and cfg.channels_last:
+    model = build_model(run.config.model, len(cfg.windows)).to(device)
+    if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    cuda = device.type == "cuda"
+    net: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if run.world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    samples = cfg.samples_per_epoch or len(train_ds)
-    steps_per_epoch = -(-samples // (cfg.batch_size * world))
+    steps_per_epoch = -(-run.samples // (cfg.batch_size * run.world))
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
-    counts = train_ds.class_counts()
+    counts = run.train_ds.class_counts()
     pos_weight = torch.tensor(counts[0] / counts[1], device=device) if cfg.imbalance == "weight" else None
+    return _Net(model, net, optimizer, schedule, pos_weight)
 
-    epoch, best, best_state, stale, history, run_id = 0, -math.inf, None, 0, [], None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        epoch, best, best_state, stale = state["epoch"], state["best"], state["best_state"], state["stale"]
-        history, run_id = state["history"], state["run_id"]
-        log.info("stage %d: resuming after epoch %d (best val AUROC %.4f)", stage, epoch, best)
 
-    workers = cfg.num_workers
-    loader_kw: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": cuda,
-                                 "persistent_workers": False, **({"prefetch_factor": 4} if workers else {})}
-    val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
+def _resume(run: _Run, net: _Net, state: dict[str, Any] | None) -> _Progress:
+    """A fresh start, or the checkpoint's weights, optimiser, schedule and progress restored."""
+    if state is None:
+        return _Progress()
+    net.model.load_state_dict(state["model"])
+    net.optimizer.load_state_dict(state["optimizer"])
+    net.schedule.load_state_dict(state["schedule"])
+    progress = _Progress(state["epoch"], state["best"], state["best_state"], state["stale"], state["history"], state["run_id"])
+    log.info("stage %d: resuming after epoch %d (best val AUROC %.4f)", run.stage, progress.epoch, progress.best)
+    return progress
+
+
+def _save_checkpoint(run: _Run, net: _Net, progress: _Progress, run_id: str | None) -> None:
+    run.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run.ckpt_path) as tmp:
+        torch.save({"identity": run.identity, "model": net.model.state_dict(), "optimizer": net.optimizer.state_dict(),
+                    "schedule": net.schedule.state_dict(), "epoch": progress.epoch, "best": progress.best,
+                    "best_state": progress.best_state, "stale": progress.stale, "history": progress.history,
+                    "run_id": run_id}, tmp)
+
+
+def _fit(run: _Run, state: dict[str, Any] | None, tracking_uri: str | None, data: dict[str, Any]) -> dict[str, Any]:
+    """Train epoch by epoch, checkpointing after each, then select the best epoch's weights (rank 0 only)."""
+    stage = run.stage
+    net = _build(run)
+    progress = _resume(run, net, state)
+    val_loader = DataLoader(run.val_ds, shuffle=False, **run.loader_kw())
     started = time.monotonic()
-    tags = {"stage": stage, "fold": fold, "windows_digest": data["windows_digest"], "splits_digest": data["splits_digest"],
+    tags = {"stage": stage, "fold": run.fold, "windows_digest": data["windows_digest"], "splits_digest": data["splits_digest"],
             "git_commit": git_commit(), "package_version": package_version(), "step": f"train-stage{stage}"}
-    tracking = start_run(experiment=config.registry.experiment, run_name=f"train-stage{stage}", tags=tags,
-                         uri=tracking_uri, run_id=run_id) if rank == 0 else nullcontext(NullTracker())
+    tracking = start_run(experiment=run.config.registry.experiment, run_name=f"train-stage{stage}", tags=tags,
+                         uri=tracking_uri, run_id=progress.run_id) if run.rank == 0 else nullcontext(NullTracker())
     with tracking as tracker:
         if state is None:
-            tracker.log_params({"config": to_dict(config), "stage": stage, "fold": fold, "parameters": parameter_count(model),
-                                "train_slices": json.dumps(data["train_slices"]), "val_slices": json.dumps(data["val_slices"])})
+            tracker.log_params({"config": to_dict(run.config), "stage": stage, "fold": run.fold,
+                                "parameters": parameter_count(net.model), "train_slices": json.dumps(data["train_slices"]),
+                                "val_slices": json.dumps(data["val_slices"])})
         log.info("stage %d: %d train / %d val slices (indeterminate left out: %d / %d), %s on %s, %d parameters", stage,
-                 len(train_ds), len(val_ds), train_ds.excluded_indeterminate, val_ds.excluded_indeterminate,
-                 config.model.arch, device, parameter_count(model))
-        while epoch < cfg.epochs and not (cfg.patience and stale >= cfg.patience):
-            if cfg.max_minutes is not None and epoch > 0 and (time.monotonic() - started) / 60 >= cfg.max_minutes:
-                log.info("stage %d: time budget of %.1f min reached after epoch %d", stage, cfg.max_minutes, epoch)
-                break
-            seed = _epoch_seed(cfg.seed, epoch)
-            torch.manual_seed(seed)
-            base: Sampler[int] = (balanced_sampler(train_ds, samples, seed=seed) if cfg.imbalance == "sampler"
-                                  else _Shuffle(len(train_ds), samples, seed))
-            sampler = _RankShare(base, rank, world) if world > 1 else base
-            loader = DataLoader(train_ds, sampler=sampler, drop_last=False, generator=torch.Generator().manual_seed(seed), **loader_kw)
-            t0 = time.monotonic()
-            net.train()
-            loss_sum, seen = 0.0, 0
-            for x, y in loader:
-                x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format)
-                y = y.to(device, non_blocking=True).float()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = net(x)[:, 0].float()
-                loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.item() * len(y)
-                seen += len(y)
-            train_s = time.monotonic() - t0
-            epoch += 1
-            probs, val_loss = _evaluate(model, val_loader, device, amp)
-            val_auroc = auroc(val_ds.targets, probs)
-            score = -math.inf if val_auroc is None else val_auroc
-            improved = score > best
-            if improved:
-                best, stale = score, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                stale += 1
-            row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_auroc": val_auroc,
-                   "lr": schedule.get_last_lr()[0], "train_images_per_s": seen * world / train_s, "epoch_s": time.monotonic() - t0}
-            history.append(row)
-            log.info("stage %d epoch %d/%d: loss %.4f, val loss %.4f, val AUROC %s%s, %.1f img/s", stage, epoch, cfg.epochs,
-                     row["train_loss"], val_loss, "n/a" if val_auroc is None else f"{val_auroc:.4f}", " (best)" if improved else "",
-                     row["train_images_per_s"])
-            if rank == 0:
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-                ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(ckpt_path) as tmp:
-                    torch.save({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "schedule": schedule.state_dict(), "epoch": epoch, "best": best, "best_state": best_state,
-                                "stale": stale, "history": history, "run_id": tracker.run_id}, tmp)
-        if rank != 0:
+                 len(run.train_ds), len(run.val_ds), run.train_ds.excluded_indeterminate, run.val_ds.excluded_indeterminate,
+                 run.config.model.arch, run.device, parameter_count(net.model))
+        while _keep_going(run, progress, started):
+            row = _epoch(run, net, progress, val_loader)
+            if run.rank == 0:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=progress.epoch)
+                _save_checkpoint(run, net, progress, tracker.run_id)
+        if run.rank != 0:
             return {}
-        if best_state is None:
-            raise TrainingError(f"stage {stage}: validation AUROC was never defined; no model selected")
-        model.load_state_dict(best_state)
-        probs, _ = _evaluate(model, val_loader, device, amp)
-        threshold = threshold_for_sensitivity(probs, val_ds.targets, cfg.target_sensitivity)
-        val = {"auroc": auroc(val_ds.targets, probs), **binary_rates(probs, val_ds.targets, threshold),
-               "slices": len(val_ds), "positives": int(val_ds.targets.sum())}
-        meta = {
-            "stage": stage,
-            "positive_class": POSITIVE[stage],
-            "model": to_dict(config.model),
-            "parameters": parameter_count(model),
-            "windows": train_ds.window_defs,
-            "preprocess": data.pop("preprocess"),
-            "threshold": threshold,
-            "target_sensitivity": cfg.target_sensitivity,
-            "val": val,
-            "best_epoch": int(np.argmax([h["val_auroc"] if h["val_auroc"] is not None else -1 for h in history])) + 1,
-            "epochs_run": epoch,
-            "train": to_dict(cfg),
-            "data": data,
-            "package_version": package_version(),
-            "git_commit": git_commit(),
-            "config_hash": config_hash(to_dict(config)),
-            "mlflow_run_id": tracker.run_id,
-        }
-        save_model(out, model.cpu(), meta, history)
-        tracker.log_metrics({f"val_{k}": v for k, v in val.items() if isinstance(v, float)} | {"threshold": threshold})
-        tracker.set_tags({"threshold": f"{threshold:.6f}", "best_epoch": meta["best_epoch"]})
-        tracker.log_artifacts(out, "model")
-        tracker.log_artifact(ckpt_path, "checkpoint")
-        log.info("stage %d: best epoch %d, val AUROC %.4f; threshold %.4f for sensitivity %.2f (specificity %.3f) -> %s",
-                 stage, meta["best_epoch"], val["auroc"], threshold, val["sensitivity"], val["specificity"], out)
-        return meta
+        return _finish(run, net, progress, val_loader, tracker, data)
 
+
+def _keep_going(run: _Run, progress: _Progress, started: float) -> bool:
+    """Another epoch, unless every epoch ran, patience ran out, or the time budget is spent."""
+    cfg = run.cfg
+    if progress.epoch >= cfg.epochs or (cfg.patience and progress.stale >= cfg.patience):
+        return False
+    if cfg.max_minutes is not None and progress.epoch > 0 and (time.monotonic() - started) / 60 >= cfg.max_minutes:
+        log.info("stage %d: time budget of %.1f min reached after epoch %d", run.stage, cfg.max_minutes, progress.epoch)
+        return False
+    return True
+
+
+def _epoch_loader(run: _Run, epoch: int) -> DataLoader:
+    """The epoch's samples in an order seeded from ``(seed, epoch)`` alone, so a resumed run draws the same."""
+    seed = _epoch_seed(run.cfg.seed, epoch)
+    torch.manual_seed(seed)
+    base: Sampler[int] = (balanced_sampler(run.train_ds, run.samples, seed=seed) if run.cfg.imbalance == "sampler"
+                          else _Shuffle(len(run.train_ds), run.samples, seed))
+    sampler = _RankShare(base, run.rank, run.world) if run.world > 1 else base
+    return DataLoader(run.train_ds, sampler=sampler, drop_last=False, generator=torch.Generator().manual_seed(seed), **run.loader_kw())
+
+
+def _train_steps(run: _Run, net: _Net, loader: DataLoader) -> tuple[float, int]:
+    """One pass over ``loader``: the summed loss and the number of samples this rank saw."""
+    device = run.device
+    memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    net.net.train()
+    loss_sum, seen = 0.0, 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
+            logits = net.net(x)[:, 0].float()
+        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=net.pos_weight)
+        net.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        net.optimizer.step()
+        net.schedule.step()
+        loss_sum += loss.item() * len(y)
+        seen += len(y)
+    return loss_sum, seen
+
+
+def _epoch(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader) -> dict[str, Any]:
+    """Train one epoch, validate, count it towards early stopping; returns its history row."""
+    loader = _epoch_loader(run, progress.epoch)
+    t0 = time.monotonic()
+    loss_sum, seen = _train_steps(run, net, loader)
+    train_s = time.monotonic() - t0
+    progress.epoch += 1
+    probs, val_loss = _evaluate(net.model, val_loader, run.device, run.amp)
+    val_auroc = auroc(run.val_ds.targets, probs)
+    improved = progress.record(val_auroc, net.model)
+    row = {"epoch": progress.epoch, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_auroc": val_auroc,
+           "lr": net.schedule.get_last_lr()[0], "train_images_per_s": seen * run.world / train_s,
+           "epoch_s": time.monotonic() - t0}
+    progress.history.append(row)
+    log.info("stage %d epoch %d/%d: loss %.4f, val loss %.4f, val AUROC %s%s, %.1f img/s", run.stage, progress.epoch,
+             run.cfg.epochs, row["train_loss"], val_loss, "n/a" if val_auroc is None else f"{val_auroc:.4f}",
+             " (best)" if improved else "", row["train_images_per_s"])
+    return row
+
+
+def _finish(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader, tracker: NullTracker, data: dict[str, Any]) -> dict[str, Any]:
+    """Restore the best epoch's weights, set the threshold on validation, write and log the artifact."""
+    stage, cfg, val_ds, model = run.stage, run.cfg, run.val_ds, net.model
+    if progress.best_state is None:
+        raise TrainingError(f"stage {stage}: validation AUROC was never defined; no model selected")
+    model.load_state_dict(progress.best_state)
+    probs, _ = _evaluate(model, val_loader, run.device, run.amp)
+    threshold = threshold_for_sensitivity(probs, val_ds.targets, cfg.target_sensitivity)
+    val = {"auroc": auroc(val_ds.targets, probs), **binary_rates(probs, val_ds.targets, threshold),
+           "slices": len(val_ds), "positives": int(val_ds.targets.sum())}
+    meta = {
+        "stage": stage,
+        "positive_class": S.STAGES[stage].positive_name,
+        "model": to_dict(run.config.model),
+        "parameters": parameter_count(model),
+        "windows": run.train_ds.window_defs,
+        "preprocess": data.pop("preprocess"),
+        "threshold": threshold,
+        "target_sensitivity": cfg.target_sensitivity,
+        "val": val,
+        "best_epoch": int(np.argmax([h["val_auroc"] if h["val_auroc"] is not None else -1 for h in progress.history])) + 1,
+        "epochs_run": progress.epoch,
+        "train": to_dict(cfg),
+        "data": data,
+        "package_version": package_version(),
+        "git_commit": git_commit(),
+        "config_hash": config_hash(to_dict(run.config)),
+        "mlflow_run_id": tracker.run_id,
+    }
+    save_model(run.out, model.cpu(), meta, progress.history)
+    tracker.log_metrics({f"val_{k}": v for k, v in val.items() if isinstance(v, float)} | {"threshold": threshold})
+    tracker.set_tags({"threshold": f"{threshold:.6f}", "best_epoch": meta["best_epoch"]})
+    tracker.log_artifacts(run.out, "model")
+    tracker.log_artifact(run.ckpt_path, "checkpoint")
+    log.info("stage %d: best epoch %d, val AUROC %.4f; threshold %.4f for sensitivity %.2f (specificity %.3f) -> %s",
+             stage, meta["best_epoch"], val["auroc"], threshold, val["sensitivity"], val["specificity"], run.out)
+    return meta

@@ -1,0 +1,73 @@
+"""What the passes hand each other: a scanned file, the files of one SOP instance, a series' write task,
+and what became of each file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pe_triage.config import IngestConfig
+from pe_triage.dicom import Pseudonymizer, SliceHeader
+from pe_triage.schema import Reason
+from pe_triage.storage import Location
+
+#: what becomes of a file (``Outcome.status``)
+INGESTED, ALREADY_INGESTED, DUPLICATE, QUARANTINED = "ingested", "already_ingested", "duplicate", "quarantined"
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    path: str
+    size: int
+    header: SliceHeader | None = None
+    reason: Reason | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One SOP instance of a series: every file that carries it (sorted by path) and its label."""
+
+    files: tuple[Scanned, ...]
+    label: str | None
+
+    @property
+    def header(self) -> SliceHeader:
+        header = self.files[0].header
+        assert header is not None
+        return header
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    src: Location
+    out: Location
+    pseudo: Pseudonymizer
+    config: IngestConfig
+    site: str
+    series_uid: str
+    candidates: tuple[Candidate, ...]  # sorted by z
+    existing_file: str | None
+    existing_sha: dict[str, str]  # sop -> sha256 of rows already in the dataset
+    labels: dict[str, str | None]  # sop -> label for rows already in the dataset
+    rewrite: bool  # existing labels changed
+    staged: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    path: str
+    size: int
+    sha256: str | None
+    status: str
+    sop_uid: str | None = None
+    reason: Reason | None = None
+    detail: str = ""
+
+
+@dataclass
+class SeriesResult:
+    series_uid: str
+    staged: str | None
+    rows: int
+    outcomes: list[Outcome] = field(default_factory=list)

@@ -1,0 +1,185 @@
+"""Ingest one site: scan, plan, write the series in parallel, then commit them, the quarantine table and
+the report at once (the layout is in the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from concurrent.futures import Executor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pe_triage import __version__
+from pe_triage import schema as S
+from pe_triage.config import IngestConfig, to_dict
+from pe_triage.dicom import Pseudonymizer
+from pe_triage.ingest.plan import existing_rows, make_plan
+from pe_triage.ingest.records import DUPLICATE, QUARANTINED, Candidate, Outcome, SeriesResult, SeriesTask
+from pe_triage.ingest.report import label_summary, run_report
+from pe_triage.ingest.scan import scan_site
+from pe_triage.ingest.write import write_series
+from pe_triage.labels import Manifest, load_manifest
+from pe_triage.parallel import run, start_pool, worker_count
+from pe_triage.storage import Location, location
+
+SITE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: settings that change how a run executes, not what it writes (kept out of the file metadata)
+_EXECUTION_ONLY = {"workers", "scan_chunk_files", "strict_labels"}
+
+
+class IngestError(RuntimeError):
+    """The run cannot proceed (bad arguments, foreign dataset, strict label check failed)."""
+
+
+def _check_dataset(out: Location, pseudo: Pseudonymizer) -> None:
+    marker = out.join("_dataset.json")
+    info = {"schema_version": S.SCHEMA_VERSION, "key_fingerprint": pseudo.fingerprint, "demo_key": pseudo.is_demo}
+    if out.exists(marker):
+        found = json.loads(out.read(marker))
+        if found.get("key_fingerprint") != pseudo.fingerprint:
+            raise IngestError(
+                f"{out.uri} was pseudonymised with another key (fingerprint {found.get('key_fingerprint')}); "
+                "mixing keys would split patients and defeat de-duplication"
+            )
+        if found.get("schema_version") != S.SCHEMA_VERSION:
+            raise IngestError(f"{out.uri} has schema version {found.get('schema_version')}, this is {S.SCHEMA_VERSION}")
+        return
+    out.write_bytes(marker, json.dumps(info, indent=2).encode())
+
+
+def ingest_site(
+    site: str,
+    source: str,
+    out: str,
+    *,
+    pseudo: Pseudonymizer,
+    labels: str | None = None,
+    config: IngestConfig = IngestConfig(),
+) -> dict[str, Any]:
+    """Ingest ``source`` as ``site`` into the slices dataset at ``out``; returns the run report."""
+    started = time.perf_counter()
+    if not SITE_PATTERN.match(site):
+        raise IngestError(f"site name {site!r} must match {SITE_PATTERN.pattern} (it becomes a folder name)")
+    if pseudo.site != site:
+        raise IngestError(f"pseudonymizer is for site {pseudo.site!r}, not {site!r}")
+    workers = worker_count(config.workers)
+    pool = start_pool(workers)
+    try:
+        return _ingest(site, location(source), location(out), pseudo, labels, config, pool, workers, started)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _ingest(
+    site: str,
+    src: Location,
+    dst: Location,
+    pseudo: Pseudonymizer,
+    labels: str | None,
+    config: IngestConfig,
+    pool: Executor | None,
+    workers: int,
+    started: float,
+) -> dict[str, Any]:
+    manifest = _manifest(labels, pseudo)
+    items = src.list_files()
+    _check_dataset(dst, pseudo)
+    staging = dst.join("_staging", f"{S.SITE}={site}")
+    if dst.exists(staging):
+        dst.fs.delete_dir(staging)  # left by an interrupted run; never visible to readers
+    run_dir = f"{staging}/{uuid.uuid4().hex}"
+    existing, existing_files = existing_rows(dst, site)
+    metadata = _file_metadata(pseudo, config)
+    scanned = scan_site(pool, src, items, pseudo, config.scan_chunk_files)
+    scan_s = time.perf_counter() - started
+
+    def make_task(series_uid: str, cands: tuple[Candidate, ...], existing_file: str | None,
+                  existing_sha: dict[str, str], labs: dict[str, str | None], rewrite: bool) -> SeriesTask:
+        return SeriesTask(src, dst, pseudo, config, site, series_uid, cands, existing_file, existing_sha, labs,
+                          rewrite, f"{run_dir}/{series_uid}.parquet", metadata)
+
+    plan = make_plan(scanned, existing, existing_files, manifest, make_task)
+    plan.tasks.sort(key=lambda t: -len(t.candidates))  # largest first balances the workers
+    results = list(run(pool, write_series, plan.tasks))
+    outcomes = [*plan.quarantined, *(o for r in results for o in r.outcomes)]
+    by_sop_outcome = {o.sop_uid: o for o in outcomes if o.sop_uid and o.status == QUARANTINED}
+    final = _final_rows(dst, existing, results)
+    label_report = label_summary(manifest, final, plan.label_rows, by_sop_outcome) if manifest else None
+    if config.strict_labels and label_report and (label_report["unmatched_rows"] or label_report["inconsistent_patients"]):
+        if dst.exists(run_dir):
+            dst.fs.delete_dir(run_dir)
+        raise IngestError(
+            f"label manifest does not match the ingested slices: {len(label_report['unmatched_rows'])} unmatched row(s), "
+            f"{len(label_report['inconsistent_patients'])} inconsistent patient(s); first: "
+            f"{(label_report['unmatched_rows'] or label_report['inconsistent_patients'])[0]}"
+        )
+    _commit(dst, site, results, staging)
+    _write_quarantine(dst, site, pseudo, outcomes)
+    report = run_report(site, src, items, outcomes, final, results, label_report, pseudo, workers, scan_s, started)
+    dst.write_bytes(dst.join("_reports", f"{S.SITE}={site}", "ingest_report.json"), json.dumps(report, indent=2).encode())
+    return report
+
+
+def _manifest(labels: str | None, pseudo: Pseudonymizer) -> Manifest | None:
+    if labels is None:
+        return None
+    lab = location(labels)
+    return load_manifest(lab.read(lab.root).decode("utf-8-sig"), pseudo)
+
+
+def _file_metadata(pseudo: Pseudonymizer, config: IngestConfig) -> dict[str, str]:
+    """What every series file records about how it was written (the execution-only settings left out)."""
+    return {
+        "pe_triage.schema_version": S.SCHEMA_VERSION,
+        "pe_triage.version": __version__,
+        "pe_triage.key_fingerprint": pseudo.fingerprint,
+        "pe_triage.ingest_config": json.dumps({k: v for k, v in to_dict(config).items() if k not in _EXECUTION_ONLY}, sort_keys=True),
+    }
+
+
+def _final_rows(dst: Location, existing: dict[str, dict[str, Any]], results: list[SeriesResult]) -> dict[str, dict[str, Any]]:
+    """The site's rows (without pixels) by SOP as they will be once the staged series are committed."""
+    final = dict(existing)
+    for r in results:
+        if r.staged:
+            table = pq.read_table(r.staged, filesystem=dst.fs, columns=S.SLICES_META_COLUMNS)
+            for row in table.to_pylist():
+                final[row[S.SOP_UID]] = row
+    return final
+
+
+def _commit(dst: Location, site: str, results: list[SeriesResult], staging: str) -> None:
+    """Move the staged series into place: the only moment the dataset changes."""
+    for r in results:
+        if r.staged:
+            dst.replace(r.staged, dst.join(f"{S.SITE}={site}", f"{r.series_uid}.parquet"))
+    if dst.exists(staging):
+        dst.fs.delete_dir(staging)
+
+
+def _write_quarantine(dst: Location, site: str, pseudo: Pseudonymizer, outcomes: list[Outcome]) -> None:
+    rows = [
+        {S.SITE: site, S.PATH_PSEUDONYM: pseudo("path", o.path), S.SOURCE_SHA256: o.sha256, S.SIZE_BYTES: o.size,
+         S.REASON: o.reason.value, S.DETAIL: o.detail}
+        for o in sorted(outcomes, key=lambda o: o.path)
+        if o.status in (QUARANTINED, DUPLICATE) and o.reason is not None
+    ]
+    qpath = dst.join("_quarantine", f"{S.SITE}={site}", "quarantine.parquet")
+    dst.fs.create_dir(qpath.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.Table.from_pylist(rows, S.QUARANTINE_SCHEMA), qpath, filesystem=dst.fs, compression="zstd")
+
+
+def quarantined_files(site: str, source: str, out: str, *, pseudo: Pseudonymizer) -> list[dict[str, Any]]:
+    """The quarantine table of ``site`` with clear relative paths, for the hospital that holds the key.
+
+    Outputs only carry path pseudonyms; this maps them back by pseudonymising the source listing.
+    """
+    dst = location(out)
+    table = pq.read_table(dst.join("_quarantine", f"{S.SITE}={site}", "quarantine.parquet"), filesystem=dst.fs)
+    clear = {pseudo("path", rel): rel for rel, _ in location(source).list_files()}
+    return [{"path": clear.get(row[S.PATH_PSEUDONYM]), **row} for row in table.to_pylist()]
