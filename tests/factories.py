@@ -152,7 +152,7 @@ def write_windows(
 
 def write_splits(path: Path, assignment: dict[tuple[str, str], str], fold: str = S.DEFAULT_FOLD) -> Path:
     rows = [(fold, site, pid, "wnl", split) for (site, pid), split in assignment.items()]
-    pq.write_table(pa.table(list(map(list, zip(*rows))), schema=S.SPLITS_SCHEMA), path)
+    pq.write_table(pa.table(list(map(list, zip(*rows, strict=True))), schema=S.SPLITS_SCHEMA), path)
     return path
 
 

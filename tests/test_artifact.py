@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from pe_triage.artifact import FORMAT, FORMAT_1, META, ArtifactError, ModelMeta, load_model, read_meta, save_model
+from pe_triage.artifact import (
+    FORMAT,
+    FORMAT_1,
+    META,
+    ArtifactError,
+    ModelMeta,
+    load_model,
+    read_meta,
+    save_model,
+)
 from pe_triage.config import ModelConfig, to_dict
 from pe_triage.models import build_model
 from pe_triage.windows import Window

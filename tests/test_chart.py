@@ -256,7 +256,7 @@ def test_schedule_job_runs_the_cli_with_the_configmap(render):
     assert c["image"] == f"ghcr.io/pe-triage/pe-triage:{VERSION}"
     assert c["command"] == ["pe-triage", "pipeline", "schedule"]
     args = c["args"]
-    flags = dict(zip(args[:-1:2], args[1::2]))
+    flags = dict(zip(args[:-1:2], args[1::2], strict=True))
     assert flags == {"--host": "http://ml-pipeline.kubeflow.svc.cluster.local:8888", "--cron": "0 30 3 * * 1-5",
                      "--config": "/etc/pe-triage/config.yaml", "--experiment": "pe-triage",
                      "--name": "pe-triage-retraining", "--slices-store": "s3://hospital-data/slices",

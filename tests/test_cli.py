@@ -12,7 +12,8 @@ from pe_triage.cli import main
 from pe_triage.dicom import KEY_ENV
 
 
-def test_ingest_refuses_to_run_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_ingest_refuses_to_run_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     write_series(tmp_path / "src", 2)
     assert main(["ingest", "--site", "a", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
@@ -25,7 +26,8 @@ def test_ingest_with_a_key_from_the_environment(tmp_path: Path, monkeypatch: pyt
     secret = "hospital-secret-0123456789abcdef"
     monkeypatch.setenv(KEY_ENV, secret)
     write_series(tmp_path / "src", 3)
-    assert main(["ingest", "--site", "a", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert main(["ingest", "--site", "a", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                 "--workers", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["files"]["ingested"] == 3
     assert secret not in caplog.text
     assert all(secret.encode() not in p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())

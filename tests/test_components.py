@@ -44,7 +44,8 @@ def test_ingest_writes_the_store_and_a_reference_artifact(onboarded, tmp_path: P
     assert slices.metadata["store"] == str(store) and slices.metadata["site"] == "site-a"
     assert slices.metadata["slices"] == report["dataset"]["slices"] == pq.read_table(store / "site=site-a").num_rows
     again = _out(dsl.Dataset, tmp_path / "again", "slices")
-    C.ingest.python_func(site="site-a", source=str(site / "dicom"), labels="", store=str(store), config="", demo_key=True, slices=again)
+    C.ingest.python_func(site="site-a", source=str(site / "dicom"), labels="", store=str(store), config="", demo_key=True,
+                         slices=again)
     assert again.metadata["files"]["ingested"] == 0  # idempotent: a retried step adds nothing
 
 
@@ -61,7 +62,8 @@ def test_ingest_refuses_to_run_without_a_key(onboarded, tmp_path: Path, monkeypa
 def test_data_quality_renders_the_report_and_its_metrics(onboarded, tmp_path: Path) -> None:
     _, store, _ = onboarded
     slices = dsl.Dataset(name="slices", uri=str(tmp_path / "ref"), metadata={"store": str(store), "site": "site-b"})
-    report, metrics, quality = _out(dsl.Markdown, tmp_path, "report"), _out(dsl.Metrics, tmp_path, "metrics"), _out(dsl.Artifact, tmp_path, "quality")
+    report, metrics = _out(dsl.Markdown, tmp_path, "report"), _out(dsl.Metrics, tmp_path, "metrics")
+    quality = _out(dsl.Artifact, tmp_path, "quality")
     C.data_quality.python_func(slices=slices, config="", tracking_uri="", report=report, metrics=metrics, quality=quality)
     assert Path(report.path).read_text().startswith("# Data quality: site-b")
     result = json.loads(Path(quality.path).read_text())
@@ -88,8 +90,8 @@ def test_data_steps_chain_through_artifacts(onboarded, tmp_path: Path) -> None:
 def test_exit_handler_records_the_final_state(mlflow_server: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    status = dsl.PipelineTaskFinalStatus(state="FAILED", pipeline_job_resource_name="runs/123", pipeline_task_name="exit-handler-1",
-                                         error_code=1, error_message="train failed")
+    status = dsl.PipelineTaskFinalStatus(state="FAILED", pipeline_job_resource_name="runs/123",
+                                         pipeline_task_name="exit-handler-1", error_code=1, error_message="train failed")
     C.record_outcome.python_func(status=status, pipeline="pe-triage-retraining", config="registry: {experiment: outcome-test}",
                                  tracking_uri=mlflow_server)
     client = MlflowClient(mlflow_server)

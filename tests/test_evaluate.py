@@ -25,7 +25,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str, st
     config = Config(
         model=ModelConfig(arch="cbam_drn_d_22", width=0.125),
         loader=LoaderConfig(cache_dir=str(root / "cache"), augment=False),
-        train=TrainConfig(windows=("vascular", "lung"), epochs=4, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=48, patience=0),
+        train=TrainConfig(windows=("vascular", "lung"), epochs=4, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=48,
+                          patience=0),
         evaluate=EvalConfig(bootstrap=200, gradcam_per_category=2),
     )
     for stage in (1, 2):
@@ -33,7 +34,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str, st
     return windows, splits, str(root / "stage1"), str(root / "stage2"), config
 
 
-def test_evaluate_writes_metrics_report_predictions_and_gradcam(trained: tuple[str, str, str, str, Config], tmp_path: Path) -> None:
+def test_evaluate_writes_metrics_report_predictions_and_gradcam(trained: tuple[str, str, str, str, Config],
+                                                                tmp_path: Path) -> None:
     windows, splits, stage1, stage2, config = trained
     metrics = evaluate(stage1, stage2, windows, splits, str(tmp_path / "eval"), config=config)
     out = tmp_path / "eval"
@@ -54,7 +56,8 @@ def test_indeterminate_slices_are_predicted_counted_and_kept_out_of_the_slice_ta
         trained: tuple[str, str, str, str, Config], tmp_path: Path) -> None:
     _, _, stage1, stage2, config = trained
     windows = tmp_path / "w"
-    write_windows(windows, {("site-a", "q1"): ["wnl", "pe", "indeterminate"], ("site-b", "q2"): ["wnl", "indeterminate"]}, size=32)
+    write_windows(windows, {("site-a", "q1"): ["wnl", "pe", "indeterminate"], ("site-b", "q2"): ["wnl", "indeterminate"]},
+                  size=32)
     splits = write_splits(tmp_path / "s.parquet", {("site-a", "q1"): "test", ("site-b", "q2"): "test"})
     metrics = evaluate(stage1, stage2, str(windows), str(splits), str(tmp_path / "eval"), config=config)
     pred = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")

@@ -288,7 +288,7 @@ def test_build_script_tags_images_with_the_package_version():
                 ("--target cuda", f"-t ghcr.io/pe-triage/pe-triage-cuda:{VERSION}", f"PE_TRIAGE_VERSION={VERSION}"),
                 ("-f images/mlflow/Dockerfile", f"-t ghcr.io/pe-triage/mlflow:{mlflow_version}",
                  f"MLFLOW_VERSION={mlflow_version}")]
-    for line, parts in zip(lines, expected):
+    for line, parts in zip(lines, expected, strict=True):
         assert line.startswith("docker build ")
         assert "--build-arg BASE_IMAGE=localhost/base:bookworm" in line
         for part in parts:

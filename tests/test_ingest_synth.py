@@ -51,7 +51,7 @@ def test_hu_per_tissue_matches_what_was_generated(onboarded: tuple[Path, Path, d
     table = pads.dataset(slices, format="parquet", partitioning="hive").to_table(
         columns=[S.SITE, S.SOURCE_SHA256, S.ROWS, S.COLS, S.HU])
     pixels = {sha: (site, hu, r, c) for site, sha, r, c, hu in zip(*(table.column(n).to_pylist() for n in
-              (S.SITE, S.SOURCE_SHA256, S.ROWS, S.COLS, S.HU)))}
+              (S.SITE, S.SOURCE_SHA256, S.ROWS, S.COLS, S.HU)), strict=True)}
     for site in ("site-a", "site-b", "site-c"):  # three pixel conventions must all land on the same HU
         sums: dict[Tissue, list[float]] = {t: [] for t in TISSUE_HU}
         for t in truth(cohort):

@@ -65,7 +65,7 @@ def expected(split: str, labels: set[str]) -> dict[Key, str]:
 
 
 def keys_of(ds: WindowsDataset) -> list[Key]:
-    return list(zip(ds.index[S.SITE], ds.index[S.PATIENT_ID], ds.index[S.SLICE_INDEX].astype(int)))
+    return list(zip(ds.index[S.SITE], ds.index[S.PATIENT_ID], ds.index[S.SLICE_INDEX].astype(int), strict=True))
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -81,7 +81,8 @@ def test_rows_and_targets_per_split_and_stage(data: Data, cache: LoaderConfig, s
         assert sorted(keys_of(ds)) == sorted(want) and len(ds) == len(want)
         assert list(ds.index[S.LABEL]) == [want[k] for k in keys_of(ds)]
         assert list(ds.targets) == [int(want[k] in positive) for k in keys_of(ds)]
-        assert ds.class_counts() == {0: sum(v not in positive for v in want.values()), 1: sum(v in positive for v in want.values())}
+        assert ds.class_counts() == {0: sum(v not in positive for v in want.values()),
+                                     1: sum(v in positive for v in want.values())}
         for i, key in enumerate(keys_of(ds)):
             x, y = ds[i]
             assert x.dtype == torch.float32 and y.dtype == torch.int64 and int(y) == ds.targets[i]
@@ -100,7 +101,7 @@ def test_indeterminate_slices_are_left_out_and_counted_unless_kept(tmp_path: Pat
     with WindowsDataset(windows, splits, split="train", stage=1, windows_used=["lung"], config=cache,
                         keep_indeterminate=True) as ds:
         assert len(ds) == 7 and ds.excluded_indeterminate == 0
-        targets = dict(zip(keys_of(ds), ds.targets.tolist()))
+        targets = dict(zip(keys_of(ds), ds.targets.tolist(), strict=True))
         assert targets == {("a", "p1", 0): 0, ("a", "p1", 1): -1, ("a", "p1", 2): 1, ("a", "p1", 3): -1,
                            ("a", "p2", 0): 0, ("a", "p2", 1): 1, ("a", "p2", 2): -1}
         assert ds.class_counts() == {0: 2, 1: 2}
@@ -110,7 +111,8 @@ def test_indeterminate_slices_are_left_out_and_counted_unless_kept(tmp_path: Pat
 
 @pytest.mark.parametrize(("used", "channels"), [(["vascular"], [0]), (["vascular", "lung"], [0, 2]),
                                                 (["lung", "vascular"], [2, 0]), (["vascular", "mediastinal", "lung"], [0, 1, 2])])
-def test_windows_used_selects_channels_in_the_order_given(data: Data, cache: LoaderConfig, used: list[str], channels: list[int]) -> None:
+def test_windows_used_selects_channels_in_the_order_given(data: Data, cache: LoaderConfig, used: list[str],
+                                                          channels: list[int]) -> None:
     windows, splits, stored = data
     with WindowsDataset(windows, splits, split="train", stage=1, windows_used=used, config=cache) as ds:
         assert ds.window_names == tuple(used) and [d["name"] for d in ds.window_defs] == used
@@ -129,7 +131,8 @@ def test_values_are_centred_with_exact_ends(data: Data, cache: LoaderConfig) -> 
 
 def test_bad_requests_are_named(data: Data, cache: LoaderConfig, tmp_path: Path) -> None:
     windows, splits, _ = data
-    with pytest.raises(ValueError, match=r"unknown window\(s\) \['soft'\]; available windows: \['vascular', 'mediastinal', 'lung'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown window\(s\) \['soft'\]; available windows: \['vascular', 'mediastinal', 'lung'\]"):
         WindowsDataset(windows, splits, split="train", stage=1, windows_used=["vascular", "soft"], config=cache)
     with pytest.raises(ValueError, match="fold 'site-x' not in splits file"):
         WindowsDataset(windows, splits, split="train", stage=1, windows_used=["lung"], fold="site-x", config=cache)
@@ -161,7 +164,8 @@ def test_different_window_definitions_across_files_are_an_error(tmp_path: Path, 
 
 
 # ------------------------------------------------------------------------------------ reads
-def test_reads_only_the_row_groups_that_hold_selected_slices(data: Data, cache: LoaderConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_only_the_row_groups_that_hold_selected_slices(data: Data, cache: LoaderConfig,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     windows, splits, _ = data
     calls: list[tuple[tuple[int, ...], list[str]]] = []
     original = pq.ParquetFile.iter_batches
@@ -187,7 +191,8 @@ def test_reads_only_the_row_groups_that_hold_selected_slices(data: Data, cache: 
 def test_workers_return_the_same_samples_as_the_main_process(data: Data, cache: LoaderConfig) -> None:
     windows, splits, _ = data
     plain = LoaderConfig(augment=False, cache_dir=cache.cache_dir)
-    with WindowsDataset(windows, splits, split="train", stage=1, windows_used=["vascular", "lung"], config=plain, train=True) as ds:
+    with WindowsDataset(windows, splits, split="train", stage=1, windows_used=["vascular", "lung"], config=plain,
+                        train=True) as ds:
         batches = {n: list(DataLoader(ds, batch_size=3, num_workers=n)) for n in (0, 2)}
         assert os.path.isdir(ds.cache_folder), "a worker removed the owner's cache"
         for k in range(2):
@@ -197,7 +202,8 @@ def test_workers_return_the_same_samples_as_the_main_process(data: Data, cache: 
 
 def test_pickles_without_pixels_and_reopens_by_path(data: Data, cache: LoaderConfig) -> None:
     windows, splits, _ = data
-    with WindowsDataset(windows, splits, split="train", stage=1, windows_used=["vascular", "mediastinal", "lung"], config=cache) as ds:
+    with WindowsDataset(windows, splits, split="train", stage=1, windows_used=["vascular", "mediastinal", "lung"],
+                        config=cache) as ds:
         ds[0]
         blob = pickle.dumps(ds)
         assert len(blob) < ds.array.nbytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pe_triage.cli import main
-from pe_triage.config import EvalConfig
+from pe_triage.config import ConfigError, EvalConfig, IndeterminateMode
 from pe_triage.evaluation import (
     SUMMARY_KEYS,
     auroc,
@@ -25,7 +26,7 @@ from pe_triage.evaluation import (
     wilson_interval,
 )
 from pe_triage.evaluation.evaluate import EvaluationError, summarize_site_folds
-from pe_triage.evaluation.metrics import curves
+from pe_triage.evaluation.metrics import CLASSES, curves
 from pe_triage.stats import bootstrap_ranking
 
 T1 = T2 = 0.5
@@ -33,7 +34,7 @@ T1 = T2 = 0.5
 
 def _slices(site: str, patient: str, series: str, labels: list[str], p_disease: list[float], p_pe: list[float]) -> list[dict]:
     return [{"site": site, "patient_id": patient, "series_uid": series, "slice_index": i, "label": lab, "p_disease": d, "p_pe": p}
-            for i, (lab, d, p) in enumerate(zip(labels, p_disease, p_pe))]
+            for i, (lab, d, p) in enumerate(zip(labels, p_disease, p_pe, strict=True))]
 
 
 def cohort() -> pd.DataFrame:
@@ -204,14 +205,17 @@ def test_patient_rule_k_consecutive_stays_inside_a_series() -> None:
     assert pa["cascade"]["confusion"]["matrix"] == [[2, 0, 0], [1, 0, 0], [0, 1, 0]]
     # k = 1 is the study's rule; a series shorter than k never fires
     any_rule = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig())
-    k1 = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig(patient_rule="k_consecutive", k=1))
+    k1 = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2,
+                             config=EvalConfig(patient_rule="k_consecutive", k=1))
     pd.testing.assert_frame_equal(any_rule, k1)
-    k9 = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig(patient_rule="k_consecutive", k=9))
+    k9 = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2,
+                             config=EvalConfig(patient_rule="k_consecutive", k=9))
     assert np.isneginf(k9["disease_score"]).all() and (k9["predicted"] == "wnl").all()
 
 
 def test_patient_rule_top_k_mean() -> None:
-    pt = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig(patient_rule="top_k_mean", k=2))
+    pt = patient_predictions(cohort(), threshold_stage1=T1, threshold_stage2=T2,
+                             config=EvalConfig(patient_rule="top_k_mean", k=2))
     assert list(pt["disease_score"]) == pytest.approx([.85, .45, .8, .3])
     # P(PE) averaged over the stage-1-positive slices only: a1 (0.7 + 0.35) / 2, b1 (0.6 + 0.3) / 2
     assert list(pt["pe_score"]) == pytest.approx([.525, -np.inf, .45, -np.inf])
@@ -341,14 +345,20 @@ def test_indeterminate_slices_can_be_scored_as_a_class() -> None:
     assert m["counts"]["slices"]["indeterminate"] == 3 and m["counts"]["patients"]["indeterminate"] == 1
     as_wnl = evaluate(with_indeterminate(), indeterminate="wnl")
     assert as_wnl["slice"]["stage1"]["confusion"]["matrix"] == [[7 + 1, 1 + 2], [2, 4]]
-    with pytest.raises(ValueError, match="indeterminate mode"):
+    with pytest.raises(ConfigError, match="EvalConfig.indeterminate: 'maybe' is not one of"):
         evaluate(with_indeterminate(), indeterminate="maybe")
+
+
+def test_the_indeterminate_modes_are_exclude_and_the_cascade_classes() -> None:
+    assert typing.get_args(IndeterminateMode) == ("exclude", *CLASSES)
 
 
 def test_decisions_without_labels_ignore_the_indeterminate_mode() -> None:
     unlabelled = with_indeterminate().drop(columns=["label"])
-    decided = patient_decisions(unlabelled, threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig(indeterminate="maybe"))
+    decided = patient_decisions(unlabelled, threshold_stage1=T1, threshold_stage2=T2, config=EvalConfig(indeterminate="pe"))
     assert list(decided["patient_id"]) == ["a1", "a2", "b1", "b2", "c1"]
+    pd.testing.assert_frame_equal(decided, patient_decisions(unlabelled, threshold_stage1=T1, threshold_stage2=T2,
+                                                             config=EvalConfig()))
 
 
 @pytest.mark.parametrize(("change", "message"), [

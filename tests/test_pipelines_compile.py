@@ -20,8 +20,8 @@ from pe_triage_pipelines.compile import compile_all
 from pe_triage import __version__
 from pe_triage.cli import main
 
-IO_TASKS = {"ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register", "evaluate-champion", "promote",
-            "record-outcome"}
+IO_TASKS = {"ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register", "evaluate-champion",
+            "promote", "record-outcome"}
 UNCACHED = {"ingest", "data-quality", "dataset-version", "evaluate-champion", "promote", "record-outcome"}
 SECRETISH = ("key", "secret", "password", "token", "credential")
 
@@ -197,9 +197,11 @@ def test_cluster_config_of_the_helm_chart_sets_images_gpus_and_secret_names(tmp_
     assert container["resources"]["accelerator"]["resourceCount"] == "2"
     assert {e["name"]: e["value"] for e in container["env"]} == {"AWS_ENDPOINT_URL": "http://minio:9000"}
     assert executors["exec-train"]["nodeSelector"] == {"labels": {"pool": "a100"}}
-    assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]
+    assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
+                                                       "effect": "NoSchedule"}]
     assert spec["deploymentSpec"]["executors"]["exec-split"]["container"]["image"] == "registry.example.org/pe-triage:9.9"
-    secrets = {s["secretName"]: {e["secretKey"]: e["envVar"] for e in s["keyToEnv"]} for s in executors["exec-split"]["secretAsEnv"]}
+    secrets = {s["secretName"]: {e["secretKey"]: e["envVar"] for e in s["keyToEnv"]}
+               for s in executors["exec-split"]["secretAsEnv"]}
     assert secrets == {"s3-creds": {"id": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}}  # no MLflow secret listed
     _, on_executors = _load(compiled["onboarding"])
     ingest = {s["secretName"]: s for s in on_executors["exec-ingest"]["secretAsEnv"]}
@@ -278,7 +280,8 @@ def test_cli_compiles_submits_and_schedules(tmp_path: Path, monkeypatch: pytest.
     assert kw["params"] == {"slices_store": "s3://h/slices", "config": "train: {epochs: 3}\n", "tracking_uri": "http://mlflow.ns:5000"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochz: 3}\n")
-    assert main(["pipeline", "submit", "retraining", "--host", "http://kfp", "--slices-store", "s3://b/s", "--config", str(bad)]) == 2
+    assert main(["pipeline", "submit", "retraining", "--host", "http://kfp", "--slices-store", "s3://b/s",
+                 "--config", str(bad)]) == 2
 
 
 def test_demo_prints_one_line_per_step_and_logs_everything() -> None:

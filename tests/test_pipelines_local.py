@@ -37,14 +37,16 @@ registry:
           min_slice_disease_specificity: null, min_slice_pe_specificity: null, min_patient_pe_specificity: null,
           min_stage1_auroc_ci_low: null, min_stage2_auroc_ci_low: null}}
 """
-SLICE_COLUMNS = ["study_uid", "series_uid", "slice_index", "rows", "cols", "pixel_spacing_row_mm", "pixel_spacing_col_mm", "hu_planes"]
+SLICE_COLUMNS = ["study_uid", "series_uid", "slice_index", "rows", "cols", "pixel_spacing_row_mm", "pixel_spacing_col_mm",
+                 "hu_planes"]
 
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> dict:
     root = tmp_path_factory.mktemp("e2e")
     generate_cohort(root / "cohort", SynthConfig(sites=3, patients_per_site=6, slices=24, size=96, seed=11))
-    sites = [{"site": d.name, "source": str(d / "dicom"), "labels": str(d / "labels.csv")} for d in sorted((root / "cohort" / "sites").iterdir())]
+    sites = [{"site": d.name, "source": str(d / "dicom"), "labels": str(d / "labels.csv")}
+             for d in sorted((root / "cohort" / "sites").iterdir())]
     common = {"slices_store": str(root / "slices"), "config": CONFIG, "tracking_uri": mlflow_server}
     run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=root / "kfp")
     run_local("retraining", common, pipeline_root=root / "kfp")
@@ -64,7 +66,8 @@ def test_onboarding_logged_one_dataset_version_per_site(ran: dict, mlflow_server
     assert all(r.inputs.dataset_inputs and r.data.metrics["slices"] == 6 * 24 for r in runs)
 
 
-def test_retraining_registered_and_promoted_a_model_that_predicts(ran: dict, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retraining_registered_and_promoted_a_model_that_predicts(ran: dict, mlflow_server: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pyfunc
 
     client = _client(mlflow_server)
@@ -96,7 +99,7 @@ def test_a_second_run_is_served_from_the_step_cache(ran: dict, mlflow_server: st
     caplog.set_level(logging.INFO)
     run_local("retraining", ran["common"], pipeline_root=ran["root"] / "kfp")
     hits = {m.split()[1] for m in caplog.messages if "cache hit" in m}
-    assert hits == {"preprocess", "split", "train", "train-2", "evaluate", "register", "check-gates"}
+    assert hits == {"preprocess", "split", "train", "train-2", "calibrate", "evaluate", "register", "check-gates"}
     assert "dataset-version" in re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # the store's version is read afresh
     assert len(_client(mlflow_server).search_model_versions("name = 'pe-triage'")) == 1  # nothing registered twice
 

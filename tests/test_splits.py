@@ -30,7 +30,7 @@ def cohort(sizes: dict[str, tuple[int, int, int]]) -> pa.Table:
     rows = [
         (site, hashlib.sha256(f"{site}/{cls}/{i}".encode()).hexdigest()[:16], cls)
         for site, counts in sizes.items()
-        for cls, n in zip(("wnl", "pe", "other"), counts)
+        for cls, n in zip(("wnl", "pe", "other"), counts, strict=True)
         for i in range(n)
     ]
     return pa.table({S.SITE: [r[0] for r in rows], S.PATIENT_ID: [r[1] for r in rows], S.PATIENT_CLASS: [r[2] for r in rows]})
@@ -41,9 +41,9 @@ STUDY_LIKE = {"site-a": (12, 4, 5), "site-b": (9, 3, 2), "site-c": (6, 2, 2)}
 
 def assignment(table: pa.Table) -> dict[tuple[str, str, str], str]:
     """(fold, site, patient) -> split; fails on a patient listed twice in a fold."""
-    keys = list(zip(*(table[c].to_pylist() for c in (S.FOLD, S.SITE, S.PATIENT_ID))))
+    keys = list(zip(*(table[c].to_pylist() for c in (S.FOLD, S.SITE, S.PATIENT_ID)), strict=True))
     assert len(keys) == len(set(keys)), "a patient is in two splits of a fold"
-    return dict(zip(keys, table[S.SPLIT].to_pylist()))
+    return dict(zip(keys, table[S.SPLIT].to_pylist(), strict=True))
 
 
 def write_windows(root: Path, slices: dict[tuple[str, str], list[str | None]]) -> Path:
@@ -68,7 +68,7 @@ def write_windows(root: Path, slices: dict[tuple[str, str], list[str | None]]) -
 def slices_for(patients: pa.Table) -> dict[tuple[str, str], list[str | None]]:
     """Slice labels that give each patient its class (disease patients also have WNL slices)."""
     extra: dict[str, list[str | None]] = {"wnl": [], "pe": ["pe", "other"], "other": ["other"]}
-    rows = zip(*(patients[c].to_pylist() for c in (S.SITE, S.PATIENT_ID, S.PATIENT_CLASS)))
+    rows = zip(*(patients[c].to_pylist() for c in (S.SITE, S.PATIENT_ID, S.PATIENT_CLASS)), strict=True)
     return {(site, pid): ["wnl", "wnl", *extra[cls]] for site, pid, cls in rows}
 
 
@@ -82,7 +82,7 @@ def test_every_patient_in_exactly_one_split_per_fold(split_fn: Callable[[pa.Tabl
     for (fold, site, pid), split in assignment(table).items():
         assert split in S.SPLITS
         by_fold.setdefault(fold, set()).add((site, pid))
-    everyone = set(zip(patients[S.SITE].to_pylist(), patients[S.PATIENT_ID].to_pylist()))
+    everyone = set(zip(patients[S.SITE].to_pylist(), patients[S.PATIENT_ID].to_pylist(), strict=True))
     assert by_fold and all(members == everyone for members in by_fold.values())
 
 
@@ -91,22 +91,22 @@ def test_every_patient_in_exactly_one_split_per_fold(split_fn: Callable[[pa.Tabl
 def test_each_stratum_within_one_patient_of_its_quota(ratios: tuple[float, ...], sizes: dict[str, tuple[int, int, int]]) -> None:
     table = make_splits(cohort(sizes), SplitConfig(ratios=ratios, seed=3))
     shares = [Fraction(r) / sum(Fraction(x) for x in ratios) for r in ratios]
-    got = Counter(zip(table[S.SITE].to_pylist(), table[S.PATIENT_CLASS].to_pylist(), table[S.SPLIT].to_pylist()))
+    got = Counter(zip(table[S.SITE].to_pylist(), table[S.PATIENT_CLASS].to_pylist(), table[S.SPLIT].to_pylist(), strict=True))
     for site, counts in sizes.items():
-        for cls, n in zip(("wnl", "pe", "other"), counts):
-            for split, share in zip(S.SPLITS, shares):
+        for cls, n in zip(("wnl", "pe", "other"), counts, strict=True):
+            for split, share in zip(S.SPLITS, shares, strict=True):
                 assert abs(got[site, cls, split] - n * share) <= 1, (site, cls, split)
-    per_class = Counter(zip(table[S.PATIENT_CLASS].to_pylist(), table[S.SPLIT].to_pylist()))
+    per_class = Counter(zip(table[S.PATIENT_CLASS].to_pylist(), table[S.SPLIT].to_pylist(), strict=True))
     for k, cls in enumerate(("wnl", "pe", "other")):
         total = sum(counts[k] for counts in sizes.values())
-        for split, share in zip(S.SPLITS, shares):
+        for split, share in zip(S.SPLITS, shares, strict=True):
             assert abs(per_class[cls, split] - total * share) <= 1, (cls, split)
 
 
 def test_small_strata_still_reach_every_split() -> None:
     """Three sites with 2 PE patients each: per-site rounding alone would leave test without PE."""
     table = make_splits(cohort({"a": (10, 2, 2), "b": (10, 2, 2), "c": (10, 2, 2)}), SplitConfig())
-    per_class = Counter(zip(table[S.PATIENT_CLASS].to_pylist(), table[S.SPLIT].to_pylist()))
+    per_class = Counter(zip(table[S.PATIENT_CLASS].to_pylist(), table[S.SPLIT].to_pylist(), strict=True))
     assert [per_class["pe", s] for s in S.SPLITS] == [3, 2, 1]
 
 
@@ -114,7 +114,8 @@ def test_deterministic_for_a_seed_and_different_across_seeds() -> None:
     patients = cohort(STUDY_LIKE)
     first = make_splits(patients, SplitConfig(seed=11))
     assert make_splits(patients, SplitConfig(seed=11)).equals(first)
-    assert make_splits(patients.take(np.arange(patients.num_rows)[::-1]), SplitConfig(seed=11)).equals(first), "input order matters"
+    reversed_input = patients.take(np.arange(patients.num_rows)[::-1])
+    assert make_splits(reversed_input, SplitConfig(seed=11)).equals(first), "input order matters"
     assert not make_splits(patients, SplitConfig(seed=12)).equals(first)
 
 
@@ -128,7 +129,8 @@ def test_same_splits_in_another_process_with_another_hash_seed(tmp_path: Path) -
         "pq.write_table(make_splits(pq.read_table(sys.argv[1]), SplitConfig(seed=5)), sys.argv[2])\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "patients.parquet"), str(tmp_path / "s.parquet")], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "patients.parquet"), str(tmp_path / "s.parquet")], check=True,
+                   env=env)
     assert pq.read_table(tmp_path / "s.parquet").equals(table)
 
 
@@ -201,7 +203,7 @@ def test_unlabelled_patients_are_excluded_and_reported(tmp_path: Path, caplog: p
     report = split_dataset(str(write_windows(tmp_path / "w", slices)), str(tmp_path / "s.parquet"), config=SplitConfig())
     excluded = {(e[S.SITE], e[S.PATIENT_ID]): e["unlabelled_slices"] for e in report["excluded"]}
     assert excluded == {partly: 1, ("site-a", "never-labelled"): 2}
-    written = set(zip(*(pq.read_table(tmp_path / "s.parquet")[c].to_pylist() for c in (S.SITE, S.PATIENT_ID))))
+    written = set(zip(*(pq.read_table(tmp_path / "s.parquet")[c].to_pylist() for c in (S.SITE, S.PATIENT_ID)), strict=True))
     assert not written & set(excluded) and len(written) == patients.num_rows - 1
     assert any("2 patient(s) with unlabelled slices excluded" in w for w in report["warnings"])
     assert "excluded" in caplog.text
@@ -216,7 +218,8 @@ def test_indeterminate_slices_stay_with_their_patient_and_rank_below_a_definite_
     slices.update({key: ["wnl", "indeterminate", "wnl"] for key in unsure})
     report = split_dataset(str(write_windows(tmp_path / "w", slices)), str(tmp_path / "s.parquet"), config=SplitConfig())
     written = pq.read_table(tmp_path / "s.parquet")
-    classes = dict(zip(zip(written[S.SITE].to_pylist(), written[S.PATIENT_ID].to_pylist()), written[S.PATIENT_CLASS].to_pylist()))
+    keys = zip(written[S.SITE].to_pylist(), written[S.PATIENT_ID].to_pylist(), strict=True)
+    classes = dict(zip(keys, written[S.PATIENT_CLASS].to_pylist(), strict=True))
     assert len(classes) == written.num_rows == patients.num_rows + len(unsure) and report["excluded"] == []
     assert classes[pe_patient] == "pe" and {classes[k] for k in unsure} == {"indeterminate"}
     fold = report["folds"][S.DEFAULT_FOLD]

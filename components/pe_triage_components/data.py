@@ -49,7 +49,8 @@ def data_quality(slices: Input[Dataset], config: str, tracking_uri: str, report:
         json.dump(result, f, indent=2)
     for name, value in flat_metrics(result).items():
         metrics.log_metric(name, value)
-    quality.metadata.update(site=result["site"], digest=result["version"]["digest"], drift=result["drift"]["flagged"], mlflow_run_id=run_id or "")
+    quality.metadata.update(site=result["site"], digest=result["version"]["digest"], drift=result["drift"]["flagged"],
+                            mlflow_run_id=run_id or "")
 
 
 def dataset_version(store: str) -> str:

@@ -41,8 +41,9 @@ def calibrate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset
 
 
 def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset], splits: Input[Dataset], config: str,
-             tracking_uri: str, truth: str, evaluation: Output[Artifact], metrics: Output[Metrics], cascade: Output[ClassificationMetrics],
-             per_site: Output[SlicedClassificationMetrics], report: Output[HTML], summary: Output[Markdown]):
+             tracking_uri: str, truth: str, evaluation: Output[Artifact], metrics: Output[Metrics],
+             cascade: Output[ClassificationMetrics], per_site: Output[SlicedClassificationMetrics], report: Output[HTML],
+             summary: Output[Markdown]):
     """Evaluate the cascade on the test split: ``evaluation`` is the folder the registry reads
     (metrics.json, report, plots); the other outputs are the views the KFP UI renders (summary
     numbers, the per-slice 3-class cascade confusion and stage-1 ROC, the same per site). ``truth``: a
@@ -66,7 +67,8 @@ def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset]
     slices = []  # SlicedClassificationMetrics' own log methods fail in kfp 2.17 (no _sliced_metrics): same schema, by hand
     for site, sub in result["per_site"].items():
         site_metrics = ClassificationMetrics()
-        site_metrics.log_confusion_matrix(sub["slice"]["cascade"]["confusion"]["labels"], sub["slice"]["cascade"]["confusion"]["matrix"])
+        confusion = sub["slice"]["cascade"]["confusion"]
+        site_metrics.log_confusion_matrix(confusion["labels"], confusion["matrix"])
         slices.append({"slice": site, "sliceClassificationMetrics": site_metrics.metadata})
     per_site.metadata["evaluationSlices"] = slices
     shutil.copyfile(f"{evaluation.path}/report.html", report.path)

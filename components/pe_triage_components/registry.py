@@ -53,7 +53,8 @@ def promote(version: int, champion_evaluation: Input[Artifact], config: str, tra
     from pe_triage.registry.registry import promote
 
     cfg = parse_config(config)
-    decision = promote(version, config=cfg.registry, uri=tracking_uri or None, actor=actor, champion_metrics=champion_evaluation.path)
+    decision = promote(version, config=cfg.registry, uri=tracking_uri or None, actor=actor,
+                       champion_metrics=champion_evaluation.path)
     print(f"version {version}: {decision['outcome']}: {decision['reason']}")
     return bool(decision["promoted"])
 

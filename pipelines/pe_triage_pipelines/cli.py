@@ -90,8 +90,8 @@ def _submit(args: argparse.Namespace) -> int:
     from pe_triage_pipelines.client import submit
 
     options, raw = _cluster(args)
-    run_id = submit(args.host, args.pipeline, _arguments(args, _tracking(args, raw), _store(args, raw)), experiment=args.experiment,
-                    run_name=args.run_name, namespace=args.namespace, options=options)
+    run_id = submit(args.host, args.pipeline, _arguments(args, _tracking(args, raw), _store(args, raw)),
+                    experiment=args.experiment, run_name=args.run_name, namespace=args.namespace, options=options)
     print(f"run {run_id}")
     return 0
 
@@ -119,16 +119,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", choices=["onboarding", "retraining"])
-    p.add_argument("--slices-store", help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
+    p.add_argument("--slices-store",
+                   help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
     p.add_argument("--site", nargs="+", action="append", metavar="NAME SOURCE [LABELS]",
                    help="onboarding: a site, its DICOM folder or s3:// prefix and its label manifest (repeat per site)")
     p.add_argument("--config", help="pe-triage YAML configuration; its text becomes the `config` parameter")
-    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
     p.add_argument("--demo-key", action="store_true", help="onboarding: allow the public pseudonym key (synthetic data only)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster-config", help=f"the Helm chart's cluster.yaml (images, GPUs, secret names; default ${CLUSTER_CONFIG_ENV})")
+    p.add_argument("--cluster-config",
+                   help=f"the Helm chart's cluster.yaml (images, GPUs, secret names; default ${CLUSTER_CONFIG_ENV})")
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -162,10 +165,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("schedule", help="create or replace the recurring retraining run (one at a time, no catch-up)")
     p.add_argument("--cron", required=True, help="six-field KFP cron, seconds first, e.g. '0 0 2 * * 0'")
-    p.add_argument("--name", default="pe-triage-retraining", help="recurring run name (an existing one of this name is replaced)")
-    p.add_argument("--slices-store", help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
+    p.add_argument("--name", default="pe-triage-retraining",
+                   help="recurring run name (an existing one of this name is replaced)")
+    p.add_argument("--slices-store",
+                   help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
     p.add_argument("--config", help="pe-triage YAML configuration; its text becomes the `config` parameter")
-    p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", default="",
+                   help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
     _server_args(p)
     p.set_defaults(func=_schedule)
 

@@ -39,7 +39,8 @@ class ClusterOptions:
                                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}, optional=True)
     #: optional: only for a tracking server with authentication
     mlflow: SecretEnv | None = SecretEnv("pe-triage-mlflow", {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                                                              "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}, optional=True)
+                                                              "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
+                                         optional=True)
     #: plain (non-secret) environment of every task, e.g. AWS_ENDPOINT_URL of an S3-compatible store
     env: Mapping[str, str] = field(default_factory=dict)
     accelerator: str = "nvidia.com/gpu"
@@ -73,11 +74,14 @@ class ClusterOptions:
             kw["pseudonym_key"] = SecretEnv(key["name"], {key.get("key", "pseudonym-key"): KEY_ENV})
         if secrets:  # the chart lists exactly the secrets that exist
             s3_secret, ml = secrets.get("s3"), secrets.get("mlflow")
-            kw["s3"] = SecretEnv(s3_secret["name"], {s3_secret["accessKeyIdKey"]: "AWS_ACCESS_KEY_ID",
-                                                     s3_secret["secretAccessKeyKey"]: "AWS_SECRET_ACCESS_KEY"}) if s3_secret else None
-            kw["mlflow"] = SecretEnv(ml["name"], {ml["usernameKey"]: "MLFLOW_TRACKING_USERNAME",
-                                                  ml["passwordKey"]: "MLFLOW_TRACKING_PASSWORD"}) if ml else None
-        kw["env"] = {k: v for k, v in (("AWS_ENDPOINT_URL", s3.get("endpointUrl")), ("AWS_DEFAULT_REGION", s3.get("region"))) if v}
+            kw["s3"] = (SecretEnv(s3_secret["name"], {s3_secret["accessKeyIdKey"]: "AWS_ACCESS_KEY_ID",
+                                                      s3_secret["secretAccessKeyKey"]: "AWS_SECRET_ACCESS_KEY"})
+                        if s3_secret else None)
+            kw["mlflow"] = (SecretEnv(ml["name"], {ml["usernameKey"]: "MLFLOW_TRACKING_USERNAME",
+                                                   ml["passwordKey"]: "MLFLOW_TRACKING_PASSWORD"})
+                            if ml else None)
+        kw["env"] = {k: v for k, v in (("AWS_ENDPOINT_URL", s3.get("endpointUrl")), ("AWS_DEFAULT_REGION", s3.get("region")))
+                     if v}
         return cls(**kw)
 
 
@@ -112,6 +116,7 @@ def gpu_step(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
     for key, value in options.gpu_node_selector.items():
         kubernetes.add_node_selector(task, key, value)
     for toleration in options.gpu_tolerations:
-        kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator"), value=toleration.get("value"),
-                                  effect=toleration.get("effect"), toleration_seconds=toleration.get("tolerationSeconds"))
+        kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator"),
+                                  value=toleration.get("value"), effect=toleration.get("effect"),
+                                  toleration_seconds=toleration.get("tolerationSeconds"))
     return _secrets(_retry(task, options), options, pseudonym_key=False)

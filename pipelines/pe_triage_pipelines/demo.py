@@ -25,10 +25,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from dataclasses import replace
 
 from pe_triage.config import Config, load_config, to_dict
 from pe_triage.evaluation.metrics import format_proportion
@@ -133,7 +132,10 @@ def study_tables(metrics: dict[str, Any]) -> str:
     p = format_proportion
     s1, s2, sc = metrics["slice"]["stage1"], metrics["slice"]["stage2"], metrics["slice"]["cascade"]
     pd_, ppe, pc = metrics["patient"]["disease"], metrics["patient"]["pe"], metrics["patient"]["cascade"]
-    auc = lambda t: f"{t['auroc']['value']:.3f}" if t["auroc"]["value"] is not None else "—"
+
+    def auc(t: dict[str, Any]) -> str:
+        return f"{t['auroc']['value']:.3f}" if t["auroc"]["value"] is not None else "—"
+
     per_slice = _table(["per slice", "accuracy", "sensitivity", "specificity", "AUROC"], [
         ["stage 1: disease vs WNL", p(s1["accuracy"]), p(s1["sensitivity"]), p(s1["specificity"]), auc(s1)],
         ["stage 2: PE vs other", p(s2["accuracy"]), p(s2["sensitivity"]), p(s2["specificity"]), auc(s2)],
@@ -177,7 +179,8 @@ def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dic
         with _captured(data / "kfp.log", terminal):
             with _step(3, f"onboarding pipeline: {len(sites)} sites -> {data / 'slices'}", terminal):
                 run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=data / "kfp")
-            with _step(4, "retraining pipeline: preprocess, split, train x2, calibrate, evaluate, register, gates, promote", terminal):
+            retraining = "retraining pipeline: preprocess, split, train x2, calibrate, evaluate, register, gates, promote"
+            with _step(4, retraining, terminal):
                 run_local("retraining", {**common, "truth": str(data / "cohort" / "truth")}, pipeline_root=data / "kfp")
         with _step(5, "results", terminal):
             result = registry_overview(data / "results", config=config.registry, uri=uri)
@@ -190,7 +193,8 @@ def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dic
         print(f"promotion decision: {result['decision']}")
     print(f"HTML report: {Path(result['evaluation']) / 'report.html'}")
     db = out / "mlflow"
-    ui = uri if external else f"mlflow ui --backend-store-uri sqlite:///{db / 'mlflow.db'} --artifacts-destination {db / 'artifacts'}"
+    ui = (uri if external
+          else f"mlflow ui --backend-store-uri sqlite:///{db / 'mlflow.db'} --artifacts-destination {db / 'artifacts'}")
     print(f"MLflow UI: {ui}")
     print(f"full step logs: {data / 'kfp.log'}")
     return {"registered_version": result["latest"], "champion": aliases.get("champion"), "promoted": promoted,

@@ -24,7 +24,8 @@ def build_onboarding(options: ClusterOptions = ClusterOptions()):
         with dsl.ParallelFor(sites, parallelism=options.parallel_sites, name="sites") as site:
             ingested = io_step(c.ingest(site=site.site, source=site.source, labels=site.labels, store=slices_store,
                                         config=config, demo_key=demo_key), options, cache=False, pseudonym_key=True)
-            io_step(c.data_quality(slices=ingested.outputs["slices"], config=config, tracking_uri=tracking_uri), options, cache=False)
+            io_step(c.data_quality(slices=ingested.outputs["slices"], config=config, tracking_uri=tracking_uri), options,
+                    cache=False)
 
     return onboarding
 

@@ -79,7 +79,8 @@ class StageModel:
         return predict_proba(self.model, windows, batch_size=batch_size, device=device)
 
 
-def predict_proba(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+def predict_proba(model: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 64,
+                  device: str | torch.device = "cpu") -> np.ndarray:
     """Sigmoid of the single logit, batched, in eval mode without gradients (denormals flushed: see
     ``train``)."""
     torch.set_flush_denormal(True)
@@ -121,8 +122,8 @@ def rethreshold(src: str | Path, out: str | Path, threshold: float, operating_po
     """Copy the artifact at ``src`` to ``out`` with a new operating ``threshold`` and the record of how
     it was chosen; the stage's own threshold stays as ``slice_threshold`` (atomic, like ``save_model``)."""
     meta = read_meta(src)
-    meta = {**meta, "format": FORMAT, "slice_threshold": meta.get("slice_threshold", meta["threshold"]), "threshold": float(threshold),
-            "operating_point": operating_point}
+    meta = {**meta, "format": FORMAT, "slice_threshold": meta.get("slice_threshold", meta["threshold"]),
+            "threshold": float(threshold), "operating_point": operating_point}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")

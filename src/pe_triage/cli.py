@@ -20,7 +20,8 @@ def _synth(args: argparse.Namespace) -> int:
     from pe_triage.synth import cohort_overview, generate_cohort
 
     cfg = load_config(args.config).synth
-    overrides = {k: getattr(args, k) for k in ("sites", "patients_per_site", "slices", "size", "seed") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("sites", "patients_per_site", "slices", "size", "seed")
+                 if getattr(args, k) is not None}
     summary = generate_cohort(Path(args.out), replace(cfg, **overrides))
     print(json.dumps(cohort_overview(summary), indent=2))
     return 0
@@ -37,7 +38,8 @@ def _ingest(args: argparse.Namespace) -> int:
         cfg = replace(cfg, strict_labels=True)
     pseudo = Pseudonymizer(load_key(demo=args.demo), args.site)
     report = ingest_site(args.site, args.source, args.out, pseudo=pseudo, labels=args.labels, config=cfg)
-    print(json.dumps({k: report[k] for k in ("site", "files", "duplicates", "quarantine_reasons", "dataset", "timing")}, indent=2))
+    shown = ("site", "files", "duplicates", "quarantine_reasons", "dataset", "timing")
+    print(json.dumps({k: report[k] for k in shown}, indent=2))
     labels = report.get("labels") or {}
     for kind in ("unmatched_rows", "inconsistent_patients"):
         if labels.get(kind):

@@ -1,7 +1,9 @@
 """Configuration: frozen dataclasses with the study's values as documented defaults, loaded from YAML.
 
 Every step reads its section of one :class:`Config`; a YAML file only needs the keys it changes.
-Unknown keys are an error (a typo must not silently fall back to a default).
+Unknown keys are an error (a typo must not silently fall back to a default), and so is a value
+outside a field's ``Literal`` choices: from YAML the message names the key path, and a section
+built in Python checks its choices too (:class:`_Choices`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,50 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+#: the string choices of the sections below, written once: code that needs the list reads it with
+#: ``typing.get_args`` (e.g. ``evaluation.metrics.RULES``)
+LesionPresetName = Literal["realistic", "conspicuous"]
+CropMode = Literal["dynamic", "series", "fixed"]
+Fusion = Literal["branches", "shared", "stacked"]
+Pooling = Literal["avg", "max", "avgmax"]
+Imbalance = Literal["sampler", "weight", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+PatientRule = Literal["any", "k_consecutive", "top_k_mean"]
+#: "exclude", or one of the cascade's classes (``schema.Label``: wnl, other, pe)
+IndeterminateMode = Literal["exclude", "wnl", "other", "pe"]
+OperatingLevel = Literal["patient", "slice"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+def _check_choice(tp: Any, value: Any, where: str) -> None:
+    """``value`` must be one of the ``Literal`` ``tp``'s values (of the same type: ``True`` is not ``1``)."""
+    allowed = typing.get_args(tp)
+    if not any(value == a and type(value) is type(a) for a in allowed):
+        raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+
+
+def _literal_fields(cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` typed ``Literal[...]`` (annotations are strings here: resolved first)."""
+    return {name: tp for name, tp in typing.get_type_hints(cls).items() if typing.get_origin(tp) is Literal}
+
+
+class _Choices:
+    """Base of the sections with ``Literal`` fields: a section built in Python (or by
+    ``dataclasses.replace``) with a value outside the choices fails at once, not in the step that
+    reads it."""
+
+    def __post_init__(self) -> None:
+        for name, tp in _literal_fields(type(self)).items():
+            _check_choice(tp, getattr(self, name), f"{type(self).__name__}.{name}")
 
 
 @dataclass(frozen=True)
@@ -41,7 +82,7 @@ class LesionVisibility:
 
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(_Choices):
     """Synthetic chest-CT cohort (CTPA-like) used by the demo and the tests.
 
     Defaults: 512 px axial slices as a clinical scanner writes them; class mix close to the study's
@@ -67,7 +108,7 @@ class SynthConfig:
     #: "realistic" (the mix a CTPA service sees, down to small segmental clots and 5 mm nodules) or
     #: "conspicuous" (central and lobar clots, large nodules and effusions, dense ground glass: a
     #: cohort a small model can learn from in minutes)
-    lesions: str = "realistic"
+    lesions: LesionPresetName = "realistic"
     #: per lesion kind, the smallest cross-section that gets a slice its label (else indeterminate)
     min_visible_area_mm2: LesionVisibility = field(default_factory=LesionVisibility)
 
@@ -109,12 +150,12 @@ class WindowConfig:
 
 
 @dataclass(frozen=True)
-class CropConfig:
+class CropConfig(_Choices):
     """Dynamic lung crop (the study's method); thresholds checked on the LIDC series and the
     synthetic cohort (every lung pixel kept, most outside air cut)."""
 
     #: dynamic (per slice, the study), series (one box per series, union over its slices), fixed (baseline)
-    mode: str = "dynamic"
+    mode: CropMode = "dynamic"
     #: a pooled block whose mean HU is below this is lung or air
     lung_hu: float = -400.0
     #: mean HU of a lung region (pure air, ~-1000, is bowel gas or an airway)
@@ -177,7 +218,7 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Choices):
     """The study's CBAMDRN (DRN-D-54 with CBAM on every residual block), one branch per window.
     ``width`` scales every layer's channels: 1.0 is the study's model (a GPU model: ~3 images/s on
     a 2-core CPU); small widths keep the same design for CPU tests and the demo."""
@@ -189,17 +230,17 @@ class ModelConfig:
     min_channels: int = 16
     #: "branches" (one per window, the study), "shared" (one branch for every window) or "stacked"
     #: (one branch, windows as input channels)
-    fusion: str = "branches"
+    fusion: Fusion = "branches"
     #: global pooling before the head: "avg" (the study's DRN head), "max" or "avgmax" (both,
     #: concatenated: max pooling keeps a one-cell finding that averaging dilutes; not yet shown
     #: to train better here, so the study's head stays the default)
-    pooling: str = "avg"
+    pooling: Pooling = "avg"
     #: one logit: P(disease) in stage 1, P(PE) in stage 2
     num_outputs: int = 1
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Choices):
     """One stage's training run. Defaults: DWL input (the study's best), AdamW + cosine schedule,
     early stopping on validation AUROC, threshold for 95% validation sensitivity."""
 
@@ -215,7 +256,7 @@ class TrainConfig:
     #: stop after this many epochs without a better validation metric (0 = never)
     patience: int = 6
     #: class imbalance: "sampler" (balanced sampling), "weight" (positive-class loss weight) or "none"
-    imbalance: str = "sampler"
+    imbalance: Imbalance = "sampler"
     #: training samples per epoch (default: the training split's size)
     samples_per_epoch: int | None = None
     #: the stage's own threshold is the highest that keeps this validation slice sensitivity (a missed
@@ -226,7 +267,7 @@ class TrainConfig:
     #: DataLoader worker processes (0 = load in the training process)
     num_workers: int = 2
     #: "auto" (CUDA when present), "cpu" or "cuda"
-    device: str = "auto"
+    device: Device = "auto"
     #: bf16 autocast on CUDA (ignored on CPU)
     amp: bool = True
     #: channels_last memory format on CUDA (CPU builds here crash on it in training)
@@ -236,11 +277,11 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Choices):
     """Evaluation: the study's per-patient rule (any positive slice) plus the alternatives."""
 
     #: "any" (the study), "k_consecutive" (k positive slices in a row) or "top_k_mean"
-    patient_rule: str = "any"
+    patient_rule: PatientRule = "any"
     k: int = 2
     #: bootstrap resamples of patients for AUROC confidence intervals
     bootstrap: int = 1000
@@ -249,7 +290,7 @@ class EvalConfig:
     #: indeterminate slices in the slice metrics: "exclude" (no one can say what the model should
     #: answer there) or "wnl" / "other" / "pe" to score them as that class (a sensitivity analysis);
     #: counted either way, and always part of their patient's decision
-    indeterminate: str = "exclude"
+    indeterminate: IndeterminateMode = "exclude"
     #: Grad-CAM overlays per category (true positive, false positive, false negative) and stage
     gradcam_per_category: int = 4
     #: pointing game: a map's peak counts as on the lesion within this many model-input pixels (one
@@ -261,7 +302,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class OperatingPointConfig:
+class OperatingPointConfig(_Choices):
     """Where the triage's two thresholds sit (``evaluation.operating_point``). The decision is per
     exam, so by default they are chosen on the validation patients, under ``evaluate``'s patient rule:
     a slice-level target (``train.target_sensitivity``) spends specificity on every slice of a scan.
@@ -270,7 +311,7 @@ class OperatingPointConfig:
     of the cascade as PE (the study's sensitivity target, moved from slices to exams)."""
 
     #: "patient" (chosen on the validation exams) or "slice" (keep each stage's own threshold)
-    level: str = "patient"
+    level: OperatingLevel = "patient"
     patient_disease_sensitivity: float = 0.95
     patient_pe_sensitivity: float = 0.95
 
@@ -329,21 +370,20 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
-class ConfigError(ValueError):
-    """A configuration file or value is invalid; the message names the key."""
-
-
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, where)
+        return _coerce(options[0], value, where)
+    if origin is Literal:
+        _check_choice(tp, value, where)
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -352,7 +392,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

@@ -250,7 +250,7 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         """
         out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=self.shape)
         ends = np.cumsum([int(sel.mask.sum()) for sel in selections])
-        ranges = [out[end - int(sel.mask.sum()) : end] for sel, end in zip(selections, ends)]
+        ranges = [out[end - int(sel.mask.sum()) : end] for sel, end in zip(selections, ends, strict=True)]
         with ThreadPoolExecutor(max_workers=min(len(selections), os.cpu_count() or 1)) as pool:
             list(pool.map(_copy_selected, selections, ranges, [channels] * len(selections)))
         out.flush()

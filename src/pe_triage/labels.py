@@ -120,7 +120,8 @@ def load_manifest(text: str, pseudo: Pseudonymizer) -> Manifest:
             scope = pseudo("series", values[M_SERIES_UID]) if values[M_SERIES_UID] else pseudo("study", values[M_STUDY_UID])
             key, table = (scope, number), manifest.by_instance
         else:
-            errors.append(f"row {i}: a slice label needs {M_SOP_UID}, or {M_INSTANCE_NUMBER} with {M_SERIES_UID} or {M_STUDY_UID}")
+            errors.append(f"row {i}: a slice label needs {M_SOP_UID}, or {M_INSTANCE_NUMBER} with {M_SERIES_UID} "
+                          f"or {M_STUDY_UID}")
             continue
         if key in table:
             errors.append(f"row {i}: the same slice is labelled again (first on row {table[key].row})")

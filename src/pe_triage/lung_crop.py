@@ -71,7 +71,8 @@ def find_lung_box(hu: np.ndarray, spacing_mm: tuple[float, float], config: CropC
     # max-pool of the tissue mask over exactly each block (a wider footprint would thicken cables
     # and blanket folds into rings that enclose air)
     small = (mean_hu.shape[1], mean_hu.shape[0])
-    tissue = (cv2.resize(cv2.compare(hu, TISSUE_HU, cv2.CMP_GT), small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    above = cv2.compare(hu, TISSUE_HU, cv2.CMP_GT)  # type: ignore[call-overload]  # cv2's stubs omit a scalar src2
+    tissue = (cv2.resize(above, small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
 
     # flood the non-tissue from a 1-pixel frame: what it reaches is the air around the patient
     framed = cv2.copyMakeBorder(tissue, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
@@ -95,7 +96,8 @@ def find_lung_box(hu: np.ndarray, spacing_mm: tuple[float, float], config: CropC
             continue
         region_mean = cv2.mean(mean_hu, mask=(labels == i).astype(np.uint8))[0]
         if lo <= region_mean <= hi:
-            box = _stats_box(stats, i) if box is None else box.union(_stats_box(stats, i))
+            found = _stats_box(stats, int(i))
+            box = found if box is None else box.union(found)
     if box is None:
         return LungBox(body_box, lung_found=False)
     box = _scale(box, f, rows, cols)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pe_triage import schema as S
 from pe_triage.artifact import ModelMeta, StageModel, load_model
-from pe_triage.config import EvalConfig, IngestConfig, PreprocessConfig, WindowConfig, from_dict
+from pe_triage.config import EvalConfig, IngestConfig, PatientRule, PreprocessConfig, WindowConfig, from_dict
 from pe_triage.dicom import Pseudonymizer
 from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_decisions
 from pe_triage.ingest import ingest_site
@@ -65,7 +65,7 @@ class PredictError(ValueError):
 class DecisionRule:
     """The per-patient rule (``EvalConfig.patient_rule`` and ``k``) applied to each study."""
 
-    rule: str = "any"
+    rule: PatientRule = "any"
     k: int = 2
 
     def __post_init__(self) -> None:

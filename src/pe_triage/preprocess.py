@@ -35,7 +35,6 @@ from pe_triage.windows import PRESETS, Window, window_to_uint8
 #: HU range a CT scanner reconstructs; values outside are reported (they are clipped by the windows)
 CT_HU_RANGE = (-1024, 3071)
 _READ_COLUMNS = [*S.WINDOWS_KEYS, S.ROWS, S.COLS, S.PIXEL_SPACING_ROW, S.PIXEL_SPACING_COL, S.HU]
-_CROP_MODES = ("dynamic", "series", "fixed")
 
 
 class PreprocessError(ValueError):
@@ -55,8 +54,6 @@ def resolve_windows(config: PreprocessConfig) -> list[Window]:
     unknown = [n for n in config.windows if n not in custom and n not in PRESETS]
     if unknown or not config.windows:
         raise PreprocessError(f"unknown window(s) {unknown}; presets: {sorted(PRESETS)}, custom: {sorted(custom)}")
-    if config.crop.mode not in _CROP_MODES:
-        raise PreprocessError(f"crop.mode {config.crop.mode!r} is not one of {_CROP_MODES}")
     return [custom.get(n) or PRESETS[n] for n in config.windows]
 
 
@@ -72,7 +69,8 @@ def slice_box(hu: np.ndarray, spacing: tuple[float, float], config: PreprocessCo
     A fixed crop does not look for lungs; it reports ``lung_found`` True."""
     crop = config.crop
     if crop.mode == "fixed":
-        return LungBox(fixed_box(*hu.shape, crop.fixed_height_fraction, crop.fixed_width_fraction), lung_found=True)
+        rows, cols = hu.shape
+        return LungBox(fixed_box(rows, cols, crop.fixed_height_fraction, crop.fixed_width_fraction), lung_found=True)
     return find_lung_box(hu, spacing, crop)
 
 
@@ -188,7 +186,8 @@ def process_series(job: SeriesJob) -> SeriesResult:
             hu = _hu(row)
             lo, hi = int(hu.min()), int(hu.max())
             if lo < CT_HU_RANGE[0] or hi > CT_HU_RANGE[1]:
-                result.warnings.append(f"{job.series_uid} slice {row[S.SLICE_INDEX]}: HU {lo}..{hi} outside {CT_HU_RANGE} (clipped by the windows)")
+                result.warnings.append(f"{job.series_uid} slice {row[S.SLICE_INDEX]}: HU {lo}..{hi} outside {CT_HU_RANGE} "
+                                       "(clipped by the windows)")
             try:
                 found = window_slice(hu, _spacing(row), cfg, windows, stack[len(batch)], union=union, patch=patch)
             except NoBodyError:
@@ -238,7 +237,8 @@ def preprocess(slices: str, out: str, *, config: PreprocessConfig = PreprocessCo
     pool = start_pool(workers)
     try:
         src, dst = location(slices), location(out)
-        files = [f"{src.root}/{rel}" for rel, _ in src.list_files() if rel.startswith(f"{S.SITE}=") and rel.endswith(".parquet") and rel.count("/") == 1]
+        files = [f"{src.root}/{rel}" for rel, _ in src.list_files()
+                 if rel.startswith(f"{S.SITE}=") and rel.endswith(".parquet") and rel.count("/") == 1]
         if not files:
             raise PreprocessError(f"{slices}: no slices files (site=<site>/<series>.parquet)")
         config_json = json.dumps(to_dict(config) | {"workers": None}, sort_keys=True)
@@ -285,7 +285,8 @@ def preprocess(slices: str, out: str, *, config: PreprocessConfig = PreprocessCo
         "slices_skipped": [s for r in results for s in r.skipped],
         "labels_written": dict(sorted(labels.items())),
         "warnings": warnings,
-        "timing": {"workers": workers, "seconds": round(seconds, 3), "slices_per_s": round(written / seconds, 1) if seconds else None},
+        "timing": {"workers": workers, "seconds": round(seconds, 3),
+                   "slices_per_s": round(written / seconds, 1) if seconds else None},
     }
     dst.write_bytes(dst.join("_reports", "preprocess_report.json"), json.dumps(report, indent=2).encode())
     return report

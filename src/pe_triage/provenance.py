@@ -64,7 +64,8 @@ def parquet_dataset_digest(uri: str, subfolder: str | None = None) -> tuple[str,
     """
     loc = location(uri)
     root = loc.join(subfolder) if subfolder else loc.root
-    files = [rel for rel, _ in loc.list_files(root) if rel.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel.split("/"))]
+    files = [rel for rel, _ in loc.list_files(root)
+             if rel.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel.split("/"))]
     if not files:
         raise ValueError(f"{uri}{f' {subfolder}' if subfolder else ''}: no Parquet files to digest")
     h, rows = hashlib.sha256(), 0

@@ -87,7 +87,7 @@ def _summary(values: np.ndarray) -> dict[str, Any]:
                            **{f"p{q}": float(np.percentile(values, q)) for q in (5, 50, 95)}, "max": float(values.max())}
     distinct, counts = np.unique(values.round(3), return_counts=True)
     if distinct.size <= _FEW_VALUES:
-        out["values"] = {f"{v:g}": int(c) for v, c in zip(distinct, counts)}
+        out["values"] = {f"{v:g}": int(c) for v, c in zip(distinct, counts, strict=True)}
     return out
 
 
@@ -97,7 +97,7 @@ def _counts(values: list[Any]) -> dict[str, int]:
 
 def _feature(table: pa.Table, name: str) -> list[Any]:
     if name == "matrix":
-        return [f"{r}x{c}" for r, c in zip(table[S.ROWS].to_pylist(), table[S.COLS].to_pylist())]
+        return [f"{r}x{c}" for r, c in zip(table[S.ROWS].to_pylist(), table[S.COLS].to_pylist(), strict=True)]
     return table[name].to_pylist()
 
 
@@ -140,7 +140,8 @@ def hu_sample(loc: Location, site: str, table: pa.Table, *, slices: int = HU_SAM
         return np.empty(0, np.int16), 0
     picks = np.unique(np.linspace(0, rows.num_rows - 1, min(slices, rows.num_rows)).round().astype(int))
     wanted: dict[str, set[int]] = {}
-    for series, index in zip(pc.take(rows[S.SERIES_UID], picks).to_pylist(), pc.take(rows[S.SLICE_INDEX], picks).to_pylist()):
+    picked = (pc.take(rows[S.SERIES_UID], picks).to_pylist(), pc.take(rows[S.SLICE_INDEX], picks).to_pylist())
+    for series, index in zip(*picked, strict=True):
         wanted.setdefault(series, set()).add(index)
     parts = []
     for series, indices in sorted(wanted.items()):
@@ -148,7 +149,8 @@ def hu_sample(loc: Location, site: str, table: pa.Table, *, slices: int = HU_SAM
             parquet = pq.ParquetFile(f)
             positions = parquet.read(columns=[S.SLICE_INDEX])[S.SLICE_INDEX].to_numpy()
             bounds = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-            groups = sorted({int(np.searchsorted(bounds, p, side="right") - 1) for p in np.flatnonzero(np.isin(positions, list(indices)))})
+            groups = sorted({int(np.searchsorted(bounds, p, side="right") - 1)
+                             for p in np.flatnonzero(np.isin(positions, list(indices)))})
             part = parquet.read_row_groups(groups, columns=[S.SLICE_INDEX, S.ROWS, S.COLS, S.HU])
         for row in part.to_pylist():
             if row[S.SLICE_INDEX] in indices:
@@ -164,7 +166,7 @@ def _hu_summary(values: np.ndarray, n_slices: int) -> dict[str, Any]:
         "sampled_pixels": int(values.size),
         "mean": round(float(values.mean()), 1),
         "std": round(float(values.std()), 1),
-        "percentiles": {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))},
+        "percentiles": {f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True)},
         "histogram": {"edges": [float(e) for e in HU_EDGES], "counts": np.histogram(values, HU_EDGES)[0].tolist()},
     }
 
@@ -224,7 +226,8 @@ def site_report(uri: str, site: str, *, hu_slices: int = HU_SAMPLE_SLICES) -> di
         },
         "acquisition": {
             "pixel_spacing_mm": _summary(mine[S.PIXEL_SPACING_ROW].to_numpy(zero_copy_only=False).astype(float)),
-            "slice_thickness_mm": _summary(np.array([v if v is not None else np.nan for v in mine[S.SLICE_THICKNESS].to_pylist()], float)),
+            "slice_thickness_mm": _summary(np.array([v if v is not None else np.nan for v in mine[S.SLICE_THICKNESS].to_pylist()],
+                                                    float)),
             "kvp": _summary(np.array([v if v is not None else np.nan for v in mine[S.KVP].to_pylist()], float)),
             "manufacturer": _counts(mine[S.MANUFACTURER].to_pylist()),
             "model": _counts(mine[S.MODEL].to_pylist()),
@@ -272,7 +275,8 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------ rendering
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""]
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -280,12 +284,14 @@ def to_markdown(report: dict[str, Any]) -> str:
     c, bal, acq, hu, drift = report["counts"], report["class_balance"], report["acquisition"], report["hu"], report["drift"]
     files = c["files_latest_ingest"] or {}
     lines = [f"# Data quality: {report['site']}", "",
-             f"Dataset `{report['dataset']}`, site digest `{report['version']['digest'][:16]}`, pe-triage {report['pe_triage_version']}.", ""]
+             f"Dataset `{report['dataset']}`, site digest `{report['version']['digest'][:16]}`, "
+             f"pe-triage {report['pe_triage_version']}.", ""]
     if report["warnings"]:
         lines += ["**Warnings**", "", *(f"- {w}" for w in report["warnings"]), ""]
-    lines += ["## Counts", ""] + _table(["patients", "studies", "series", "slices", "files seen", "ingested", "duplicates", "quarantined"],
-                                       [[c["patients"], c["studies"], c["series"], c["slices"], files.get("seen", "-"),
-                                         files.get("ingested", "-"), files.get("duplicates", "-"), files.get("quarantined", "-")]])
+    lines += ["## Counts", ""] + _table(
+        ["patients", "studies", "series", "slices", "files seen", "ingested", "duplicates", "quarantined"],
+        [[c["patients"], c["studies"], c["series"], c["slices"], files.get("seen", "-"), files.get("ingested", "-"),
+          files.get("duplicates", "-"), files.get("quarantined", "-")]])
     if report["quarantine"]:
         lines += ["## Quarantine reasons", ""] + _table(["reason", "files"], [[k, v] for k, v in report["quarantine"].items()])
     lines += ["## Class balance", ""] + _table(["", *_CLASSES, "unlabelled"], [
@@ -293,8 +299,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         ["patients", *(bal["patients"][k] for k in _CLASSES), bal["patients_excluded_unlabelled"]]])
     lines += ["## Acquisition", ""] + _table(["feature", "distribution"], [
         *([k, ", ".join(f"{v} ({n})" for v, n in acq[k].get("values", {}).items()) or
-           f"{acq[k].get('p5')} – {acq[k].get('p95')} (median {acq[k].get('p50')})"] for k in ("pixel_spacing_mm", "slice_thickness_mm", "kvp")),
-        *([k, ", ".join(f"{v} ({n})" for v, n in acq[k].items())] for k in ("manufacturer", "model", "kernel", "matrix", "contrast", "transfer_syntax"))])
+           f"{acq[k].get('p5')} – {acq[k].get('p95')} (median {acq[k].get('p50')})"]
+          for k in ("pixel_spacing_mm", "slice_thickness_mm", "kvp")),
+        *([k, ", ".join(f"{v} ({n})" for v, n in acq[k].items())]
+          for k in ("manufacturer", "model", "kernel", "matrix", "contrast", "transfer_syntax"))])
     if hu.get("percentiles"):
         lines += [f"## HU ({hu['sampled_slices']} sampled slices)", ""] + _table(
             [*hu["percentiles"], "mean", "std"], [[*(f"{v:g}" for v in hu["percentiles"].values()), hu["mean"], hu["std"]]])

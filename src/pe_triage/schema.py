@@ -44,7 +44,7 @@ SOURCE_SHA256 = "source_sha256"
 LABEL = "label"
 
 
-class Label(str, enum.Enum):
+class Label(enum.StrEnum):
     """Per-slice class. Slices of a labelled patient that the manifest does not list are WNL."""
 
     WNL = "wnl"
@@ -170,7 +170,7 @@ def windows_shape(field: pa.Field) -> tuple[int, int, int]:
     shape = json.loads((field.metadata or {}).get(b"shape", b"null"))
     if not shape or len(shape) != 3:
         raise ValueError(f"column {field.name!r} has no [n_windows, H, W] shape in its metadata")
-    return tuple(shape)  # type: ignore[return-value]
+    return tuple(shape)
 
 
 def windows_array(stack: np.ndarray) -> pa.Array:
@@ -254,7 +254,7 @@ REASON = "reason"
 DETAIL = "detail"
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Why a source file was not ingested. Every file seen is ingested, a duplicate, or one of these."""
 
     EMPTY_FILE = "empty_file"

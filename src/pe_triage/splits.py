@@ -57,7 +57,8 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
 def check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
     """The ratios as a 3-tuple, or :class:`SplitError` unless they are three positive finite numbers."""
     values = tuple(ratios)
-    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+    if len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                                   for v in values):
         raise SplitError(f"ratios {values!r}: expected three positive numbers as train:val:test, e.g. 5:3:2")
     return values[0], values[1], values[2]
 
@@ -120,15 +121,16 @@ def _apportion(n: int, shares: Sequence[Fraction], carry: list[Fraction]) -> lis
     """Largest-remainder counts for ``n`` patients; ``carry`` (rounding owed so far) is updated."""
     quotas = [n * s for s in shares]
     counts = [math.floor(q) for q in quotas]
-    priority = [q - c + d for q, c, d in zip(quotas, counts, carry)]
+    priority = [q - c + d for q, c, d in zip(quotas, counts, carry, strict=True)]
     for j in sorted(range(len(shares)), key=lambda j: (-priority[j], j))[: n - sum(counts)]:
         counts[j] += 1
-    for j, (q, c) in enumerate(zip(quotas, counts)):
+    for j, (q, c) in enumerate(zip(quotas, counts, strict=True)):
         carry[j] += q - c
     return counts
 
 
-def _allocate(patients: list[tuple[str, str, str]], ratios: Sequence[float], names: Sequence[str], seed: int) -> dict[tuple[str, str], str]:
+def _allocate(patients: list[tuple[str, str, str]], ratios: Sequence[float], names: Sequence[str],
+              seed: int) -> dict[tuple[str, str], str]:
     """(site, patient_id, class) -> split name, stratified by (site, class)."""
     total = sum(Fraction(r) for r in ratios)
     shares = [Fraction(r) / total for r in ratios]
@@ -142,7 +144,7 @@ def _allocate(patients: list[tuple[str, str, str]], ratios: Sequence[float], nam
             ids = sorted(strata[cls][site])
             ids = [ids[i] for i in _stratum_rng(seed, site, cls).permutation(len(ids))]
             start = 0
-            for name, count in zip(names, _apportion(len(ids), shares, carry)):
+            for name, count in zip(names, _apportion(len(ids), shares, carry), strict=True):
                 out.update({(site, pid): name for pid in ids[start : start + count]})
                 start += count
     return out
@@ -152,7 +154,7 @@ def _patient_rows(patients: pa.Table) -> list[tuple[str, str, str]]:
     for name in (S.SITE, S.PATIENT_ID, S.PATIENT_CLASS):
         if name not in patients.column_names:
             raise SplitError(f"patient table has no {name!r} column")
-    rows = list(zip(*(patients[c].to_pylist() for c in (S.SITE, S.PATIENT_ID, S.PATIENT_CLASS))))
+    rows = list(zip(*(patients[c].to_pylist() for c in (S.SITE, S.PATIENT_ID, S.PATIENT_CLASS)), strict=True))
     if not rows:
         raise SplitError("no labelled patients to split")
     bad = sorted({str(cls) for _, _, cls in rows if cls not in CLASSES})
@@ -253,7 +255,7 @@ def _counts(splits: pa.Table) -> dict[str, dict[str, dict[str, Any]]]:
     """fold -> split -> {patients, classes: {class: n}, sites: {site: n}}."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     columns = (S.FOLD, S.SPLIT, S.SITE, S.PATIENT_CLASS)
-    for fold, split, site, cls in zip(*(splits[c].to_pylist() for c in columns)):
+    for fold, split, site, cls in zip(*(splits[c].to_pylist() for c in columns), strict=True):
         entry = out.setdefault(fold, {}).setdefault(split, {"patients": 0, "classes": dict.fromkeys(CLASSES, 0), "sites": {}})
         entry["patients"] += 1
         entry["classes"][cls] = entry["classes"].get(cls, 0) + 1

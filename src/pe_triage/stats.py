@@ -106,7 +106,7 @@ def bootstrap_ranking(y: np.ndarray, score: np.ndarray, groups: np.ndarray, *, r
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     point = _point(y, score)
     out: dict[str, dict[str, Any]] = {name: {"value": v, "ci": None, "n_pos": n_pos, "n_neg": n_neg, "resamples": 0}
-           for name, v in zip(("auroc", "auprc"), point)}
+           for name, v in zip(("auroc", "auprc"), point, strict=True)}
     if n_pos == 0 or n_neg == 0 or resamples <= 0:
         return out
     a_pos, a_neg = _group_matrices(y, score, groups)

@@ -64,7 +64,7 @@ def window_channels(available: Sequence[Window], wanted: Sequence[str | Window])
     if len(set(wanted_names)) != len(wanted_names):
         raise ValueError(f"a window is wanted twice: {wanted_names}")
     channels = [names.index(n) for n in wanted_names]
-    for w, c in zip(wanted, channels):
+    for w, c in zip(wanted, channels, strict=True):
         if isinstance(w, Window) and available[c] != w:
             raise ValueError(f"window {w.name!r} is defined differently: {w.lo:g}..{w.hi:g} HU wanted, "
                              f"{available[c].lo:g}..{available[c].hi:g} HU available")

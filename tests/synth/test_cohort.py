@@ -158,7 +158,7 @@ def test_geometry_and_instance_order(headers: dict[str, list[pydicom.Dataset]]) 
             step = float(slices[0].SpacingBetweenSlices)
             assert np.allclose(np.diff(z), step, atol=0.02)
             assert 1.0 <= float(slices[0].SliceThickness) <= 5.0
-            assert all(float(ds.SliceLocation) == zi for ds, zi in zip(slices, z))
+            assert all(float(ds.SliceLocation) == zi for ds, zi in zip(slices, z, strict=True))
             numbers = [int(ds.InstanceNumber) for ds in slices]
             assert sorted(numbers) == list(range(1, len(slices) + 1))
             descending = numbers == sorted(numbers, reverse=True)
@@ -197,7 +197,7 @@ def test_truth_rows_describe_the_files(cohort: tuple[Path, CohortSummary], heade
     for s in summary.sites:
         rows = {r[schema.M_SOP_UID]: r for r in truth[s.name]}
         assert len(rows) == len(s.files)
-        for f, ds in zip(s.files, headers[s.name]):
+        for f, ds in zip(s.files, headers[s.name], strict=True):
             row = rows[ds.SOPInstanceUID]
             assert row[schema.SOURCE_SHA256] == hashlib.sha256(f.read_bytes()).hexdigest()
             assert row[schema.Z_MM] == float(ds.ImagePositionPatient[2])

@@ -254,12 +254,12 @@ def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool) -> Slice
         sop_uid=sop,
         uids_derived=derived,
         instance_number=instance_number,
-        position=position,  # type: ignore[arg-type]
-        orientation=orientation,  # type: ignore[arg-type]
+        position=position,
+        orientation=orientation,
         z_mm=float(np.dot(normal, position)),
         rows=int(ds.Rows),
         cols=int(ds.Columns),
-        spacing=spacing,  # type: ignore[arg-type]
+        spacing=spacing,
         slice_thickness=_float(ds, "SliceThickness"),
         manufacturer=_text(ds, "Manufacturer"),
         model=_text(ds, "ManufacturerModelName"),

@@ -12,6 +12,7 @@ import io
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.filereader import data_element_generator
 
 from pe_triage.dicom.header import Rejected, SliceHeader
@@ -40,6 +41,8 @@ def _native(data: bytes, header: SliceHeader) -> np.ndarray:
         elem = next(data_element_generator(buf, implicit, True, defer_size=0))
     except (StopIteration, EOFError, ValueError) as exc:
         raise Rejected(Reason.TRUNCATED, f"pixel data element unreadable ({type(exc).__name__})") from None
+    if not isinstance(elem, RawDataElement):  # pydicom parses an element of undefined length itself
+        raise Rejected(Reason.UNDECODABLE, "native pixel data of undefined length")
     expected = header.rows * header.cols * 2
     available = min(elem.length, len(data) - elem.value_tell)
     if available < expected:

@@ -82,19 +82,20 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
             x = torch.from_numpy(uint8_to_centred(image))[None]
             cam = grad_cam(model.model, x)[0]
             mask = None if masks is None else masks.get(int(row.index))
-            has_lesion = mask is not None and bool(mask.any())
-            fraction = max((inside_fraction(c, mask) or 0.0) for c in cam) if has_lesion else None
-            on_lesion = any(peak_on_lesion(c, mask, tolerance) for c in cam) if has_lesion else None
+            lesion = mask if mask is not None and mask.any() else None
+            fraction = max((inside_fraction(c, lesion) or 0.0) for c in cam) if lesion is not None else None
+            on_lesion = any(peak_on_lesion(c, lesion, tolerance) for c in cam) if lesion is not None else None
             path = folder / f"stage{stage}-{row.category}-{n:02d}.png"
-            overlay_png(image, cam, path, mask=mask if has_lesion else None, titles=model.meta.window_names,
+            overlay_png(image, cam, path, mask=lesion, titles=model.meta.window_names,
                         caption=f"stage {stage} {row.category}: {row.site}, slice {row.slice_index}, label {row.label}")
             items.append({"stage": stage, "category": row.category, "png": str(path), "inside_fraction": fraction,
-                          "lesion_area_fraction": float(mask.mean()) if has_lesion else None, "peak_on_lesion": on_lesion,
-                          "site": row.site, "slice_index": int(row.slice_index)})
+                          "lesion_area_fraction": float(lesion.mean()) if lesion is not None else None,
+                          "peak_on_lesion": on_lesion, "site": row.site, "slice_index": int(row.slice_index)})
     return items
 
 
-def _open_split(models: dict[int, StageModel], windows: str, splits: str, split: str, fold: str, config: Config) -> WindowsDataset:
+def _open_split(models: dict[int, StageModel], windows: str, splits: str, split: str, fold: str,
+                config: Config) -> WindowsDataset:
     """Every slice of ``split`` (indeterminate ones included) with the windows both models read."""
     for stage, model in models.items():
         if model.meta.stage != stage:
@@ -136,15 +137,15 @@ def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]],
     ev = config.evaluate
     out = {}
     for stage, model in models.items():
-        tp = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold, per_category=ev.gradcam_localisation,
-                             seed=ev.seed).query("category == 'tp'")
+        tp = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold,
+                             per_category=ev.gradcam_localisation, seed=ev.seed).query("category == 'tp'")
         rows = [int(i) for i in tp["index"] if int(i) in masks and masks[int(i)].any()]
         hits, inside, area, blank = [], [], [], 0
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
             images = np.stack([np.asarray(ds.array[i])[channels[stage]] for i in chunk])
             cams = grad_cam(model.model, torch.from_numpy(uint8_to_centred(images)))
-            for i, cam in zip(chunk, cams):
+            for i, cam in zip(chunk, cams, strict=True):
                 blank += int(not cam.any())
                 hits.append(any(peak_on_lesion(c, masks[i], ev.gradcam_pointing_tolerance_px) for c in cam))
                 inside.append(max(inside_fraction(c, masks[i]) or 0.0 for c in cam))
@@ -179,8 +180,10 @@ def evaluate(
         t1, t2 = models[1].meta.threshold, models[2].meta.threshold
         metrics = evaluate_predictions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config.evaluate)
         metrics["test_data"] = {"windows_digest": dataset_digest(windows), "splits_digest": file_digest(splits), "split": split,
-                                "fold": fold, "slices": len(pred), "patients": int(pred[[S.SITE, S.PATIENT_ID]].drop_duplicates().shape[0])}
-        kept = ("model", "threshold", "target_sensitivity", "operating_point", "val", "git_commit", "config_hash", "mlflow_run_id", "data")
+                                "fold": fold, "slices": len(pred),
+                                "patients": int(pred[[S.SITE, S.PATIENT_ID]].drop_duplicates().shape[0])}
+        kept = ("model", "threshold", "target_sensitivity", "operating_point", "val", "git_commit", "config_hash",
+                "mlflow_run_id", "data")
         metrics["models"] = {S.STAGES[s].name: {k: m.meta.raw.get(k) for k in kept} for s, m in models.items()}
         masks = None
         if truth is not None:
@@ -238,7 +241,8 @@ def summarize_site_folds(evaluations: list[str], out: str) -> dict[str, Any]:
 
 
 def _predict(model: StageModel, array: np.ndarray, channels: list[int], batch: int = 256) -> np.ndarray:
-    return np.concatenate([model.predict_proba(np.asarray(array[i : i + batch])[:, channels]) for i in range(0, len(array), batch)])
+    return np.concatenate([model.predict_proba(np.asarray(array[i : i + batch])[:, channels])
+                           for i in range(0, len(array), batch)])
 
 
 def synthetic_cohort(truth: str) -> dict[str, Any]:

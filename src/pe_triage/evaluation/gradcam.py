@@ -49,7 +49,7 @@ def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0) -> np.ndarray:
             h.remove()
         model.train(was_training)
     maps = []
-    for feat, grad in zip(captured, grads):
+    for feat, grad in zip(captured, grads, strict=True):
         weights = grad.mean((2, 3), keepdim=True)
         cam = F.relu((weights * feat).sum(1, keepdim=True)).detach()
         maps.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False))

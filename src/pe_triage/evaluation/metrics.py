@@ -67,6 +67,7 @@ AUROC's bootstrap interval (None without one), what the discrimination gates jud
 from __future__ import annotations
 
 import math
+import typing
 from statistics import NormalDist
 from typing import Any
 
@@ -74,7 +75,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from pe_triage.config import EvalConfig
+from pe_triage.config import EvalConfig, PatientRule
 from pe_triage.schema import P_DISEASE, P_PE, PREDICTION_COLUMNS, STAGES, Label, patient_class
 from pe_triage.stats import bootstrap_ranking
 
@@ -85,9 +86,8 @@ _WNL, _OTHER, _PE = CLASSES
 INDETERMINATE = Label.INDETERMINATE.value
 #: every label a prediction row may carry
 LABELS = (*CLASSES, INDETERMINATE)
-#: values of ``EvalConfig.indeterminate``: leave indeterminate slices out of the slice tables, or score them as a class
-INDETERMINATE_MODES = ("exclude", *CLASSES)
-RULES = ("any", "k_consecutive", "top_k_mean")
+#: the patient rules (``EvalConfig.patient_rule``), for code that takes a rule from elsewhere (a stored model)
+RULES: tuple[PatientRule, ...] = typing.get_args(PatientRule)
 SUMMARY_KEYS = (
     "slice_stage1_accuracy", "slice_disease_sensitivity", "slice_wnl_sensitivity", "slice_stage1_auroc",
     "slice_stage1_auroc_ci_low", "slice_stage2_accuracy", "slice_pe_sensitivity", "slice_pe_specificity",
@@ -212,7 +212,7 @@ def cascade_labels(p_disease: np.ndarray, p_pe: np.ndarray, threshold_stage1: fl
 
 # ----------------------------------------------------------------------------- patient rules
 
-def _rule_scores(score: np.ndarray, patient: np.ndarray, series: np.ndarray, n_patients: int, *, rule: str,
+def _rule_scores(score: np.ndarray, patient: np.ndarray, series: np.ndarray, n_patients: int, *, rule: PatientRule,
                  k: int) -> np.ndarray:
     """One score per patient (``-inf`` when the rule finds nothing); slices sorted by patient, series
     and slice_index, ``-inf`` marks a slice that cannot count (and breaks a run)."""
@@ -235,7 +235,7 @@ def _rule_scores(score: np.ndarray, patient: np.ndarray, series: np.ndarray, n_p
         n = np.bincount(p[keep], minlength=n_patients)
         np.divide(total, n, out=out, where=n > 0)
     else:
-        raise ValueError(f"unknown patient rule {rule!r}; known: {list(RULES)}")
+        typing.assert_never(rule)
     return out
 
 
@@ -262,14 +262,10 @@ def _validate(pred: pd.DataFrame, config: EvalConfig, *, labelled: bool = True) 
         bad = sorted(set(pred["label"].dropna().unique()) - set(LABELS)) + (["<null>"] if pred["label"].isna().any() else [])
         if bad:
             raise ValueError(f"labels must be one of {list(LABELS)}, found {bad}")
-        if config.indeterminate not in INDETERMINATE_MODES:
-            raise ValueError(f"unknown indeterminate mode {config.indeterminate!r}; known: {list(INDETERMINATE_MODES)}")
     for col in (P_DISEASE, P_PE):
         v = pred[col].to_numpy(float)
         if not np.all((v >= 0) & (v <= 1)):
             raise ValueError(f"{col} must be probabilities in [0, 1] (NaN is not allowed)")
-    if config.patient_rule not in RULES:
-        raise ValueError(f"unknown patient rule {config.patient_rule!r}; known: {list(RULES)}")
     if config.k < 1:
         raise ValueError(f"k must be >= 1, got {config.k}")
 

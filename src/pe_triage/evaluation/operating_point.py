@@ -19,8 +19,9 @@ is evaluated, registered and deployed is one consistent pair.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -81,7 +82,8 @@ def choose_thresholds(pred: pd.DataFrame, *, disease_sensitivity: float, pe_sens
 
     return {"stage1": t1, "stage2": t2, "achieved": {
         "patient_disease_sensitivity": share(flagged, disease), "patient_wnl_specificity": share(~flagged, truth == wnl),
-        "patient_pe_sensitivity": share(pe_flagged, pe), "patient_pe_specificity": share(~pe_flagged, np.isin(truth, [wnl, other])),
+        "patient_pe_sensitivity": share(pe_flagged, pe),
+        "patient_pe_specificity": share(~pe_flagged, np.isin(truth, [wnl, other])),
         "slice_disease_sensitivity": share(p_disease >= t1, np.isin(label, one.positive_labels)),
         "slice_disease_specificity": share(p_disease < t1, np.isin(label, one.negative_labels)),
         "patients": {wnl: int((truth == wnl).sum()), other: int((truth == other).sum()), S.Label.PE.value: int(pe.sum())},
@@ -93,19 +95,19 @@ def calibrate(stage1: str, stage2: str, windows: str, splits: str, out_stage1: s
     """Set both stages' thresholds on ``split`` (``operating_point.level`` "patient") or keep each
     stage's own (``"slice"``); write the models with their operating point to ``out_stage*``."""
     op: OperatingPointConfig = config.operating_point
-    if op.level not in ("patient", "slice"):
-        raise EvaluationError(f"operating_point.level {op.level!r}: expected 'patient' or 'slice'")
     for name in ("patient_disease_sensitivity", "patient_pe_sensitivity"):
         if not 0 < getattr(op, name) <= 1:
             raise EvaluationError(f"operating_point.{name} {getattr(op, name)}: expected a value in (0, 1]")
     models = {1: load_model(stage1), 2: load_model(stage2)}
+    chosen: dict[str, Any]
     if op.level == "slice":
         chosen = {"stage1": models[1].meta.threshold, "stage2": models[2].meta.threshold, "achieved": None}
     else:
         pred = predict_split(models, windows, splits, split=split, fold=fold, config=config)
-        chosen = choose_thresholds(pred, disease_sensitivity=op.patient_disease_sensitivity, pe_sensitivity=op.patient_pe_sensitivity,
-                                   config=replace(config.evaluate, bootstrap=0))
-    record = {"level": op.level, "split": split, "fold": fold, "patient_rule": config.evaluate.patient_rule, "k": config.evaluate.k,
+        chosen = choose_thresholds(pred, disease_sensitivity=op.patient_disease_sensitivity,
+                                   pe_sensitivity=op.patient_pe_sensitivity, config=replace(config.evaluate, bootstrap=0))
+    record = {"level": op.level, "split": split, "fold": fold, "patient_rule": config.evaluate.patient_rule,
+              "k": config.evaluate.k,
               "patient_disease_sensitivity": op.patient_disease_sensitivity, "patient_pe_sensitivity": op.patient_pe_sensitivity,
               "thresholds": {"stage1": chosen["stage1"], "stage2": chosen["stage2"]}, "achieved": chosen["achieved"]}
     for stage, src, dst in ((1, stage1, out_stage1), (2, stage2, out_stage2)):

@@ -171,7 +171,8 @@ def _loso_table(loso: dict[str, Any]) -> Table:
         s = loso["std"][k]
         return value(k, loso["mean"][k]) + ("" if s is None else f" ± {value(k, s).rstrip('%')}")
 
-    rows = [[site, str(f["slices"]), str(f["patients"]), *[value(k, f.get(k)) for k in keys]] for site, f in loso["folds"].items()]
+    rows = [[site, str(f["slices"]), str(f["patients"]), *[value(k, f.get(k)) for k in keys]]
+            for site, f in loso["folds"].items()]
 
     rows.append(["Mean ± SD", str(loso["total"]["slices"]), str(loso["total"]["patients"]), *[mean_sd(k) for k in keys]])
     return Table("Leave one site out (each row: the model trained without that site, tested on it)",
@@ -196,7 +197,7 @@ def _confusion_plot(metrics: dict[str, Any]) -> bytes:
     panels = [("Stage 1, per slice", metrics["slice"]["stage1"]), ("Stage 2, per slice", metrics["slice"]["stage2"]),
               ("Cascade, per slice", metrics["slice"]["cascade"]), ("Cascade, per patient", metrics["patient"]["cascade"])]
     fig = _figure(4.0 * len(panels), 3.8)
-    for ax, (title, table) in zip(fig.subplots(1, len(panels)), panels):
+    for ax, (title, table) in zip(fig.subplots(1, len(panels)), panels, strict=True):
         m = np.asarray(table["confusion"]["matrix"], float)
         totals = m.sum(1, keepdims=True)
         share = np.divide(m, totals, out=np.zeros_like(m), where=totals > 0)
@@ -215,7 +216,7 @@ def _confusion_plot(metrics: dict[str, Any]) -> bytes:
 
 def _curve_plot(metrics: dict[str, Any], kind: str) -> bytes:
     fig = _figure(9.0, 4.2)
-    for ax, stage, title in zip(fig.subplots(1, 2), ("stage1", "stage2"), ("Stage 1: disease", "Stage 2: PE")):
+    for ax, stage, title in zip(fig.subplots(1, 2), ("stage1", "stage2"), ("Stage 1: disease", "Stage 2: PE"), strict=True):
         curve, table = (metrics.get("curves") or {}).get(stage), metrics["slice"][stage]
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
@@ -273,7 +274,7 @@ def _histogram_plot(pred: pd.DataFrame, thresholds: dict[str, float]) -> bytes:
     bins = np.linspace(0, 1, 26)
     panels = [(STAGES[1].column, "Stage 1: P(disease), all slices", LABELS, thresholds["stage1"]),
               (STAGES[2].column, "Stage 2: P(PE), true disease slices", STAGES[2].labels, thresholds["stage2"])]
-    for ax, (col, title, classes, t) in zip(fig.subplots(1, 2), panels):
+    for ax, (col, title, classes, t) in zip(fig.subplots(1, 2), panels, strict=True):
         for cls in classes:
             v = pred.loc[pred["label"] == cls, col].to_numpy(float)
             if v.size:
@@ -335,7 +336,8 @@ def _gradcam_section(items: list[dict[str, Any]], out_dir: Path) -> Section:
     summary = gradcam_summary(items)
     table = Table("Grad-CAM on the lesion: mass inside the mask (vs the lesion's share of the image, what an even "
                   "map would score) and the pointing game (map peak on the lesion)",
-                  ["Stage", "Category", "Overlays", "With mask", "Mean inside fraction", "Range", "Lesion area", "Peak on lesion"],
+                  ["Stage", "Category", "Overlays", "With mask", "Mean inside fraction", "Range", "Lesion area",
+                   "Peak on lesion"],
                   [[stage.replace("stage", "Stage "), CATEGORY_NAMES[cat], str(v["overlays"]), str(v["with_mask"]),
                     _rate(v["mean_inside_fraction"]),
                     "—" if v["min_inside_fraction"] is None else

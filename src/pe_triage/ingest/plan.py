@@ -72,12 +72,14 @@ def make_plan(
         kept = _kept(old, by_series.get(series_uid, []), existing, quarantined)
         labels: dict[str, str | None] = {}
         for r in old:  # a manifest relabels the patients it lists; the others keep their labels
-            new_label = manifest.label(r[S.PATIENT_ID], r[S.STUDY_UID], series_uid, r[S.SOP_UID], r[S.INSTANCE_NUMBER])[0] if manifest else None
+            new_label = (manifest.label(r[S.PATIENT_ID], r[S.STUDY_UID], series_uid, r[S.SOP_UID], r[S.INSTANCE_NUMBER])[0]
+                         if manifest else None)
             labels[r[S.SOP_UID]] = new_label if new_label is not None else r[S.LABEL]
         rewrite = any(labels[r[S.SOP_UID]] != r[S.LABEL] for r in old)
         if kept or rewrite:
             kept.sort(key=lambda c: c.header.z_mm)
-            tasks.append(make_task(series_uid, tuple(kept), existing_files.get(series_uid), {r[S.SOP_UID]: r[S.SOURCE_SHA256] for r in old}, labels, rewrite))
+            stored_sha = {r[S.SOP_UID]: r[S.SOURCE_SHA256] for r in old}
+            tasks.append(make_task(series_uid, tuple(kept), existing_files.get(series_uid), stored_sha, labels, rewrite))
     return Plan(tasks, quarantined, label_rows)
 
 
@@ -102,7 +104,8 @@ def _candidates(
         if sop in existing:
             series.add(existing[sop][S.SERIES_UID])
         if len(series) > 1:
-            quarantined.extend(_rejected(f, Reason.CONFLICTING_UID, "the same SOP Instance UID appears in two series", sop) for f in files)
+            quarantined.extend(_rejected(f, Reason.CONFLICTING_UID, "the same SOP Instance UID appears in two series", sop)
+                               for f in files)
             continue
         h = files[0].header
         assert h is not None
@@ -127,12 +130,12 @@ def _kept(old: list[dict[str, Any]], cands: list[Candidate], existing: dict[str,
         if h.sop_uid in existing:
             kept.append(cand)
         elif h.geometry_key != majority:
-            quarantined.extend(_rejected(s, Reason.INCONSISTENT_GEOMETRY,
-                                         f"size/orientation/spacing differ from {votes[majority]} other slices of the series", h.sop_uid)
-                               for s in cand.files)
+            assert majority is not None  # this candidate voted
+            detail = f"size/orientation/spacing differ from {votes[majority]} other slices of the series"
+            quarantined.extend(_rejected(s, Reason.INCONSISTENT_GEOMETRY, detail, h.sop_uid) for s in cand.files)
         elif round(h.z_mm, _Z_DECIMALS) in taken:
-            quarantined.extend(_rejected(s, Reason.DUPLICATE_POSITION, f"another slice of the series lies at z={h.z_mm:.2f} mm", h.sop_uid)
-                               for s in cand.files)
+            detail = f"another slice of the series lies at z={h.z_mm:.2f} mm"
+            quarantined.extend(_rejected(s, Reason.DUPLICATE_POSITION, detail, h.sop_uid) for s in cand.files)
         else:
             taken.add(round(h.z_mm, _Z_DECIMALS))
             kept.append(cand)

@@ -94,7 +94,8 @@ def run_report(
             "already_ingested": status[ALREADY_INGESTED],
             "same_content_or_pixels": status[DUPLICATE],
         },
-        "quarantine_reasons": dict(sorted(Counter(o.reason.value for o in outcomes if o.status == QUARANTINED and o.reason).items())),
+        "quarantine_reasons": dict(sorted(Counter(o.reason.value for o in outcomes
+                                                  if o.status == QUARANTINED and o.reason).items())),
         "dataset": {
             "patients": len({r[S.PATIENT_ID] for r in final.values()}),
             "series": len({r[S.SERIES_UID] for r in final.values()}),

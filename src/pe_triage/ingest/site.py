@@ -138,7 +138,8 @@ def _file_metadata(pseudo: Pseudonymizer, config: IngestConfig) -> dict[str, str
         "pe_triage.schema_version": S.SCHEMA_VERSION,
         "pe_triage.version": __version__,
         "pe_triage.key_fingerprint": pseudo.fingerprint,
-        "pe_triage.ingest_config": json.dumps({k: v for k, v in to_dict(config).items() if k not in _EXECUTION_ONLY}, sort_keys=True),
+        "pe_triage.ingest_config": json.dumps({k: v for k, v in to_dict(config).items() if k not in _EXECUTION_ONLY},
+                                              sort_keys=True),
     }
 
 

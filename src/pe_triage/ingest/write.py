@@ -99,13 +99,15 @@ def _resolve(task: SeriesTask, cand: Candidate) -> tuple[list[Outcome], dict[str
         try:
             data = task.src.read(task.src.join(f.path))
         except OSError as exc:
-            resolved.append(Outcome(f.path, f.size, None, QUARANTINED, sop, Reason.UNREADABLE, f"cannot read file ({type(exc).__name__})"))
+            resolved.append(Outcome(f.path, f.size, None, QUARANTINED, sop, Reason.UNREADABLE,
+                                    f"cannot read file ({type(exc).__name__})"))
             continue
         sha = sha256_hex(data)
         if sha == ref_sha:
             resolved.append(
                 Outcome(f.path, f.size, sha, ALREADY_INGESTED, sop) if known
-                else Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE, f"same content as {task.pseudo('path', ref_path or '')}")
+                else Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE,
+                             f"same content as {task.pseudo('path', ref_path or '')}")
             )
             continue
         try:
@@ -118,7 +120,8 @@ def _resolve(task: SeriesTask, cand: Candidate) -> tuple[list[Outcome], dict[str
             resolved.append(Outcome(f.path, f.size, sha, INGESTED, sop))
             continue
         if ref_hu is None:
-            ref_hu = pixels.tobytes() if pixels is not None else S.decode_hu(_stored_hu(task, sop), f.header.rows, f.header.cols).tobytes()
+            ref = pixels if pixels is not None else S.decode_hu(_stored_hu(task, sop), f.header.rows, f.header.cols)
+            ref_hu = ref.tobytes()
         if hu.tobytes() == ref_hu:
             resolved.append(Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE,
                                     "same SOP Instance UID and identical HU as an ingested slice (other encoding)"))
@@ -127,7 +130,8 @@ def _resolve(task: SeriesTask, cand: Candidate) -> tuple[list[Outcome], dict[str
             resolved.append(Outcome(f.path, f.size, sha, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT))
     if conflict and not known:  # nothing says which file is right: none of them goes in
         return [
-            o if o.status == QUARANTINED else Outcome(o.path, o.size, o.sha256, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT)
+            o if o.status == QUARANTINED
+            else Outcome(o.path, o.size, o.sha256, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT)
             for o in resolved
         ], None
     if pixels is None:

@@ -13,7 +13,8 @@ class ChannelAttention(nn.Module):
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
-        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False))
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hidden, channels, 1, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))

@@ -37,7 +37,8 @@ class DRN(nn.Module):
         super().__init__()
         ch = [scaled_channels(c, width, min_channels) for c in CHANNELS]
         e = block.expansion
-        self.layer0 = nn.Sequential(nn.Conv2d(in_channels, ch[0], 7, padding=3, bias=False), nn.BatchNorm2d(ch[0]), nn.ReLU(inplace=True))
+        self.layer0 = nn.Sequential(nn.Conv2d(in_channels, ch[0], 7, padding=3, bias=False), nn.BatchNorm2d(ch[0]),
+                                    nn.ReLU(inplace=True))
         self.layer1 = _convs(ch[0], ch[0], layers[0])
         self.layer2 = _convs(ch[0], ch[1], layers[1], stride=2)
         self.layer3 = residual_level(block, ch[1], ch[2], layers[2], stride=2, cbam=cbam)
@@ -50,7 +51,8 @@ class DRN(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer in (self.layer0, self.layer1, self.layer2, self.layer3, self.layer4, self.layer5, self.layer6, self.layer7, self.layer8):
+        for layer in (self.layer0, self.layer1, self.layer2, self.layer3, self.layer4, self.layer5, self.layer6, self.layer7,
+                      self.layer8):
             x = layer(x)
         return x
 

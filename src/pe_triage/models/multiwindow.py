@@ -5,15 +5,12 @@ linear head."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-#: global pooling of each branch's feature map before the head
-POOLINGS = ("avg", "max", "avgmax")
-#: how windows meet the backbone: "branches" (one per window, the study), "shared" (one branch applied
-#: to each window), "stacked" (one branch, windows as input channels)
-FUSIONS = ("branches", "shared", "stacked")
+from pe_triage.config import Fusion, Pooling
 
 
 class MultiWindowNet(nn.Module):
@@ -27,14 +24,10 @@ class MultiWindowNet(nn.Module):
     """
 
     def __init__(self, backbone: Callable[[int], nn.Module], n_windows: int, *, num_outputs: int = 1,
-                 fusion: str = "branches", pooling: str = "avg") -> None:
+                 fusion: Fusion = "branches", pooling: Pooling = "avg") -> None:
         super().__init__()
         if n_windows < 1:
             raise ValueError("a model needs at least one window")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.n_windows = n_windows
         self.fusion = fusion
         self.pooling = pooling
@@ -42,7 +35,9 @@ class MultiWindowNet(nn.Module):
         count = n_windows if fusion == "branches" else 1
         self.branches = nn.ModuleList([backbone(n_windows if stacked else 1) for _ in range(count)])
         outputs = 1 if stacked else n_windows
-        features = self.branches[0].out_channels * outputs * (2 if pooling == "avgmax" else 1)  # type: ignore[operator]
+        # every backbone has a plain int ``out_channels``; nn.Module types its attributes as Tensor | Module
+        width = cast(int, self.branches[0].out_channels)
+        features = width * outputs * (2 if pooling == "avgmax" else 1)
         self.head = nn.Linear(features, num_outputs)
 
     def features(self, x: Tensor) -> list[Tensor]:
@@ -58,7 +53,7 @@ class MultiWindowNet(nn.Module):
         return self.head(torch.cat(pooled, 1))
 
 
-def global_pool(f: Tensor, pooling: str) -> list[Tensor]:
+def global_pool(f: Tensor, pooling: Pooling) -> list[Tensor]:
     """Global pooling of one branch's feature map.
 
     Average pooling (the study's DRN head) spreads a lesion that fills one cell of the 1/8-scale map

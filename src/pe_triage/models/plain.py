@@ -24,7 +24,7 @@ class PlainCNN(nn.Module):
             raise ValueError("the plain baseline has no residual blocks to attach CBAM to")
         layers: list[nn.Module] = []
         cin = in_channels
-        for c, stride in zip(CHANNELS, STRIDES):
+        for c, stride in zip(CHANNELS, STRIDES, strict=True):
             cout = scaled_channels(c, width, min_channels)
             layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
             cin = cout

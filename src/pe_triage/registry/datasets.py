@@ -49,8 +49,8 @@ def log_quality_report(report: dict[str, Any], *, experiment: str, uri: str | No
 
 
 def _log_dataset_input(run: Tracker, report: dict[str, Any]) -> None:
-    import mlflow.data
     import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import DatasetInput, InputTag
 
     counts = {k: v for k, v in report["counts"].items() if isinstance(v, int)}
@@ -59,6 +59,6 @@ def _log_dataset_input(run: Tracker, report: dict[str, Any]) -> None:
     source = report["version"]["uri"].rstrip("/") + f"/site={report['site']}"
     with warnings.catch_warnings():  # MLflow 3 registers its local artifact source twice, and hints at integer columns
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(summary, source=source, name=f"slices:{report['site']}",
+        dataset = from_pandas(summary, source=source, name=f"slices:{report['site']}",
                                           digest=report["version"]["digest"][:_DIGEST_CHARS])._to_mlflow_entity()
     run.client.log_inputs(run.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "onboarding")])])

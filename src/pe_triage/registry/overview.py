@@ -36,7 +36,8 @@ def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfi
     if not versions:
         raise RegistryError(f"model {config.model_name!r} has no versions")
     latest = max(versions, key=lambda v: int(v.version))
-    aliases = {a: int(v) for a, v in client.get_registered_model(config.model_name).aliases.items() if a in (CHAMPION, CHALLENGER, PREVIOUS)}
+    aliases = {a: int(v) for a, v in client.get_registered_model(config.model_name).aliases.items()
+               if a in (CHAMPION, CHALLENGER, PREVIOUS)}
     folder = mlflow.artifacts.download_artifacts(run_id=latest.run_id, artifact_path=EVALUATION_DIR, dst_path=str(dst),
                                                  tracking_uri=resolved)
     decision = client.get_model_version(config.model_name, latest.version).tags.get("last_decision.reason")

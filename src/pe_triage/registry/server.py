@@ -61,7 +61,8 @@ def local_server(root: str | Path, *, port: int | None = None, startup_timeout_s
                 break
             except TrackingUnavailable:
                 if time.monotonic() > deadline:
-                    raise TrackingUnavailable(f"mlflow server did not become healthy in {startup_timeout_s:.0f} s; see {root / 'server.log'}") from None
+                    raise TrackingUnavailable(f"mlflow server did not become healthy in {startup_timeout_s:.0f} s; "
+                                              f"see {root / 'server.log'}") from None
                 time.sleep(0.5)
         log.info("MLflow server at %s (state in %s)", uri, root)
         yield uri

@@ -50,7 +50,7 @@ from pe_triage.config import SynthConfig, to_dict
 from pe_triage.schema import Label, Tissue
 
 from .anatomy import Anatomy
-from .patient import LesionPreset, add_emboli, add_other_disease, draw_anatomy, lesion_preset
+from .patient import LESION_PRESETS, LesionPreset, add_emboli, add_other_disease, draw_anatomy
 from .phantom import Grid, RenderedSlice, make_grid, render_slice, scanner
 from .phi import PatientPHI, SitePHI, patient_phi, site_phi
 from .sites import SiteConventions, site_conventions
@@ -104,7 +104,7 @@ class _Patient:
 def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
     """Write the cohort under ``out`` (which must not hold a previous cohort: nothing is deleted)."""
     out = Path(out)
-    preset = lesion_preset(config.lesions)
+    preset = LESION_PRESETS[config.lesions]
     for name in ("pe_fraction", "other_fraction", "pe_comorbid_fraction"):
         if not 0 <= getattr(config, name) <= 1:
             raise ValueError(f"synth.{name} {getattr(config, name)}: expected a fraction in [0, 1]")
@@ -387,7 +387,7 @@ class _SeriesWriter:
         fp.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(fp, self.meta, enforce_standard=True)
         parts = [fp.getvalue()]
-        for segment, elem in zip(self.segments, changing):
+        for segment, elem in zip(self.segments[:-1], changing, strict=True):
             parts += [segment, self._encode([elem])]
         parts.append(self.segments[-1])
         return b"".join(parts)

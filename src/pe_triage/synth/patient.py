@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pe_triage.config import LesionPresetName
 from pe_triage.schema import Tissue
 
 from .anatomy import AIRWAY, ARTERY, SYSTEMIC, VEIN, Anatomy, Blob, Effusion, Embolus, Tubes, lung_masks
@@ -47,20 +48,13 @@ class LesionPreset:
     ggo_hu: tuple[float, float]
 
 
-LESION_PRESETS = {
+LESION_PRESETS: dict[LesionPresetName, LesionPreset] = {
     #: a CTPA service's mix: a third of clots segmental, down to 5 mm nodules and thin effusions
     "realistic": LesionPreset((0.3, 0.35, 0.35), (0.4, 0.75), 0.0, (2.5, 20.0), (12.0, 40.0), (-700.0, -400.0)),
     #: every lesion plain at a glance: clots in central and lobar arteries only, filling most of the
     #: lumen; nodules from 12 mm; effusions from 25 mm; ground glass dense enough to stand out
     "conspicuous": LesionPreset((0.5, 0.5, 0.0), (0.6, 0.85), _LOBAR_R, (6.0, 20.0), (25.0, 50.0), (-550.0, -350.0)),
 }
-
-
-def lesion_preset(name: str) -> LesionPreset:
-    """The preset called ``name``; an unknown name is an error that lists the known ones."""
-    if name not in LESION_PRESETS:
-        raise ValueError(f"synth.lesions {name!r}: expected one of {sorted(LESION_PRESETS)}")
-    return LESION_PRESETS[name]
 
 
 class _TubeList:
@@ -86,7 +80,7 @@ class _TubeList:
         return parent
 
     def build(self) -> Tubes:
-        cols = list(zip(*self.rows)) if self.rows else [()] * 10
+        cols = list(zip(*self.rows, strict=True)) if self.rows else [()] * 10
         return Tubes(
             a=np.array(cols[0], float).reshape(-1, 3), b=np.array(cols[1], float).reshape(-1, 3),
             r0=np.array(cols[2], float), r1=np.array(cols[3], float), hu=np.array(cols[4], float),

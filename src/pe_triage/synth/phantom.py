@@ -128,7 +128,7 @@ class RenderedSlice:
         from the slice left out): its pixels times the pixel area, at the native resolution."""
         pixel = self.spacing * self.spacing
         counts = np.bincount(self.kind[self.tissue == Tissue.OTHER_LESION], minlength=len(OTHER_KINDS) + 1)
-        areas = {kind: int(n) * pixel for kind, n in zip(OTHER_KINDS, counts[1:].tolist()) if n}
+        areas = {kind: int(n) * pixel for kind, n in zip(OTHER_KINDS, counts[1:].tolist(), strict=True) if n}
         pe = int(np.count_nonzero(self.tissue == Tissue.PE))
         return {"pe": pe * pixel, **areas} if pe else areas
 
