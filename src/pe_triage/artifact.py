@@ -10,9 +10,7 @@ never sees half a model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 
 from pe_triage.config import ModelConfig, from_dict
 from pe_triage.models import MultiWindowNet, build_model
+from pe_triage.storage import atomic_dir
 from pe_triage.windows import Window, uint8_to_centred
 
 FORMAT = "pe-triage-model/2"
@@ -97,25 +96,13 @@ def save_model(out: str | Path, model: torch.nn.Module, meta: dict[str, Any], hi
     """Write the artifact folder atomically (replacing an older one at ``out``); ``meta`` must read back
     as a :class:`ModelMeta`."""
     ModelMeta.from_dict(meta)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
+        tmp.mkdir()
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save(state, tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True, default=str))
         (tmp / HISTORY).write_text(json.dumps(history, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def rethreshold(src: str | Path, out: str | Path, threshold: float, operating_point: dict[str, Any]) -> Path:
@@ -124,18 +111,10 @@ def rethreshold(src: str | Path, out: str | Path, threshold: float, operating_po
     meta = read_meta(src)
     meta = {**meta, "format": FORMAT, "slice_threshold": meta.get("slice_threshold", meta["threshold"]),
             "threshold": float(threshold), "operating_point": operating_point}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_dir(out) as tmp:
         shutil.copytree(src, tmp)
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

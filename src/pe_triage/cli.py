@@ -131,11 +131,8 @@ def _plugin_commands(sub: argparse._SubParsersAction) -> None:
         entry.load()(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _data_commands(sub: argparse._SubParsersAction) -> None:
+    """The data steps, cohort to splits (floor 3 of the library), in the order they run."""
     p = sub.add_parser("synth", help="generate a synthetic multi-site CTPA cohort (DICOM + label manifests)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sites", type=int)
@@ -179,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="the dataset was made with the public demo key")
     p.set_defaults(func=_quarantine)
 
+
+def _pair_inputs(p: argparse.ArgumentParser) -> None:
+    """What calibrate and evaluate both read: the two trained stages and the data to run them on."""
+    p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
+    p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
+    p.add_argument("--windows", required=True, help="windows dataset")
+    p.add_argument("--splits", required=True, help="splits Parquet file")
+
+
+def _model_commands(sub: argparse._SubParsersAction) -> None:
+    """The model steps, training to the leave-one-site-out summary (floor 4 of the library)."""
     p = sub.add_parser("train", help="train one stage (1: WNL vs disease, 2: PE vs other disease) -> model artifact")
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
     p.add_argument("--windows", required=True, help="windows dataset")
@@ -192,10 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("calibrate", help="set both stages' thresholds on the validation exams (the operating point)")
-    p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
-    p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
-    p.add_argument("--windows", required=True, help="windows dataset")
-    p.add_argument("--splits", required=True, help="splits Parquet file")
+    _pair_inputs(p)
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="never test: it would grade its own choice")
     p.add_argument("--fold", default="default", help="fold of the splits file")
     p.add_argument("--out-stage1", required=True, help="calibrated stage 1 model folder")
@@ -204,10 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("evaluate", help="per-slice, per-patient, per-site and cascade metrics + report of both stages")
-    p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
-    p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
-    p.add_argument("--windows", required=True, help="windows dataset")
-    p.add_argument("--splits", required=True, help="splits Parquet file")
+    _pair_inputs(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--fold", default="default", help="fold of the splits file")
     p.add_argument("--out", required=True, help="output folder (metrics.json, report.md, report.html, plots)")
@@ -221,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (leave_one_site_out.json/.md/.html)")
     p.set_defaults(func=_summarize_folds)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _data_commands(sub)
+    _model_commands(sub)
     add_registry_commands(sub)
     _plugin_commands(sub)
     return parser

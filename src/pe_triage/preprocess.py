@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pe_triage import schema as S
 from pe_triage.config import PreprocessConfig, to_dict
 from pe_triage.lung_crop import Box, LungBox, NoBodyError, crop_resize, find_lung_box, fixed_box
-from pe_triage.parallel import run, start_pool, worker_count
+from pe_triage.parallel import run, worker_count, worker_pool
 from pe_triage.storage import Location, RowGroupWriter, location
 from pe_triage.windows import PRESETS, Window, window_to_uint8
 
@@ -234,34 +234,47 @@ def preprocess(slices: str, out: str, *, config: PreprocessConfig = PreprocessCo
     if config.size < 16:
         raise PreprocessError(f"size {config.size} is too small for a CT slice")
     workers = worker_count(config.workers)
-    pool = start_pool(workers)
-    try:
+    with worker_pool(workers) as pool:
         src, dst = location(slices), location(out)
         files = [f"{src.root}/{rel}" for rel, _ in src.list_files()
                  if rel.startswith(f"{S.SITE}=") and rel.endswith(".parquet") and rel.count("/") == 1]
         if not files:
             raise PreprocessError(f"{slices}: no slices files (site=<site>/<series>.parquet)")
-        config_json = json.dumps(to_dict(config) | {"workers": None}, sort_keys=True)
-        metadata_base = {
-            S.META_WINDOWS: json.dumps([{"name": w.name, "lo": w.lo, "hi": w.hi} for w in windows]),
-            S.META_PREPROCESS: config_json,
-            "pe_triage.schema_version": S.SCHEMA_VERSION,
-        }
-        run_dir = dst.join("_staging", uuid.uuid4().hex)
-        jobs, unchanged = [], []
-        for path in files:
-            site, series, digest = _digest(src, path, config_json)
-            final = dst.join(f"{S.SITE}={site}", f"{series}.parquet")
-            if _stored_digest(dst, final) == digest:
-                unchanged.append(final)
-                continue
-            jobs.append(SeriesJob(src, dst, path, f"{run_dir}/{S.SITE}={site}/{series}.parquet", site, series, digest, config,
-                                  metadata_base | {S.META_SOURCE_DIGEST: digest}))
+        jobs, unchanged = _plan(src, dst, files, windows, config)
         results = list(run(pool, process_series, jobs))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    for r in results:  # commit
+    _commit(dst, results)
+    report = _report(slices, windows, config, results, series=len(files), unchanged=len(unchanged), workers=workers,
+                     seconds=time.perf_counter() - started)
+    dst.write_bytes(dst.join("_reports", "preprocess_report.json"), json.dumps(report, indent=2).encode())
+    return report
+
+
+def _plan(src: Location, dst: Location, files: list[str], windows: list[Window],
+          config: PreprocessConfig) -> tuple[list[SeriesJob], list[str]]:
+    """A job per series whose windows would differ from those already at ``dst``; (jobs, unchanged files)."""
+    config_json = json.dumps(to_dict(config) | {"workers": None}, sort_keys=True)
+    metadata_base = {
+        S.META_WINDOWS: json.dumps([{"name": w.name, "lo": w.lo, "hi": w.hi} for w in windows]),
+        S.META_PREPROCESS: config_json,
+        "pe_triage.schema_version": S.SCHEMA_VERSION,
+    }
+    run_dir = dst.join("_staging", uuid.uuid4().hex)
+    jobs, unchanged = [], []
+    for path in files:
+        site, series, digest = _digest(src, path, config_json)
+        final = dst.join(f"{S.SITE}={site}", f"{series}.parquet")
+        if _stored_digest(dst, final) == digest:
+            unchanged.append(final)
+            continue
+        jobs.append(SeriesJob(src, dst, path, f"{run_dir}/{S.SITE}={site}/{series}.parquet", site, series, digest, config,
+                              metadata_base | {S.META_SOURCE_DIGEST: digest}))
+    return jobs, unchanged
+
+
+def _commit(dst: Location, results: list[SeriesResult]) -> None:
+    """Move the staged files into place only once every series is done, so a failed run leaves the
+    previous windows whole."""
+    for r in results:
         final = dst.join(f"{S.SITE}={r.site}", f"{r.series_uid}.parquet")
         if r.staged:
             dst.replace(r.staged, final)
@@ -269,18 +282,22 @@ def preprocess(slices: str, out: str, *, config: PreprocessConfig = PreprocessCo
             dst.fs.delete_file(final)  # every slice of the series was skipped
     if dst.exists(dst.join("_staging")):
         dst.fs.delete_dir(dst.join("_staging"))
+
+
+def _report(slices: str, windows: list[Window], config: PreprocessConfig, results: list[SeriesResult], *, series: int,
+            unchanged: int, workers: int, seconds: float) -> dict[str, Any]:
+    """What the run did, per series and per slice, for the command line and ``_reports``."""
     labels = sum((r.labels for r in results), Counter())
     warnings = [w for r in results for w in r.warnings]
     if results and not (set(labels) - {"unlabelled"}):
         warnings.append("no slice has a label: the windows are written, but splits and training need a label manifest")
-    seconds = time.perf_counter() - started
     written = sum(r.written for r in results)
-    report = {
+    return {
         "slices": slices,
         "windows": [w.name for w in windows],
         "crop_mode": config.crop.mode,
         "size": config.size,
-        "series": {"total": len(files), "written": sum(1 for r in results if r.staged), "unchanged": len(unchanged)},
+        "series": {"total": series, "written": sum(1 for r in results if r.staged), "unchanged": unchanged},
         "slices_written": written,
         "slices_skipped": [s for r in results for s in r.skipped],
         "labels_written": dict(sorted(labels.items())),
@@ -288,5 +305,3 @@ def preprocess(slices: str, out: str, *, config: PreprocessConfig = PreprocessCo
         "timing": {"workers": workers, "seconds": round(seconds, 3),
                    "slices_per_s": round(written / seconds, 1) if seconds else None},
     }
-    dst.write_bytes(dst.join("_reports", "preprocess_report.json"), json.dumps(report, indent=2).encode())
-    return report

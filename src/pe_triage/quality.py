@@ -192,17 +192,7 @@ def site_report(uri: str, site: str, *, hu_slices: int = HU_SAMPLE_SLICES) -> di
     patients, excluded = classify_patients(mine.select([S.SITE, S.PATIENT_ID, S.LABEL]))
     labels = Counter(v or "unlabelled" for v in mine[S.LABEL].to_pylist())
     hu_values, hu_n = hu_sample(loc, site, mine, slices=hu_slices)
-    ref_sites = sorted(set(others[S.SITE].to_pylist()))
-    drift: dict[str, Any] = {"reference_sites": ref_sites, "psi_threshold": PSI_THRESHOLD, "features": {}}
-    if ref_sites:
-        for name, numeric in _FEATURES.items():
-            drift["features"][name] = _compare(_feature(mine, name), _feature(others, name), numeric)
-        ref_hist = sum((np.histogram(hu_sample(loc, s, others, slices=hu_slices)[0], HU_EDGES)[0] for s in ref_sites),
-                       np.zeros(len(HU_EDGES) - 1))
-        if hu_values.size and ref_hist.sum():
-            value = round(psi(ref_hist, np.histogram(hu_values, HU_EDGES)[0]), 4)
-            drift["features"]["hu"] = {"psi": value, "flagged": value > PSI_THRESHOLD}
-    drift["flagged"] = sorted(k for k, v in drift["features"].items() if v.get("flagged"))
+    drift = _drift(loc, mine, others, hu_values, hu_slices=hu_slices)
 
     report = {
         "site": site,
@@ -224,23 +214,49 @@ def site_report(uri: str, site: str, *, hu_slices: int = HU_SAMPLE_SLICES) -> di
             "patients": {k: patients[S.PATIENT_CLASS].to_pylist().count(k) for k in _CLASSES},
             "patients_excluded_unlabelled": len(excluded),
         },
-        "acquisition": {
-            "pixel_spacing_mm": _summary(mine[S.PIXEL_SPACING_ROW].to_numpy(zero_copy_only=False).astype(float)),
-            "slice_thickness_mm": _summary(np.array([v if v is not None else np.nan for v in mine[S.SLICE_THICKNESS].to_pylist()],
-                                                    float)),
-            "kvp": _summary(np.array([v if v is not None else np.nan for v in mine[S.KVP].to_pylist()], float)),
-            "manufacturer": _counts(mine[S.MANUFACTURER].to_pylist()),
-            "model": _counts(mine[S.MODEL].to_pylist()),
-            "kernel": _counts(mine[S.KERNEL].to_pylist()),
-            "matrix": _counts(_feature(mine, "matrix")),
-            "contrast": _counts(mine[S.CONTRAST].to_pylist()),
-            "transfer_syntax": _counts(mine[S.TRANSFER_SYNTAX].to_pylist()),
-        },
+        "acquisition": _acquisition(mine),
         "hu": _hu_summary(hu_values, hu_n),
         "drift": drift,
     }
     report["warnings"] = _warnings(report)
     return report
+
+
+def _acquisition(mine: pa.Table) -> dict[str, Any]:
+    """How the site's slices were acquired and reconstructed: distributions of the scanner settings."""
+    return {
+        "pixel_spacing_mm": _summary(mine[S.PIXEL_SPACING_ROW].to_numpy(zero_copy_only=False).astype(float)),
+        "slice_thickness_mm": _summary(_floats(mine[S.SLICE_THICKNESS].to_pylist())),
+        "kvp": _summary(_floats(mine[S.KVP].to_pylist())),
+        "manufacturer": _counts(mine[S.MANUFACTURER].to_pylist()),
+        "model": _counts(mine[S.MODEL].to_pylist()),
+        "kernel": _counts(mine[S.KERNEL].to_pylist()),
+        "matrix": _counts(_feature(mine, "matrix")),
+        "contrast": _counts(mine[S.CONTRAST].to_pylist()),
+        "transfer_syntax": _counts(mine[S.TRANSFER_SYNTAX].to_pylist()),
+    }
+
+
+def _floats(values: list[float | None]) -> np.ndarray:
+    """Missing values as NaN, which :func:`_summary` leaves out."""
+    return np.array([v if v is not None else np.nan for v in values], float)
+
+
+def _drift(loc: Location, mine: pa.Table, others: pa.Table, hu_values: np.ndarray, *, hu_slices: int) -> dict[str, Any]:
+    """Each feature of the site against the pooled other sites (PSI, and KS for numbers); empty
+    when the site is the first one in the dataset."""
+    ref_sites = sorted(set(others[S.SITE].to_pylist()))
+    drift: dict[str, Any] = {"reference_sites": ref_sites, "psi_threshold": PSI_THRESHOLD, "features": {}}
+    if ref_sites:
+        for name, numeric in _FEATURES.items():
+            drift["features"][name] = _compare(_feature(mine, name), _feature(others, name), numeric)
+        ref_hist = sum((np.histogram(hu_sample(loc, s, others, slices=hu_slices)[0], HU_EDGES)[0] for s in ref_sites),
+                       np.zeros(len(HU_EDGES) - 1))
+        if hu_values.size and ref_hist.sum():
+            value = round(psi(ref_hist, np.histogram(hu_values, HU_EDGES)[0]), 4)
+            drift["features"]["hu"] = {"psi": value, "flagged": value > PSI_THRESHOLD}
+    drift["flagged"] = sorted(k for k, v in drift["features"].items() if v.get("flagged"))
+    return drift
 
 
 def _warnings(report: dict[str, Any]) -> list[str]:

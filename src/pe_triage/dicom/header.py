@@ -12,6 +12,7 @@ import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -205,8 +206,17 @@ def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool) -> Slice
     """Validate and describe a slice from ``data``: the file's first bytes, or all of it.
 
     ``complete`` says whether ``data`` is the whole file; a header that runs past an incomplete
-    prefix raises :class:`IncompleteHeader` so the caller re-reads the whole file.
+    prefix raises :class:`IncompleteHeader` so the caller re-reads the whole file. The checks run
+    in a fixed order (file, transfer syntax, pixels, image, geometry): a file with several faults is
+    always quarantined under the same reason.
     """
+    ds, ts, end = _read(data, complete=complete)
+    _check_image(ds, ts)
+    return _slice_header(ds, ts, _geometry(ds), pseudo, pixel_offset=end if str(ts) in _NATIVE_LE else -1)
+
+
+def _read(data: bytes, *, complete: bool) -> tuple[Dataset, UID, int]:
+    """The header, its transfer syntax and where it ends, once the file is known to hold pixels."""
     if not data:
         raise Rejected(Reason.EMPTY_FILE, "zero-byte file")
     buf = io.BytesIO(data)
@@ -222,16 +232,30 @@ def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool) -> Slice
     if ts.is_deflated and not complete:
         raise IncompleteHeader()
     end = buf.tell()
-    little = ts.is_little_endian
-    at_pixels = data[end : end + 4] == _PIXEL_TAG[little] and not ts.is_deflated
+    at_pixels = data[end : end + 4] == _PIXEL_TAG[ts.is_little_endian] and not ts.is_deflated
     if not at_pixels and not ts.is_deflated:
         if not complete:
             raise IncompleteHeader()
-        _check_image(ds, ts)
+        _check_image(ds, ts)  # a non-image object is refused as what it is, not for its missing pixels
         raise Rejected(Reason.NO_PIXELS, "no PixelData element")
     if ts.is_deflated and "PixelData" not in pydicom.dcmread(io.BytesIO(data)):
         raise Rejected(Reason.NO_PIXELS, "no PixelData element")
-    _check_image(ds, ts)
+    return ds, ts, end
+
+
+class _Geometry(NamedTuple):
+    """The header's numbers that place the slice and scale its values, parsed and checked."""
+
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    spacing: tuple[float, float]
+    normal: np.ndarray
+    slope: float
+    intercept: float
+    instance_number: int | None
+
+
+def _geometry(ds: Dataset) -> _Geometry:
     try:
         position = tuple(float(v) for v in ds.ImagePositionPatient)
         orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
@@ -246,6 +270,11 @@ def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool) -> Slice
     normal = np.cross(orientation[:3], orientation[3:])
     if abs(normal[2]) < _MIN_AXIAL_COSINE * float(np.linalg.norm(normal) or 1.0):
         raise Rejected(Reason.NOT_AXIAL_IMAGE, "slice is not axial (sagittal/coronal reformat)")
+    return _Geometry(position, orientation, spacing, normal, slope, intercept, instance_number)
+
+
+def _slice_header(ds: Dataset, ts: UID, geo: _Geometry, pseudo: Pseudonymizer, *, pixel_offset: int) -> SliceHeader:
+    """The checked header as ingest keeps it: pseudonymised ids, no clear identifier."""
     patient, study, series, sop, derived = _identity(ds, pseudo)
     return SliceHeader(
         patient_id=patient,
@@ -253,13 +282,13 @@ def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool) -> Slice
         series_uid=series,
         sop_uid=sop,
         uids_derived=derived,
-        instance_number=instance_number,
-        position=position,
-        orientation=orientation,
-        z_mm=float(np.dot(normal, position)),
+        instance_number=geo.instance_number,
+        position=geo.position,
+        orientation=geo.orientation,
+        z_mm=float(np.dot(geo.normal, geo.position)),
         rows=int(ds.Rows),
         cols=int(ds.Columns),
-        spacing=spacing,
+        spacing=geo.spacing,
         slice_thickness=_float(ds, "SliceThickness"),
         manufacturer=_text(ds, "Manufacturer"),
         model=_text(ds, "ManufacturerModelName"),
@@ -270,10 +299,10 @@ def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool) -> Slice
         bits_allocated=int(ds.BitsAllocated),
         bits_stored=int(ds.BitsStored),
         signed=int(ds.PixelRepresentation) == 1,
-        slope=slope,
-        intercept=intercept,
+        slope=geo.slope,
+        intercept=geo.intercept,
         padding=_padding(ds),
-        pixel_offset=end if str(ts) in _NATIVE_LE else -1,
+        pixel_offset=pixel_offset,
     )
 
 

@@ -23,7 +23,7 @@ from pe_triage.ingest.report import label_summary, run_report
 from pe_triage.ingest.scan import scan_site
 from pe_triage.ingest.write import write_series
 from pe_triage.labels import Manifest, load_manifest
-from pe_triage.parallel import run, start_pool, worker_count
+from pe_triage.parallel import run, worker_count, worker_pool
 from pe_triage.storage import Location, location
 
 SITE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -67,12 +67,8 @@ def ingest_site(
     if pseudo.site != site:
         raise IngestError(f"pseudonymizer is for site {pseudo.site!r}, not {site!r}")
     workers = worker_count(config.workers)
-    pool = start_pool(workers)
-    try:
+    with worker_pool(workers) as pool:
         return _ingest(site, location(source), location(out), pseudo, labels, config, pool, workers, started)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
 
 
 def _ingest(

@@ -16,8 +16,8 @@ from pe_triage.registry.registry import (
     METRICS_FILE,
     PREVIOUS,
     RegistryError,
+    registry_client,
 )
-from pe_triage.tracking import tracking_uri, wait_for_server
 
 
 def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None) -> dict[str, Any]:
@@ -25,13 +25,8 @@ def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfi
     registry decision (reason), "metrics": metrics.json of the latest version, "evaluation": local
     folder}``; the latest version's evaluation folder is downloaded into ``dst``."""
     import mlflow.artifacts
-    from mlflow.tracking import MlflowClient
 
-    resolved = tracking_uri(uri)
-    if resolved is None:
-        raise RegistryError("no tracking URI: pass one or set MLFLOW_TRACKING_URI")
-    wait_for_server(resolved)
-    client = MlflowClient(tracking_uri=resolved)
+    client = registry_client(uri)
     versions = client.search_model_versions(f"name = '{config.model_name}'")
     if not versions:
         raise RegistryError(f"model {config.model_name!r} has no versions")
@@ -39,7 +34,7 @@ def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfi
     aliases = {a: int(v) for a, v in client.get_registered_model(config.model_name).aliases.items()
                if a in (CHAMPION, CHALLENGER, PREVIOUS)}
     folder = mlflow.artifacts.download_artifacts(run_id=latest.run_id, artifact_path=EVALUATION_DIR, dst_path=str(dst),
-                                                 tracking_uri=resolved)
+                                                 tracking_uri=client.tracking_uri)
     decision = client.get_model_version(config.model_name, latest.version).tags.get("last_decision.reason")
     return {"name": config.model_name, "latest": int(latest.version), "run_id": latest.run_id, "aliases": aliases,
             "decision": decision,

@@ -100,7 +100,7 @@ class RegistryError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _client(uri: str | None) -> Any:
+def registry_client(uri: str | None) -> Any:
     """An MlflowClient on a reachable server (health check with backoff: safe to retry)."""
     from mlflow.tracking import MlflowClient
 
@@ -242,7 +242,7 @@ def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConf
     rule = _rule(metrics, evaluate)
     triage = Triage.load(stage1, stage2, rule=rule)  # fails early on an inconsistent pair
     _check_pair(triage.stage1.meta, triage.stage2.meta, metrics)
-    client = _client(uri)
+    client = registry_client(uri)
     name, who, when = config.model_name, _actor(actor), _now()
     card = model_card(triage.stage1.meta.raw, triage.stage2.meta.raw, metrics, rule=rule, name=name)
     run_tags = {"step": "register", "registered_model": name, "git_commit": git_commit(), "package_version": __version__}
@@ -355,7 +355,7 @@ def evaluate_champion(windows: str, splits: str, out: str, *, config: Config = C
 
     from pe_triage.registry.pyfunc import STAGE1, STAGE2
 
-    client = _client(uri)
+    client = registry_client(uri)
     name = config.registry.model_name
     Path(out).mkdir(parents=True, exist_ok=True)
     current = _alias(client, name, CHAMPION)
@@ -383,7 +383,7 @@ def promote(version: int | None = None, *, config: RegistryConfig = RegistryConf
     """Promote ``version`` (default: the ``challenger``) to ``champion`` when every gate passes;
     the replaced champion becomes ``previous-champion``. Returns (and records) the decision:
     ``outcome`` promoted | refused | unchanged, ``gates``, ``reason``."""
-    client = _client(uri)
+    client = registry_client(uri)
     name, who, when = config.model_name, _actor(actor), _now()
     if version is None:
         challenger = _alias(client, name, CHALLENGER)
@@ -424,7 +424,7 @@ def rollback(*, config: RegistryConfig = RegistryConfig(), uri: str | None = Non
              actor: str | None = None) -> dict[str, Any]:
     """Move ``champion`` back to ``previous-champion``; the alias then walks one step further back
     (the version that one replaced), or is removed. Recorded on both versions."""
-    client = _client(uri)
+    client = registry_client(uri)
     name, who, when = config.model_name, _actor(actor), _now()
     current = _alias(client, name, CHAMPION)
     previous = _alias(client, name, PREVIOUS)
@@ -459,7 +459,7 @@ def load_registered(model_uri: str, *, uri: str | None = None) -> tuple[Triage, 
 
     if Path(model_uri).is_dir():
         return load_triage(model_uri), None
-    client = _client(uri)
+    client = registry_client(uri)
     version = None
     if match := re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri):
         name, alias = match.group(1), match.group(2)

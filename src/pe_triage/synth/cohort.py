@@ -263,8 +263,8 @@ def _ds(v: float) -> str:
 
 
 def _series_dataset(conv: SiteConventions, hospital: SitePHI, pat: _Patient, config: SynthConfig) -> Dataset:
-    """Everything but the per-slice elements and the pixels."""
-    phi = pat.phi
+    """Everything but the per-slice elements and the pixels, one DICOM module (PS3.3, CT Image IOD) at
+    a time; the assignment order is free, as the writer encodes elements in tag order."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -272,60 +272,97 @@ def _series_dataset(conv: SiteConventions, hospital: SitePHI, pat: _Patient, con
     meta.ImplementationVersionName = "PETRIAGE_SYNTH"
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SpecificCharacterSet = "ISO_IR 100"  # SOP Common
     ds.SOPClassUID = CTImageStorage
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = phi.study_date
-    ds.StudyTime = phi.study_time
-    ds.SeriesTime = phi.series_time
-    ds.AcquisitionTime = ds.ContentTime = phi.acquisition_time
-    ds.AccessionNumber = phi.accession
-    ds.Modality = "CT"
-    ds.Manufacturer = conv.manufacturer
-    ds.InstitutionName = hospital.institution
-    ds.InstitutionAddress = hospital.address
-    ds.ReferringPhysicianName = phi.person(phi.referring, "Dr")
-    ds.StationName = hospital.station
-    ds.StudyDescription = phi.study_description
-    ds.SeriesDescription = f"CTPA {conv.thickness:g}mm {conv.kernel}"
-    ds.InstitutionalDepartmentName = hospital.department
-    ds.PerformingPhysicianName = phi.person(phi.performing)
-    ds.OperatorsName = phi.person(phi.operator)
-    ds.ManufacturerModelName = conv.model
+    _patient_modules(ds, pat.phi)
+    _study_module(ds, pat)
+    _series_modules(ds, conv, hospital, pat)
+    _image_modules(ds, conv, pat, config)
+    _pixel_modules(ds, conv, config)
+    block = ds.private_block(0x0029, "ACME HOSPITAL PACS", create=True)  # PHI in a private tag, as real exports carry
+    block.add_new(0x10, "LO", pat.phi.private_value)
+    return ds
+
+
+def _patient_modules(ds: Dataset, phi: PatientPHI) -> None:
+    """Patient and Patient Study."""
     ds.PatientName = phi.name
     ds.PatientID = phi.mrn
     ds.PatientBirthDate = phi.birth_date
     ds.PatientSex = phi.sex
     ds.OtherPatientIDs = phi.other_id
-    ds.PatientAge = phi.age
     ds.PatientAddress = phi.address
+    ds.PatientAge = phi.age
     ds.AdditionalPatientHistory = phi.history
-    ds.ContrastBolusAgent = conv.contrast_agent
-    ds.ContrastBolusRoute = "IV"
-    ds.BodyPartExamined = "CHEST"
-    ds.ScanOptions = "HELICAL MODE"
-    ds.SliceThickness = _ds(conv.thickness)
-    ds.KVP = _ds(conv.kvp)
-    ds.SpacingBetweenSlices = _ds(conv.spacing)
-    ds.DataCollectionDiameter = "500"
-    ds.ReconstructionDiameter = _ds(pat.spacing * config.size)
-    ds.XRayTubeCurrent = 250
-    ds.ConvolutionKernel = conv.kernel
-    ds.PatientPosition = "HFS"
-    ds.ProtocolName = "CT PULMONARY ANGIOGRAM"
+
+
+def _study_module(ds: Dataset, pat: _Patient) -> None:
+    """General Study."""
+    phi = pat.phi
     ds.StudyInstanceUID = pat.study_uid
-    ds.SeriesInstanceUID = pat.series_uid
+    ds.StudyDate = phi.study_date
+    ds.StudyTime = phi.study_time
+    ds.AccessionNumber = phi.accession
+    ds.ReferringPhysicianName = phi.person(phi.referring, "Dr")
     ds.StudyID = phi.study_id
+    ds.StudyDescription = phi.study_description
+
+
+def _series_modules(ds: Dataset, conv: SiteConventions, hospital: SitePHI, pat: _Patient) -> None:
+    """General Series, Frame of Reference and General Equipment."""
+    phi = pat.phi
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = pat.series_uid
     ds.SeriesNumber = conv.series_number
-    ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.SeriesDate = phi.study_date
+    ds.SeriesTime = phi.series_time
+    ds.SeriesDescription = f"CTPA {conv.thickness:g}mm {conv.kernel}"
+    ds.PerformingPhysicianName = phi.person(phi.performing)
+    ds.OperatorsName = phi.person(phi.operator)
+    ds.BodyPartExamined = "CHEST"
+    ds.ProtocolName = "CT PULMONARY ANGIOGRAM"
+    ds.PatientPosition = "HFS"
     ds.FrameOfReferenceUID = pat.frame_uid
     ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = conv.manufacturer
+    ds.ManufacturerModelName = conv.model
+    ds.InstitutionName = hospital.institution
+    ds.InstitutionAddress = hospital.address
+    ds.InstitutionalDepartmentName = hospital.department
+    ds.StationName = hospital.station
+
+
+def _image_modules(ds: Dataset, conv: SiteConventions, pat: _Patient, config: SynthConfig) -> None:
+    """General Image, Image Plane (but for the per-slice position), Contrast/Bolus and CT Image."""
+    phi = pat.phi
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.AcquisitionNumber = 1
+    ds.AcquisitionDate = ds.ContentDate = phi.study_date
+    ds.AcquisitionTime = ds.ContentTime = phi.acquisition_time
     ds.ImageComments = phi.image_comments
+    ds.BurnedInAnnotation = "NO"
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.PixelSpacing = [_ds(pat.spacing), _ds(pat.spacing)]
+    ds.SliceThickness = _ds(conv.thickness)
+    ds.SpacingBetweenSlices = _ds(conv.spacing)
+    ds.ContrastBolusAgent = conv.contrast_agent
+    ds.ContrastBolusRoute = "IV"
+    ds.ScanOptions = "HELICAL MODE"
+    ds.KVP = _ds(conv.kvp)
+    ds.XRayTubeCurrent = 250
+    ds.DataCollectionDiameter = "500"
+    ds.ReconstructionDiameter = _ds(pat.spacing * config.size)
+    ds.ConvolutionKernel = conv.kernel
+    ds.RescaleIntercept = _ds(conv.intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+
+
+def _pixel_modules(ds: Dataset, conv: SiteConventions, config: SynthConfig) -> None:
+    """Image Pixel (with the equipment's pixel padding value) and VOI LUT."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = ds.Columns = config.size
-    ds.PixelSpacing = [_ds(pat.spacing), _ds(pat.spacing)]
     ds.BitsAllocated = 16
     ds.BitsStored = conv.bits_stored
     ds.HighBit = conv.bits_stored - 1
@@ -334,13 +371,6 @@ def _series_dataset(conv: SiteConventions, hospital: SitePHI, pat: _Patient, con
         ds.add_new(0x00280120, "SS" if conv.signed else "US", conv.padding)
     ds.WindowCenter = [_ds(v) for v in conv.window_center]
     ds.WindowWidth = [_ds(v) for v in conv.window_width]
-    ds.RescaleIntercept = _ds(conv.intercept)
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
-    ds.BurnedInAnnotation = "NO"
-    block = ds.private_block(0x0029, "ACME HOSPITAL PACS", create=True)
-    block.add_new(0x10, "LO", phi.private_value)
-    return ds
 
 
 class _SeriesWriter:

@@ -23,7 +23,7 @@ import yaml
 
 from pe_triage.config import Config, from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "pe-triage"
 KUBE_VERSION = "1.32.0"
 NAMESPACE = "ml"

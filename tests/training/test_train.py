@@ -124,7 +124,7 @@ _CHILD = """
 import sys
 from pathlib import Path
 from dataclasses import replace
-sys.path.insert(0, {tests!r})
+sys.path[:0] = {paths!r}  # this file's folder and tests/ (factories), as pytest's pythonpath has them
 from test_train import _config
 from pe_triage.training.train import train
 cfg = _config(Path({tmp!r}), epochs=4, samples_per_epoch=160)
@@ -137,7 +137,8 @@ def test_killed_mid_epoch_and_resumed_ends_with_the_weights_of_an_uninterrupted_
     windows, splits = toy
     out = tmp_path / "killed"
     ckpt = checkpoint_dir_for(out) / CHECKPOINT
-    code = _CHILD.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), windows=windows, splits=splits, out=str(out))
+    here = Path(__file__).resolve().parent
+    code = _CHILD.format(paths=[str(here), str(here.parent)], tmp=str(tmp_path), windows=windows, splits=splits, out=str(out))
     child = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 600
     while not ckpt.exists():  # the end of epoch 1
