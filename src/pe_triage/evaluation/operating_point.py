@@ -4,12 +4,13 @@ Each stage's training sets a threshold for 95% of its validation *slices*. The t
 though, and the study's rule calls an exam positive when any slice is: with slice-level thresholds
 every extra slice is another chance of a false alarm (at 8 slices per exam and 36% slice
 specificity, 0-12% of WNL exams stayed WNL; on a 300-slice scan none would), while a PE exam is
-caught when any of its clot slices is. So the thresholds are set where the decision is made: the
-highest stage 1 threshold that keeps ``patient_disease_sensitivity`` of the validation disease
-exams, then the highest stage 2 threshold that keeps ``patient_pe_sensitivity`` of the validation PE
-exams through the whole cascade (stage 1 included, so the two misses do not compound unseen), both
-under the evaluation's patient rule. Sensitivity cannot rise with a threshold, so each is a binary
-search over the observed scores.
+caught when any of its clot slices is. So the thresholds are set where the decision is made, on the
+validation exams under the evaluation's patient rule: stage 1 keeps ``patient_disease_sensitivity``
+of the disease exams, and for each stage 1 threshold from the highest that does down to lower ones,
+stage 2 takes the highest threshold that keeps ``patient_pe_sensitivity`` of the PE exams through
+the whole cascade (so the two stages' misses do not compound unseen); the pair that leaves the most
+exams correctly unflagged wins. Sensitivity cannot rise with a threshold, so each stage 2 threshold
+is a binary search over the observed scores.
 
 The calibrated models are copies of the trained ones with the new threshold and a record of how it
 was chosen (``operating_point`` in ``model.json``, beside the stage's own ``slice_threshold``): what
@@ -33,6 +34,11 @@ from pe_triage.evaluation.evaluate import EvaluationError, predict_split
 from pe_triage.evaluation.metrics import patient_decisions, patient_predictions
 
 log = logging.getLogger(__name__)
+
+
+#: stage 1 thresholds tried at and below the one that just meets the disease target (quantiles of the
+#: scores below it): enough to find the trade-off, few enough to stay in seconds
+_STAGE1_TRIES = 40
 
 
 def _highest(candidates: np.ndarray, ok: Callable[[float], bool]) -> float | None:
@@ -69,10 +75,23 @@ def choose_thresholds(pred: pd.DataFrame, *, disease_sensitivity: float, pe_sens
     def pe_ok_at(t1: float) -> Callable[[float], bool]:
         return lambda t2: rates(t1, t2)["pe_positive"].to_numpy(bool)[pe].mean() >= pe_sensitivity
 
-    t1 = _highest(c1, disease_ok) or 0.0
-    if not pe_ok_at(t1)(0.0):  # stage 1 alone already drops too many PE exams: lower it for them
-        t1 = _highest(c1, lambda t: pe_ok_at(t)(0.0)) or 0.0
-    t2 = _highest(c2, pe_ok_at(t1)) or 0.0
+    top = _highest(c1, disease_ok) or 0.0
+    if not pe_ok_at(top)(0.0):  # stage 1 alone already drops too many PE exams: lower it for them
+        top = _highest(c1, lambda t: pe_ok_at(t)(0.0)) or 0.0
+    # A stage 1 threshold just at its target leaves stage 2 no room (every PE exam it keeps is needed,
+    # so stage 2 must pass them all and flags most other disease as PE): try lower ones too and keep
+    # the pair that leaves the most exams correctly unflagged (non-PE not called PE, WNL not called
+    # disease), ties to the higher stage 1 threshold.
+    below = c1[c1 <= top]
+    best: tuple[int, float, float] | None = None
+    for t1 in dict.fromkeys([top, *np.quantile(below, np.linspace(1, 0, _STAGE1_TRIES))[1:].tolist()]):
+        t2 = _highest(c2, pe_ok_at(float(t1))) or 0.0
+        d = rates(float(t1), t2)
+        kept = int((~d["pe_positive"].to_numpy(bool))[~pe].sum() + (~d["disease_positive"].to_numpy(bool))[truth == wnl].sum())
+        if best is None or kept > best[0]:
+            best = (kept, float(t1), t2)
+    assert best is not None
+    _, t1, t2 = best
     d = rates(t1, t2)
     flagged, pe_flagged = d["disease_positive"].to_numpy(bool), d["pe_positive"].to_numpy(bool)
     label, p_disease = pred[S.LABEL].to_numpy(object), pred[one.column].to_numpy(float)
