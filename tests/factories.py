@@ -13,7 +13,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from pe_triage import schema as S
+from pe_triage.config import Config
 from pe_triage.dicom import DEMO_KEY, Pseudonymizer
+from pe_triage.training.train import train
 
 #: (site, patient_id, slice_index) of one stored slice
 Key = tuple[str, str, int]
@@ -180,3 +182,11 @@ def write_toy_cohort(root: Path, size: int = 32) -> tuple[str, str]:
         series[key], images[key], assignment[key] = labels, _square_images(labels, rng, size), splits[p]
     write_windows(root / "windows", series, size=size, images=images)
     return str(root / "windows"), str(write_splits(root / "splits.parquet", assignment))
+
+
+def train_toy_pair(root: Path, config: Config) -> tuple[str, str, str, str]:
+    """Both stages trained on :func:`write_toy_cohort` under ``root``: (windows, splits, stage1, stage2)."""
+    windows, splits = write_toy_cohort(root, 32)
+    for stage in (1, 2):
+        train(windows, splits, str(root / f"stage{stage}"), stage=stage, config=config)
+    return windows, splits, str(root / "stage1"), str(root / "stage2")

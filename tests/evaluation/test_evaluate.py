@@ -10,18 +10,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from factories import write_splits, write_toy_cohort, write_windows
+from factories import train_toy_pair, write_splits, write_windows
 
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, TrainConfig
 from pe_triage.evaluation import SUMMARY_KEYS
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate
-from pe_triage.training.train import train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str, str, Config]:
     root = tmp_path_factory.mktemp("eval")
-    windows, splits = write_toy_cohort(root, 32)
     config = Config(
         model=ModelConfig(arch="cbam_drn_d_22", width=0.125),
         loader=LoaderConfig(cache_dir=str(root / "cache"), augment=False),
@@ -29,9 +27,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str, st
                           patience=0),
         evaluate=EvalConfig(bootstrap=200, gradcam_per_category=2),
     )
-    for stage in (1, 2):
-        train(windows, splits, str(root / f"stage{stage}"), stage=stage, config=config)
-    return windows, splits, str(root / "stage1"), str(root / "stage2"), config
+    return (*train_toy_pair(root, config), config)
 
 
 def test_evaluate_writes_metrics_report_predictions_and_gradcam(trained: tuple[str, str, str, str, Config],

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from factories import write_toy_cohort
+from factories import train_toy_pair
 
 from pe_triage.artifact import load_model, read_meta
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, OperatingPointConfig, TrainConfig
 from pe_triage.evaluation import patient_decisions
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate
 from pe_triage.evaluation.operating_point import calibrate, choose_thresholds
-from pe_triage.training.train import train
 
 
 def cohort(seed: int = 0, patients: int = 60, slices: int = 8) -> pd.DataFrame:
@@ -95,7 +94,6 @@ def test_no_pe_exam_is_a_clear_error() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str, str, Config]:
     root = tmp_path_factory.mktemp("op")
-    windows, splits = write_toy_cohort(root, 32)
     config = Config(
         model=ModelConfig(arch="plain_cnn", width=0.25),
         loader=LoaderConfig(cache_dir=str(root / "cache"), augment=False),
@@ -103,9 +101,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str, st
                           patience=0),
         evaluate=EvalConfig(bootstrap=50, gradcam_per_category=0),
     )
-    for stage in (1, 2):
-        train(windows, splits, str(root / f"stage{stage}"), stage=stage, config=config)
-    return windows, splits, str(root / "stage1"), str(root / "stage2"), config
+    return (*train_toy_pair(root, config), config)
 
 
 def test_calibrate_writes_models_that_operate_at_the_chosen_pair(trained: tuple[str, str, str, str, Config],

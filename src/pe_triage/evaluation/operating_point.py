@@ -83,16 +83,15 @@ def choose_thresholds(pred: pd.DataFrame, *, disease_sensitivity: float, pe_sens
     # the pair that leaves the most exams correctly unflagged (non-PE not called PE, WNL not called
     # disease), ties to the higher stage 1 threshold.
     below = c1[c1 <= top]
-    best: tuple[int, float, float] | None = None
+    best: tuple[int, float, float, pd.DataFrame] | None = None
     for t1 in dict.fromkeys([top, *np.quantile(below, np.linspace(1, 0, _STAGE1_TRIES))[1:].tolist()]):
         t2 = _highest(c2, pe_ok_at(float(t1))) or 0.0
         d = rates(float(t1), t2)
         kept = int((~d["pe_positive"].to_numpy(bool))[~pe].sum() + (~d["disease_positive"].to_numpy(bool))[truth == wnl].sum())
         if best is None or kept > best[0]:
-            best = (kept, float(t1), t2)
+            best = (kept, float(t1), t2, d)
     assert best is not None
-    _, t1, t2 = best
-    d = rates(t1, t2)
+    _, t1, t2, d = best
     flagged, pe_flagged = d["disease_positive"].to_numpy(bool), d["pe_positive"].to_numpy(bool)
     label, p_disease = pred[S.LABEL].to_numpy(object), pred[one.column].to_numpy(float)
 
