@@ -73,10 +73,11 @@ def prepare(work: Path, synth: SynthConfig, pre: PreprocessConfig) -> None:
         return
     if work.exists() and any(work.iterdir()):
         raise SystemExit(f"{work} holds another cohort or a partial one; give an empty --work folder")
-    generate_cohort(work / "cohort", synth)
+    key = load_key(demo=True)  # the truth's source digests are keyed like the ingest
+    generate_cohort(work / "cohort", synth, key=key)
     for site in sorted(p.name for p in (work / "cohort" / "sites").iterdir()):
         ingest_site(site, str(work / "cohort" / "sites" / site / "dicom"), str(work / "slices"),
-                    pseudo=Pseudonymizer(load_key(demo=True), site), labels=str(work / "cohort" / "sites" / site / "labels.csv"))
+                    pseudo=Pseudonymizer(key, site), labels=str(work / "cohort" / "sites" / site / "labels.csv"))
     preprocess(str(work / "slices"), str(work / "windows"), config=pre)
     split_dataset(str(work / "windows"), str(work / "splits.parquet"), config=SplitConfig())
     stamp.write_text(wanted)
@@ -95,7 +96,7 @@ def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfi
         prob = model.predict_proba(np.asarray(ds.array))
         boxes = slice_boxes(windows, ds.index)
         masks = lesion_masks(truth, boxes, ds.shape[-1])
-        frame = ds.index.assign(source_sha256=boxes[S.SOURCE_SHA256])
+        frame = ds.index.assign(source_hmac=boxes[S.SOURCE_HMAC])
         positive = np.flatnonzero((np.asarray(ds.targets) == 1) & (prob >= model.meta.threshold))
         rows = [int(frame.index[i]) for i in positive if int(frame.index[i]) in masks and masks[int(frame.index[i])].any()]
         rows = sorted(np.random.default_rng(0).permutation(rows)[:pointing].tolist())
@@ -106,9 +107,9 @@ def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfi
             hits.append(any(peak_on_lesion(c, masks[r], 8.0) for c in grad_cam(model.model, x)[0]))
     frame["lesion_px"] = [float(masks[i].sum()) if i in masks else 0.0 for i in frame.index]
     kinds = pads.dataset(sorted(Path(truth).glob("*.parquet")), format="parquet").to_table(
-        columns=[S.SOURCE_SHA256, S.T_LESION]).to_pandas()
+        columns=[S.SOURCE_HMAC, S.T_LESION]).to_pandas()
     game = {"true_positives": len(hits), "peak_on_lesion_rate": float(np.mean(hits)) if hits else None}
-    return frame.merge(kinds, on=S.SOURCE_SHA256, how="left", validate="one_to_one"), prob, game
+    return frame.merge(kinds, on=S.SOURCE_HMAC, how="left", validate="one_to_one"), prob, game
 
 
 def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, Any]:

@@ -49,8 +49,8 @@ def test_partial_yaml_overrides_only_its_keys(tmp_path: Path) -> None:
         ("ingest:\n  workers: three\n", r"ingest.workers: expected int"),
         ("ingest:\n  strict_labels: 1\n", r"ingest.strict_labels: expected bool"),
         ("synth:\n  pe_extent_slices: [1, 2, 3]\n", r"synth.pe_extent_slices: expected 2 values"),
-        ("train:\n  imbalance: weights\n", r"^train.imbalance: 'weights' is not one of \['sampler', 'weight', 'none'\]$"),
-        ("train:\n  device: yes\n", r"^train.device: True is not one of \['auto', 'cpu', 'cuda'\]$"),  # YAML 1.1: yes is a bool
+        ("train:\n  imbalance: weights\n", r"c.yaml: train.imbalance: 'weights' is not one of \['sampler', 'weight', 'none'\]$"),
+        ("train:\n  device: yes\n", r"c.yaml: train.device: True is not one of \['auto', 'cpu', 'cuda'\]$"),  # YAML 1.1: a bool
         ("- a\n- b\n", r"top level must be a mapping"),
     ],
 )
@@ -91,9 +91,27 @@ def test_a_value_outside_the_choices_is_named_with_its_key(key: str, section: ty
         for part in key.split("."):
             loaded = getattr(loaded, part)
         assert loaded == value
-    from_yaml = f"{key}: 'bogus' is not one of {list(choices)}"
+    from_yaml = f"configuration: {key}: 'bogus' is not one of {list(choices)}"
     with pytest.raises(ConfigError, match=f"^{re.escape(from_yaml)}$"):
         parse_config(_yaml(key, "bogus"))
     in_python = f"{section.__name__}.{name}: 'bogus' is not one of {list(choices)}"
     with pytest.raises(ConfigError, match=f"^{re.escape(in_python)}$"):
         section(**{name: "bogus"})  # a section built in Python checks its choices too
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ingest:\n  workers: [1\n", r"^configuration, line 3, column 1: invalid YAML: expected ',' or '\]', but got "
+                                     r"'<stream end>' \(while parsing a flow sequence\)$"),
+        ("!!python/object/apply:os.system ['true']\n", r"^configuration, line 1, column 1: invalid YAML: could not determine "
+                                                      r"a constructor for the tag 'tag:yaml.org,2002:python/object/apply"),
+        ("ingest:\n  7: a\n  wokers: 2\n", r"^configuration: ingest: unknown key\(s\) \['7', 'wokers'\]"),
+    ],
+    ids=["syntax", "python-tag", "number-key"],
+)
+def test_text_that_is_not_a_configuration_is_one_config_error_line(text: str, message: str) -> None:
+    """What a pipeline component gets as text fails like a file: a ConfigError naming where, on one line."""
+    with pytest.raises(ConfigError, match=message) as raised:
+        parse_config(text)
+    assert "\n" not in str(raised.value)

@@ -22,11 +22,11 @@ def test_lesions_stay_inside_the_dynamic_crop(onboarded: tuple[Path, Path, dict]
     expected = truth(cohort)
     assert report["slices_written"] == len(expected) and report["slices_skipped"] == []
     rows = pads.dataset(tmp_path / "windows", format="parquet", partitioning="hive").to_table(
-        columns=[S.SOURCE_SHA256, S.LABEL, S.CROP_Y0, S.CROP_Y1, S.CROP_X0, S.CROP_X1, S.LUNG_FOUND]).to_pylist()
-    by_sha = {r[S.SOURCE_SHA256]: r for r in rows}
+        columns=[S.SOURCE_HMAC, S.LABEL, S.CROP_Y0, S.CROP_Y1, S.CROP_X0, S.CROP_X1, S.LUNG_FOUND]).to_pylist()
+    by_sha = {r[S.SOURCE_HMAC]: r for r in rows}
     lesion_slices = 0
     for t in expected:
-        row = by_sha[t[S.SOURCE_SHA256]]
+        row = by_sha[t[S.SOURCE_HMAC]]
         assert row[S.LABEL] == t[S.LABEL]
         mask = np.frombuffer(t[S.T_MASK], np.uint8).reshape(t[S.ROWS], t[S.COLS])
         if mask.any():

@@ -54,7 +54,7 @@ def write_windows(root: Path, slices: dict[tuple[str, str], list[str | None]]) -
         cols = {
             S.SITE: [site] * n, S.PATIENT_ID: [pid] * n, S.STUDY_UID: ["st"] * n, S.SERIES_UID: [f"se-{pid}"] * n,
             S.SOP_UID: [f"{pid}-{i}" for i in range(n)], S.SLICE_INDEX: list(range(n)), S.Z_MM: [float(i) for i in range(n)],
-            S.SOURCE_SHA256: ["0" * 64] * n, S.LABEL: labels,
+            S.SOURCE_HMAC: ["0" * 64] * n, S.LABEL: labels,
             S.CROP_Y0: [0] * n, S.CROP_Y1: [4] * n, S.CROP_X0: [0] * n, S.CROP_X1: [4] * n, S.LUNG_FOUND: [True] * n,
         }
         arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name != S.WINDOWS]

@@ -18,6 +18,9 @@ from pe_triage_components.images import CPU_IMAGE, CUDA_IMAGE
 
 from pe_triage.dicom import KEY_ENV
 
+#: the pod label the Helm chart's NetworkPolicy admits to MLflow (charts/pe-triage, networkPolicy)
+MLFLOW_CLIENT_LABEL = "pe-triage.io/mlflow-client"
+
 
 @dataclass(frozen=True)
 class SecretEnv:
@@ -37,7 +40,7 @@ class ClusterOptions:
     #: optional: a pod identity (IRSA, workload identity) may stand in for keys
     s3: SecretEnv | None = SecretEnv("pe-triage-s3", {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}, optional=True)
-    #: optional: only for a tracking server with authentication
+    #: optional here; required where the chart's cluster.yaml names it (its auth is on by default)
     mlflow: SecretEnv | None = SecretEnv("pe-triage-mlflow", {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                                                               "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
                                          optional=True)
@@ -78,7 +81,7 @@ class ClusterOptions:
                                                       s3_secret["secretAccessKeyKey"]: "AWS_SECRET_ACCESS_KEY"})
                         if s3_secret else None)
             kw["mlflow"] = (SecretEnv(ml["name"], {ml["usernameKey"]: "MLFLOW_TRACKING_USERNAME",
-                                                   ml["passwordKey"]: "MLFLOW_TRACKING_PASSWORD"})
+                                                   ml["passwordKey"]: "MLFLOW_TRACKING_PASSWORD"}, optional=False)
                             if ml else None)
         kw["env"] = {k: v for k, v in (("AWS_ENDPOINT_URL", s3.get("endpointUrl")), ("AWS_DEFAULT_REGION", s3.get("region")))
                      if v}
@@ -86,6 +89,8 @@ class ClusterOptions:
 
 
 def _secrets(task: PipelineTask, options: ClusterOptions, *, pseudonym_key: bool) -> PipelineTask:
+    """Credentials as environment variables, and the label that lets the pod reach MLflow."""
+    kubernetes.add_pod_label(task, MLFLOW_CLIENT_LABEL, "true")
     for secret in (options.s3, options.mlflow, options.pseudonym_key if pseudonym_key else None):
         if secret is not None:
             kubernetes.use_secret_as_env(task, secret.name, dict(secret.env), optional=secret.optional)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pe_triage.config import Config, load_config, to_dict
+from pe_triage.dicom import load_key
 from pe_triage.evaluation.metrics import format_proportion
 from pe_triage.registry.overview import registry_overview
 from pe_triage.registry.server import free_port, local_server
@@ -102,7 +103,7 @@ def _cohort(folder: Path, config: Config, terminal: io.TextIOBase) -> list[dict[
             raise ValueError(f"{folder} holds a cohort made with other synth settings: use another --out")
         print("      reusing the cohort already generated", file=terminal)
     else:
-        generate_cohort(folder, config.synth)
+        generate_cohort(folder, config.synth, key=load_key(demo=True))  # the key the onboarding step ingests with
     return [{"site": d.name, "source": str(d / "dicom"), "labels": str(d / "labels.csv")}
             for d in sorted((folder / "sites").iterdir()) if d.is_dir()]
 

@@ -10,6 +10,7 @@ never sees half a model.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -133,12 +134,24 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def load_tensors(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, so a crafted file is
+    refused without running anything; either refusal is one :class:`ArtifactError` line (torch's own
+    messages span lines and suggest ``weights_only=False``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ArtifactError(f"{path}: holds objects other than tensors and plain values; refused, none of it run") from None
+    except (RuntimeError, EOFError):
+        raise ArtifactError(f"{path}: not a readable torch file (corrupt or cut short)") from None
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> StageModel:
     """Rebuild the architecture from ``model.json`` and load the weights (eval mode)."""
     path = Path(path)
     meta = ModelMeta.from_dict(read_meta(path))
     model = build_model(meta.model, len(meta.windows))
-    state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+    state = load_tensors(path / WEIGHTS)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -15,14 +17,21 @@ from pe_triage.registry.cli import add_commands as add_registry_commands
 
 log = logging.getLogger("pe_triage")
 
+#: arguments naming a hospital's own folders, whose sub-folders are often named after patients
+_SOURCE_ARGS = ("source", "dicom")
+#: what to do about an OSError, by errno, where the kernel's words do not say
+_OS_HINTS = {errno.ENOSPC: "; free space on that volume and run again",
+             errno.EDQUOT: "; raise the quota or free space and run again"}
+
 
 def _synth(args: argparse.Namespace) -> int:
+    from pe_triage.dicom import load_key
     from pe_triage.synth import cohort_overview, generate_cohort
 
     cfg = load_config(args.config).synth
     overrides = {k: getattr(args, k) for k in ("sites", "patients_per_site", "slices", "size", "seed")
                  if getattr(args, k) is not None}
-    summary = generate_cohort(Path(args.out), replace(cfg, **overrides))
+    summary = generate_cohort(Path(args.out), replace(cfg, **overrides), key=load_key(demo=True))  # as ingest --demo
     print(json.dumps(cohort_overview(summary), indent=2))
     return 0
 
@@ -242,9 +251,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("openjpeg").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
-        log.error("%s", exc)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # bad input or environment; a bug still raises
+        log.error("%s", _error_line(args, exc))
         return 2
+
+
+def _error_line(args: argparse.Namespace, exc: Exception) -> str:
+    """The error on one line; an OSError (disk full, permissions) named with its errno, since the
+    kernel's words do not say which command failed; any path below a source folder replaced by the
+    folder (hospital exports name folders after patients)."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        paths = "".join(f": {p}" for p in (exc.filename, exc.filename2) if p is not None)
+        code = errno.errorcode.get(exc.errno, str(exc.errno))
+        text = f"{args.command}: {exc.strerror} [{code}]{paths}{_OS_HINTS.get(exc.errno, '')}"
+    else:
+        text = f"{args.command}: {exc}" if isinstance(exc, OSError) else str(exc)
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    for root in _source_roots(args):
+        text = re.sub(re.escape(root) + r"/(?:[^'\"]*(?=['\"])|\S*)", f"a file under {root}", text)
+    return text
+
+
+def _source_roots(args: argparse.Namespace) -> list[str]:
+    """The command's source folders, as given and (for URIs) as bucket/prefix, which S3 errors show."""
+    given = [getattr(args, name, None) for name in _SOURCE_ARGS]
+    roots = [str(v).rstrip("/") for value in given for v in (value if isinstance(value, list) else [value]) if v]
+    return roots + [r.split("://", 1)[1] for r in roots if "://" in r]
 
 
 if __name__ == "__main__":

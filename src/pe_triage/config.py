@@ -136,6 +136,28 @@ class IngestConfig:
     geometry_tolerance: float = 1e-3
     #: a manifest row that matches no ingested slice fails the run (else: reported as mismatch)
     strict_labels: bool = False
+    #: largest Rows / Columns a header may declare, checked before any pixel is decoded: CT is 512²
+    #: (high-resolution reconstructions 1024² or 2048²); 4096² int32 bounds a decoded slice at 64 MiB,
+    #: where a forged 65535² header would claim 8 GiB
+    max_rows: int = 4096
+    max_cols: int = 4096
+    #: largest NumberOfFrames: one Enhanced CT scan holds at most a few thousand frames (multi-frame
+    #: files are refused later anyway; this refuses absurd claims as what they are)
+    max_frames: int = 4096
+    #: largest BitsAllocated: CT stores 16 bits, and 32 is the most DICOM allows for greyscale
+    max_bits_allocated: int = 32
+    #: a step between neighbouring slices of a series that differs from the series' median step by
+    #: more than this fraction of it (a missing slice, one off the grid) is a warning in the report;
+    #: scanners round positions to ~0.001 mm, far inside 10 % of any slice step
+    z_grid_tolerance: float = 0.1
+    #: one ingest per site and dataset at a time: a second one waits this long for the first, logging
+    #: who holds the lock, then fails naming it (0: refuse at once). Longer than ``lock_ttl_s``, so a
+    #: run restarted after its predecessor was killed on another node outlives the dead lock
+    lock_wait_s: float = 300.0
+    #: an S3 lock not renewed for this long is a dead run's and is taken over; it is renewed every
+    #: quarter of it (four renewals must fail in a row). A local lock needs none: the kernel drops it
+    #: when its holder dies
+    lock_ttl_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -351,9 +373,25 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    """The registered model, its gates and the lock that serialises champion moves (promote,
+    rollback; ``pe_triage.registry.lock``)."""
+
     model_name: str = "pe-triage"
     experiment: str = "pe-triage"
     gates: GateConfig = field(default_factory=GateConfig)
+    #: how long a promote/rollback (or a load finding one in progress) waits for another one before it
+    #: gives up with a conflict naming the holder: a move takes seconds, a minute covers a slow server
+    lock_wait_s: float = 60.0
+    #: a lock entry older than this belongs to a holder that died (kill -9, lost pod) and is removed;
+    #: well above a move's seconds so a slow live holder is never taken for dead
+    lock_expiry_s: float = 600.0
+    #: how often a waiter re-reads the lock: two tag reads a second is nothing for the server
+    lock_poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lock_poll_s <= self.lock_wait_s < self.lock_expiry_s:
+            raise ConfigError(f"registry: need 0 < lock_poll_s <= lock_wait_s < lock_expiry_s, got {self.lock_poll_s}, "
+                              f"{self.lock_wait_s}, {self.lock_expiry_s}")
 
 
 @dataclass(frozen=True)
@@ -404,7 +442,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) mapping, rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)  # YAML keys may be numbers, which do not sort with str
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
@@ -415,16 +453,38 @@ def load_config(path: str | Path | None = None) -> Config:
     """Defaults, overridden by the YAML file at ``path`` when given."""
     if path is None:
         return Config()
-    return parse_config(Path(path).read_text(), source=str(path))
+    try:
+        text = Path(path).read_bytes().decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return parse_config(text, source=str(path))
 
 
 def parse_config(text: str, *, source: str = "configuration") -> Config:
     """Defaults, overridden by YAML ``text`` (``""`` for the defaults): the pipeline components
-    receive the configuration as text, the CLI as a file."""
-    data = yaml.safe_load(text) or {}
+    receive the configuration as text, the CLI as a file. Every mistake is one :class:`ConfigError`
+    line that starts with ``source``, so a log names the file to fix."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(source, e) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
-    return from_dict(Config, data)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _yaml_error(source: str, error: yaml.YAMLError) -> ConfigError:
+    """The file, line and column and what is wrong, on one line (yaml's own message spans several
+    and quotes the text)."""
+    mark = getattr(error, "problem_mark", None)
+    if not isinstance(error, yaml.MarkedYAMLError) or mark is None:
+        return ConfigError(f"{source}: invalid YAML: {' '.join(str(error).split())}")
+    context = f" ({error.context})" if error.context and error.problem else ""
+    return ConfigError(f"{source}, line {mark.line + 1}, column {mark.column + 1}: invalid YAML: "
+                       f"{error.problem or error.context}{context}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ studies and series by ordinals (``study-1``, ``series-1``), so nothing in it lin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import tempfile
@@ -53,6 +54,7 @@ KEY_COLUMNS = [S.STUDY_UID, S.SERIES_UID, S.SLICE_INDEX]
 SLICE_INPUT_COLUMNS = [*KEY_COLUMNS, S.ROWS, S.COLS, S.PIXEL_SPACING_ROW, S.PIXEL_SPACING_COL]
 OUTPUT_COLUMNS = [*KEY_COLUMNS, S.P_DISEASE, S.P_PE, TRIAGE, FLAGGED, STUDY_TRIAGE]
 _SITE = "predict"  # the temporary dataset's site name (never in the output)
+_CONTENT = "_content"  # a hash of each slice's windows: orders studies whatever the random key
 #: preprocess settings that only change how a run executes
 _EXECUTION_ONLY = ("workers", "row_group_slices", "zstd_level")
 
@@ -233,17 +235,19 @@ class Triage:
 
 
 def _read_windows(paths: Sequence[Path]) -> tuple[pd.DataFrame, np.ndarray, list[Window]]:
-    """Keys (pseudonyms and source sha256, for ordering), the window stacks and their windows of
-    a windows dataset, all series together: one batched pass through each model."""
+    """Keys (pseudonyms, and a hash of each slice's windows for ordering), the window stacks and their
+    windows of a windows dataset, all series together: one batched pass through each model."""
     keys, stacks, windows = [], [], None
     for path in paths:
         table = pq.read_table(path)
         defs = json.loads((table.schema.metadata or {})[S.META_WINDOWS.encode()])
         windows = windows or [Window.from_dict(d) for d in defs]  # one run: same in every file
         stacks.append(S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS))))
-        keys.append(table.select([*KEY_COLUMNS, S.SOURCE_SHA256]).to_pandas())
+        frame = table.select(KEY_COLUMNS).to_pandas()
+        frame[_CONTENT] = [hashlib.sha256(s.tobytes()).hexdigest() for s in stacks[-1]]
+        keys.append(frame)
     if not keys:
-        return pd.DataFrame(columns=[*KEY_COLUMNS, S.SOURCE_SHA256]), np.empty((0, 0, 0, 0), np.uint8), []
+        return pd.DataFrame(columns=[*KEY_COLUMNS, _CONTENT]), np.empty((0, 0, 0, 0), np.uint8), []
     return pd.concat(keys, ignore_index=True), np.concatenate(stacks), windows or []
 
 
@@ -267,11 +271,11 @@ def _folders(sources: Sequence[str], staging: Path) -> list[str]:
 def _ordinal_ids(frame: pd.DataFrame) -> pd.DataFrame:
     """Pseudonyms -> ``study-N`` / ``series-N``, numbered in an order that does not depend on the
     random key (by the content hash of the first slice), so two calls on the same input agree."""
-    first = frame.groupby([S.STUDY_UID, S.SERIES_UID])[S.SOURCE_SHA256].min()
+    first = frame.groupby([S.STUDY_UID, S.SERIES_UID])[_CONTENT].min()
     study_n = first.groupby(level=0).min().rank(method="first").astype(int)
     series_n = first.groupby(level=0).rank(method="first").astype(int)
     keys = pd.MultiIndex.from_frame(frame[[S.STUDY_UID, S.SERIES_UID]])
-    out = frame.drop(columns=[S.SOURCE_SHA256]).assign(
+    out = frame.drop(columns=[_CONTENT]).assign(
         _study=frame[S.STUDY_UID].map(study_n).to_numpy(), _series=series_n.reindex(keys).to_numpy())
     out = out.sort_values(["_study", "_series", S.SLICE_INDEX]).reset_index(drop=True)
     out[S.STUDY_UID] = "study-" + out.pop("_study").astype(str)

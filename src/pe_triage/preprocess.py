@@ -213,9 +213,9 @@ def process_series(job: SeriesJob) -> SeriesResult:
 
 def _digest(src: Location, path: str, config_json: str) -> tuple[str, str, str]:
     """(site, series, digest of what the series' windows depend on: its slices, labels and the config)."""
-    table = pq.read_table(path, filesystem=src.fs, columns=[S.SITE, S.SERIES_UID, S.SOURCE_SHA256, S.LABEL, S.SLICE_INDEX])
+    table = pq.read_table(path, filesystem=src.fs, columns=[S.SITE, S.SERIES_UID, S.SOURCE_HMAC, S.LABEL, S.SLICE_INDEX])
     h = hashlib.sha256(config_json.encode())
-    for sha, label, index in zip(*(table.column(c).to_pylist() for c in (S.SOURCE_SHA256, S.LABEL, S.SLICE_INDEX)), strict=True):
+    for sha, label, index in zip(*(table.column(c).to_pylist() for c in (S.SOURCE_HMAC, S.LABEL, S.SLICE_INDEX)), strict=True):
         h.update(f"{index}:{sha}:{label}\n".encode())
     return table.column(S.SITE)[0].as_py(), table.column(S.SERIES_UID)[0].as_py(), h.hexdigest()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: source_sha256 (a plain hash of the identified file) became the keyed source_hmac
 
 # ---------------------------------------------------------------------------- slices
 SITE = "site"
@@ -40,7 +40,9 @@ CONTRAST = "contrast"
 TRANSFER_SYNTAX = "transfer_syntax"
 UIDS_DERIVED = "uids_derived"
 HU = "hu_planes"
-SOURCE_SHA256 = "source_sha256"
+#: HMAC-SHA256 of the source file under the pseudonym key (``Pseudonymizer.source_digest``): finds
+#: duplicates, yet cannot be matched against a file by anyone without the key
+SOURCE_HMAC = "source_hmac"
 LABEL = "label"
 
 
@@ -121,7 +123,7 @@ SLICES_SCHEMA = pa.schema(
         pa.field(CONTRAST, pa.bool_(), nullable=False),
         pa.field(TRANSFER_SYNTAX, pa.string(), nullable=False),
         pa.field(UIDS_DERIVED, pa.bool_(), nullable=False),
-        pa.field(SOURCE_SHA256, pa.string(), nullable=False),
+        pa.field(SOURCE_HMAC, pa.string(), nullable=False),
         pa.field(LABEL, pa.string()),
         pa.field(HU, pa.binary(), nullable=False, metadata={"encoding": HU_ENCODING}),
     ]
@@ -135,7 +137,7 @@ CROP_Y0, CROP_Y1, CROP_X0, CROP_X1 = "crop_y0", "crop_y1", "crop_x0", "crop_x1"
 LUNG_FOUND = "lung_found"
 WINDOWS = "windows"
 #: keys carried from ``slices`` into ``windows`` unchanged
-WINDOWS_KEYS = [SITE, PATIENT_ID, STUDY_UID, SERIES_UID, SOP_UID, SLICE_INDEX, Z_MM, SOURCE_SHA256, LABEL]
+WINDOWS_KEYS = [SITE, PATIENT_ID, STUDY_UID, SERIES_UID, SOP_UID, SLICE_INDEX, Z_MM, SOURCE_HMAC, LABEL]
 #: file metadata keys of a windows dataset
 META_WINDOWS = "pe_triage.windows"  # JSON list of {name, lo, hi}: stored = round((HU - lo) * 255 / (hi - lo))
 META_PREPROCESS = "pe_triage.preprocess_config"  # JSON of PreprocessConfig
@@ -258,8 +260,8 @@ class Reason(enum.StrEnum):
     """Why a source file was not ingested. Every file seen is ingested, a duplicate, or one of these."""
 
     EMPTY_FILE = "empty_file"
-    UNREADABLE = "unreadable"  # not DICOM, or a header that does not parse
-    TRUNCATED = "truncated"  # pixel data shorter than its header says
+    UNREADABLE = "unreadable"  # not DICOM, a header that does not parse, a file or folder that cannot be read
+    TRUNCATED = "truncated"  # the file ends inside its header or its pixel data
     NOT_CT = "not_ct"
     NOT_AXIAL_IMAGE = "not_axial_image"  # localizer / scout, or not a cross-sectional slice
     NO_PIXELS = "no_pixels"
@@ -273,13 +275,15 @@ class Reason(enum.StrEnum):
     CONFLICTING_UID = "conflicting_uid"  # same SOP Instance UID, different content
     BURNED_IN_ANNOTATION = "burned_in_annotation"
     DUPLICATE = "duplicate"  # same content as another file of this scan
+    OUTSIDE_SOURCE = "outside_source"  # a symbolic link that leads out of the source folder: never read
+    IMPLAUSIBLE_HEADER = "implausible_header"  # declares sizes beyond the configured limits: never decoded
 
 
 QUARANTINE_SCHEMA = pa.schema(
     [
         pa.field(SITE, pa.string(), nullable=False),
         pa.field(PATH_PSEUDONYM, pa.string(), nullable=False),
-        pa.field(SOURCE_SHA256, pa.string()),
+        pa.field(SOURCE_HMAC, pa.string()),
         pa.field(SIZE_BYTES, pa.int64(), nullable=False),
         pa.field(REASON, pa.string(), nullable=False),
         pa.field(DETAIL, pa.string(), nullable=False),
@@ -301,7 +305,8 @@ MANIFEST_COLUMNS = [M_PATIENT_ID, M_STUDY_UID, M_SERIES_UID, M_SOP_UID, M_INSTAN
 
 # ---------------------------------------------------------------------------- synthetic ground truth
 # Written by the generator beside (never inside) the hospital-format data, keyed by the clear
-# synthetic ids and by ``source_sha256`` so it joins the ingested slices without the pseudonym key.
+# synthetic ids and by ``source_hmac``, computed with the key the cohort is ingested with (the demo key
+# unless the generator is given another), so it joins the ingested slices.
 T_LESION = "lesion"  # pe | consolidation | ggo | nodule | effusion | none
 T_MASK = "lesion_mask"  # uint8 0/1, rows*cols
 T_TISSUE = "tissue_map"  # uint8 Tissue codes, rows*cols (null when not written)
@@ -331,7 +336,7 @@ TRUTH_SCHEMA = pa.schema(
         pa.field(M_STUDY_UID, pa.string(), nullable=False),
         pa.field(M_SERIES_UID, pa.string(), nullable=False),
         pa.field(M_SOP_UID, pa.string(), nullable=False),
-        pa.field(SOURCE_SHA256, pa.string(), nullable=False),
+        pa.field(SOURCE_HMAC, pa.string(), nullable=False),
         pa.field(Z_MM, pa.float64(), nullable=False),
         pa.field(ROWS, pa.int32(), nullable=False),
         pa.field(COLS, pa.int32(), nullable=False),

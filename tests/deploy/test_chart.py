@@ -114,8 +114,9 @@ CREATED_SECRETS = {
     "postgresql": {"auth": {"password": "pg-password-value-42"}},
 }
 MINIMAL = {"mlflow": {"enabled": False}, "schedule": {"enabled": False}, "networkPolicy": {"enabled": False}}
+AUTH_OFF = {"mlflow": {"auth": {"enabled": False, "allowUnauthenticated": True}}}
 SCENARIOS = {"default": None, "external-db": EXTERNAL_DB, "gpu-multiuser-auth": GPU,
-             "created-secrets": CREATED_SECRETS, "minimal": MINIMAL}
+             "created-secrets": CREATED_SECRETS, "minimal": MINIMAL, "auth-off": AUTH_OFF}
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -181,7 +182,7 @@ def test_mlflow_server_bundled_postgresql(render):
     args = c["args"]
     assert {"--host=0.0.0.0", "--port=5000", "--workers=2", "--serve-artifacts",
             "--artifacts-destination=s3://pe-triage-mlflow/artifacts"} <= set(args)
-    assert not any(a.startswith("--app-name") for a in args)
+    assert "--app-name=basic-auth" in args  # auth is on by default
     hosts = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
     assert {"t-pe-triage-mlflow:5000", "t-pe-triage-mlflow.ml.svc.cluster.local:5000"} <= set(hosts)
     env = env_of(c)
@@ -233,11 +234,12 @@ def test_no_secret_value_outside_secrets(helm):
                values=CREATED_SECRETS).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    assert set(secrets) == {"t-pe-triage-pseudonym", "t-pe-triage-s3", "t-pe-triage-postgresql"}
+    assert set(secrets) == {"t-pe-triage-pseudonym", "t-pe-triage-s3", "t-pe-triage-postgresql",
+                            "t-pe-triage-mlflow-auth", "t-pe-triage-mlflow-client"}
     values = ["pseudonym-key-value-0123456789", "AKIATESTVALUE", "s3-secret-value-xyz", "pg-password-value-42"]
     for v in values:
         assert v not in out  # not in clear anywhere, ConfigMaps and args included
-    stored = {base64.b64decode(x).decode() for s in secrets.values() for x in s["data"].values()}
+    stored = {base64.b64decode(x).decode() for name, s in secrets.items() if "mlflow" not in name for x in s["data"].values()}
     assert stored == set(values)
     # the pipeline learns the Secret's name and key only
     cluster = yaml.safe_load(find(docs, "ConfigMap", "-config")["data"]["cluster.yaml"])
@@ -347,7 +349,7 @@ def test_network_policies(render):
     scheduler = find(docs, "NetworkPolicy", "-scheduler")["spec"]
     assert scheduler["ingress"] == []
     ports = {p["port"] for rule in scheduler["egress"] for p in rule["ports"]}
-    assert ports == {53, 8888, 443}
+    assert ports == {53, 8888}
 
 
 def test_values_and_chart_metadata_pass_yamllint():
@@ -394,9 +396,9 @@ INVALID = {
     "bad toleration": ({"gpu": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Maybe"}]}},
                        "/gpu/tolerations/0/operator"),
     "zero gpus": ({"gpu": {"count": 0}}, "/gpu/count"),
-    "auth without secret": ({"mlflow": {"auth": {"enabled": True}}}, "/mlflow/auth/existingSecret"),
-    "auth without pipeline credentials": ({"mlflow": {"auth": {"enabled": True, "existingSecret": "mlflow-admin"}}},
-                                          "/mlflow/auth/pipelineSecret"),
+    "auth off without saying so": ({"mlflow": {"auth": {"enabled": False}}}, "/mlflow/auth/allowUnauthenticated"),
+    "client namespace not a name": ({"networkPolicy": {"clientNamespaces": ["Kubeflow User"]}},
+                                    "/networkPolicy/clientNamespaces/0"),
     "relative slices store": ({"schedule": {"slicesStore": "data/slices"}}, "/schedule/slicesStore"),
     "auth on external db without its config": (
         {"postgresql": {"enabled": False}, "externalDatabase": {"existingSecret": "mlflow-db"},
@@ -425,3 +427,272 @@ def test_invalid_values_fail_at_install(helm, name):
 def test_lint_strict_fails_on_invalid_values(helm):
     proc = helm("lint", "--strict", str(CHART), values=INVALID["five-field cron"][0], check=False)
     assert proc.returncode != 0 and "/schedule/cron" in proc.stdout + proc.stderr
+
+
+# ---- issue 16: the registry is closed by default (auth, credentials from Secrets, NetworkPolicies) ----
+
+#: the label the chart's NetworkPolicy admits to MLflow; pe_triage_pipelines.cluster sets it on pipeline pods
+CLIENT_LABEL = "pe-triage.io/mlflow-client"
+CLIENT_PEER = {"podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}
+DNS_RULE = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+            "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+
+
+def _selector(component: str) -> dict:
+    return {"matchLabels": {"app.kubernetes.io/name": "pe-triage", "app.kubernetes.io/instance": RELEASE,
+                            "app.kubernetes.io/component": component}}
+
+
+def _pods(docs: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(where, pod labels, pod spec) of every workload."""
+    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["metadata"]["labels"], d["spec"]["template"]["spec"])
+            for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job", "CronJob", "DaemonSet")]
+
+
+def _secret_ref(env: dict[str, dict], name: str) -> dict:
+    assert "value" not in env[name], f"{name} in clear"
+    return env[name]["valueFrom"]["secretKeyRef"]
+
+
+def test_default_install_turns_auth_on_with_generated_credentials(render):
+    docs = render()
+    c = find(docs, "Deployment", "-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in c["args"] and "--serve-artifacts" in c["args"]
+    env = env_of(c)
+    assert _secret_ref(env, "MLFLOW_AUTH_ADMIN_PASSWORD") == {"name": "t-pe-triage-mlflow-auth", "key": "admin-password"}
+    assert _secret_ref(env, "MLFLOW_FLASK_SERVER_SECRET_KEY") == {"name": "t-pe-triage-mlflow-auth", "key": "flask-secret-key"}
+    admin = find(docs, "Secret", "-mlflow-auth")
+    client = find(docs, "Secret", "-mlflow-client")
+    for secret in (admin, client):  # random, kept across upgrades (lookup) and uninstall (the auth DB outlives it)
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    data = {k: base64.b64decode(v).decode() for k, v in {**admin["data"], **client["data"]}.items()}
+    assert len(data["admin-password"]) == 32 and len(data["flask-secret-key"]) == 64
+    assert data["MLFLOW_TRACKING_USERNAME"] == "pe-triage-pipeline" and len(data["MLFLOW_TRACKING_PASSWORD"]) == 32
+    cluster = yaml.safe_load(find(docs, "ConfigMap", "-config")["data"]["cluster.yaml"])
+    assert cluster["secrets"]["mlflow"] == {"name": "t-pe-triage-mlflow-client", "usernameKey": "MLFLOW_TRACKING_USERNAME",
+                                            "passwordKey": "MLFLOW_TRACKING_PASSWORD"}
+
+
+@pytest.mark.parametrize("name", ["default", "external-db", "gpu-multiuser-auth"])
+def test_credentials_reach_clients_only_through_secret_key_refs(render, name):
+    docs = render(SCENARIOS[name])
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    assert {s["metadata"]["name"] for s in secrets} >= ({"t-pe-triage-mlflow-auth", "t-pe-triage-mlflow-client"}
+                                                       if name == "default" else set())
+    values = {base64.b64decode(v).decode() for s in secrets for v in s["data"].values()}
+    values.discard("pe-triage-pipeline")  # a user name, not a credential
+    others = yaml.safe_dump_all([d for d in docs if d["kind"] != "Secret"])
+    assert not [v for v in values if v in others]  # no generated credential in a ConfigMap, an arg or an env value
+    clients = [(where, spec) for where, labels, spec in _pods(docs) if labels.get(CLIENT_LABEL) == "true"]
+    assert [where for where, _ in clients] == ["Job/t-pe-triage-mlflow-users"]
+    for where, spec in clients:
+        for c in spec["containers"]:
+            env = env_of(c)
+            assert not any("password" in a.lower() for a in c.get("args", []) + c["command"]), where
+            # the admin logs in to create the pipeline's user; both passwords only from Secrets
+            assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "admin"
+            assert _secret_ref(env, "MLFLOW_TRACKING_PASSWORD")["key"] == "admin-password"
+            client = "t-pe-triage-mlflow-client" if name == "default" else "mlflow-pipelines"  # generated or named
+            for var in ("PE_TRIAGE_MLFLOW_USERNAME", "PE_TRIAGE_MLFLOW_PASSWORD"):
+                assert _secret_ref(env, var)["name"] == client, (where, var)
+    # the scheduler only talks to the KFP API: no MLflow credentials, not admitted to MLflow
+    (sched_labels, sched) = next((labels, spec) for where, labels, spec in _pods(docs) if where.endswith("-schedule"))
+    assert CLIENT_LABEL not in sched_labels
+    assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} & set(env_of(sched["containers"][0]))
+
+
+def test_pipeline_pods_carry_the_client_label_and_the_client_secret(render, tmp_path):
+    """The compiled pipelines (from the chart's cluster.yaml) put every MLflow-using step in the
+    NetworkPolicy's client group and give it the credentials from the chart's Secret (not optional)."""
+    cluster = pytest.importorskip("pe_triage_pipelines.cluster", reason="the pipelines package is not installed")
+    from pe_triage_pipelines.compile import compile_all
+
+    assert cluster.MLFLOW_CLIENT_LABEL == CLIENT_LABEL
+    raw = yaml.safe_load(find(render(), "ConfigMap", "-config")["data"]["cluster.yaml"])
+    for path in compile_all(tmp_path, cluster.ClusterOptions.from_cluster_config(raw)).values():
+        _, platform = yaml.safe_load_all(path.read_text())
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        mlflow_users = {label: ex for label, ex in executors.items()
+                        if any(s["secretName"] == "t-pe-triage-mlflow-client" for s in ex.get("secretAsEnv", []))}
+        assert mlflow_users, path.name
+        for label, ex in mlflow_users.items():
+            assert ex["podMetadata"]["labels"][CLIENT_LABEL] == "true", label
+            (secret,) = [s for s in ex["secretAsEnv"] if s["secretName"] == "t-pe-triage-mlflow-client"]
+            assert secret["optional"] is False, label
+            assert {e["envVar"] for e in secret["keyToEnv"]} == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+
+
+def test_mlflow_admits_only_labelled_client_pods(render):
+    policy = find(render(), "NetworkPolicy", "-mlflow")["spec"]
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [CLIENT_PEER]  # not `podSelector: {}` (every pod of the namespace)
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    docs = render({"networkPolicy": {"clientNamespaces": ["kubeflow-user"]}})
+    (rule,) = find(docs, "NetworkPolicy", "-mlflow")["spec"]["ingress"]
+    assert rule["from"] == [CLIENT_PEER, {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow-user"}},
+                                          **CLIENT_PEER}]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_every_pod_of_the_chart_is_fenced_in_both_directions(render, name):
+    docs = render(SCENARIOS[name])
+    policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"]
+    for where, labels, _ in _pods(docs):
+        covering = [p for p in policies if p["podSelector"]["matchLabels"].items() <= labels.items()]
+        if name == "minimal":
+            assert not covering
+            continue
+        assert len(covering) == 1, where
+        assert covering[0]["policyTypes"] == ["Ingress", "Egress"], where
+
+
+def test_egress_is_what_each_pod_needs(render):
+    docs = render()
+    mlflow = find(docs, "NetworkPolicy", "-mlflow")["spec"]["egress"]
+    assert mlflow == [DNS_RULE,
+                      {"to": [{"podSelector": _selector("postgresql")}], "ports": [{"port": 5432, "protocol": "TCP"}]},
+                      {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 9000, "protocol": "TCP"}]}]
+    scheduler = find(docs, "NetworkPolicy", "-scheduler")["spec"]
+    assert scheduler["ingress"] == []
+    assert scheduler["egress"] == [DNS_RULE, {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+                "podSelector": {"matchLabels": {"app": "ml-pipeline"}}}],
+        "ports": [{"port": 8888, "protocol": "TCP"}]}]
+    users = find(docs, "NetworkPolicy", "-mlflow-users")["spec"]
+    assert users["ingress"] == []
+    assert users["egress"] == [DNS_RULE, {"to": [{"podSelector": _selector("mlflow")}],
+                                          "ports": [{"port": 5000, "protocol": "TCP"}]}]
+    # narrower peers for the object store and an external database, when the operator knows them
+    s3_peer = {"ipBlock": {"cidr": "10.20.0.0/16"}}
+    db_peer = {"ipBlock": {"cidr": "10.30.0.5/32"}}
+    docs = render({**EXTERNAL_DB, "networkPolicy": {"s3To": [s3_peer], "databaseTo": [db_peer], "dnsTo": []}})
+    egress = find(docs, "NetworkPolicy", "-mlflow")["spec"]["egress"]
+    assert egress == [{"ports": DNS_RULE["ports"]}, {"to": [db_peer], "ports": [{"port": 5432, "protocol": "TCP"}]},
+                      {"to": [s3_peer], "ports": [{"port": 443, "protocol": "TCP"}, {"port": 9000, "protocol": "TCP"}]}]
+
+
+def test_turning_auth_off_is_an_explicit_choice(helm, render):
+    proc = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION,
+                values={"mlflow": {"auth": {"enabled": False}}}, check=False)
+    assert proc.returncode != 0, "auth turned off without mlflow.auth.allowUnauthenticated"
+    assert "/mlflow/auth/allowUnauthenticated" in proc.stderr, proc.stderr
+    docs = render(AUTH_OFF)
+    c = find(docs, "Deployment", "-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    # no artifact proxy without auth: clients reach the object store with their own credentials
+    assert "--no-serve-artifacts" in c["args"] and "--serve-artifacts" not in c["args"]
+    assert "--default-artifact-root=s3://pe-triage-mlflow/artifacts" in c["args"]
+    assert not any(a.startswith(("--app-name", "--artifacts-destination")) for a in c["args"])
+    names = {d["metadata"]["name"] for d in docs}
+    assert not names & {"t-pe-triage-mlflow-auth", "t-pe-triage-mlflow-client", "t-pe-triage-mlflow-users"}
+    assert "mlflow" not in yaml.safe_load(find(docs, "ConfigMap", "-config")["data"]["cluster.yaml"])["secrets"]
+    (rule,) = find(docs, "NetworkPolicy", "-mlflow")["spec"]["ingress"]
+    assert rule["from"] == [CLIENT_PEER]  # still only the labelled clients
+    assert all("to" in r for r in find(docs, "NetworkPolicy", "-mlflow")["spec"]["egress"])  # no object store egress
+
+
+def _resolve_env(container: dict, secrets: dict[str, dict]) -> dict[str, str]:
+    """A container's environment as Kubernetes would give it, from the rendered Secrets."""
+    out = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            out[e["name"]] = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+    return out
+
+
+def _status(url: str, method: str = "GET", auth: tuple[str, str] | None = None, body: bytes | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.slow
+def test_the_charts_mlflow_server_refuses_unauthenticated_calls(render, tmp_path, monkeypatch):
+    """The chart's own server arguments, auth config and user bootstrap, on a real `mlflow server`
+    (SQLite instead of PostgreSQL, a folder instead of S3): the REST and artifact APIs refuse callers
+    without credentials (401), the pipeline user works but is no admin, /health stays open for probes."""
+    from pe_triage.registry.server import free_port
+
+    docs = render()
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    server = find(docs, "Deployment", "-mlflow")["spec"]["template"]["spec"]["containers"][0]
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    replace = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1",
+               "--artifacts-destination": str(tmp_path / "artifacts")}
+    args = [f"{a.split('=')[0]}={replace[a.split('=')[0]]}" if a.split("=")[0] in replace else a for a in server["args"]]
+    ini = find(docs, "ConfigMap", "-mlflow-auth")["data"]["basic_auth.ini"]
+    (tmp_path / "basic_auth.ini").write_text("\n".join(
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}" if line.startswith("database_uri") else line
+        for line in ini.splitlines()))
+    env = _resolve_env({"env": [e for e in server["env"] if e["name"] != "PGPASSWORD"]}, secrets)
+    env |= {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"), "HOME": str(tmp_path),
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([mlflow, *server["command"][1:], *args], env={**os.environ, **env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        users_job = find(docs, "Job", "-mlflow-users")["spec"]["template"]["spec"]["containers"][0]
+        script = find(docs, "ConfigMap", "-mlflow-users")["data"]["create_user.py"]
+        (tmp_path / "create_user.py").write_text(script)
+        job_env = _resolve_env(users_job, secrets) | {"MLFLOW_TRACKING_URI": uri}
+        for _ in range(2):  # install, then upgrade: the user exists and keeps the Secret's password
+            run = subprocess.run([sys.executable, str(tmp_path / "create_user.py")], env={**os.environ, **job_env},
+                                 capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "server.log").read_text()[-3000:]
+            assert job_env["PE_TRIAGE_MLFLOW_PASSWORD"] not in run.stdout + run.stderr
+            assert job_env["MLFLOW_TRACKING_PASSWORD"] not in run.stdout + run.stderr
+        client = secrets["t-pe-triage-mlflow-client"]["data"]
+        pipeline = tuple(base64.b64decode(client[k]).decode() for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+        api = f"{uri}/api/2.0/mlflow"
+        assert _status(f"{uri}/health") == 200
+        created = json.dumps({"name": "pe-triage"}).encode()
+        assert _status(f"{api}/experiments/create", "POST", body=created) == 401
+        assert _status(f"{api}/experiments/create", "POST", auth=(pipeline[0], "wrong"), body=created) == 401
+        assert _status(f"{api}/experiments/create", "POST", auth=pipeline, body=created) == 200
+        from mlflow import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", pipeline[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", pipeline[1])
+        tracking = MlflowClient(uri)
+        run_info = tracking.create_run(tracking.get_experiment_by_name("pe-triage").experiment_id).info
+        artifact = (f"{uri}/api/2.0/mlflow-artifacts/artifacts/{run_info.experiment_id}/{run_info.run_id}"
+                    "/artifacts/model/python_model.pkl")
+        assert _status(artifact, "PUT", body=b"crafted") == 401  # the issue's PUT of a hostile pickle
+        assert _status(artifact, "PUT", auth=pipeline, body=b"model") == 200
+        assert _status(artifact) == 401
+        assert _status(artifact, auth=pipeline) == 200
+        alias = json.dumps({"name": "pe-triage", "alias": "champion", "version": "1"}).encode()
+        assert _status(f"{api}/registered-models/alias", "POST", body=alias) == 401
+        # the pipeline user is no admin: it cannot create users or grant itself anything
+        user = json.dumps({"username": "mallory", "password": "x" * 24}).encode()
+        assert _status(f"{api}/users/create", "POST", auth=pipeline, body=user) == 403
+        admin = (env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+        assert _status(f"{api}/users/create", "POST", auth=admin, body=user) == 200
+        # another user may read (defaultPermission READ) but not overwrite the pipeline's model files
+        assert _status(artifact, auth=("mallory", "x" * 24)) == 200
+        assert _status(artifact, "PUT", auth=("mallory", "x" * 24), body=b"crafted") == 403
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_pipeline_user_cannot_be_the_admin(helm):
+    proc = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION,
+                values={"mlflow": {"auth": {"pipelineUsername": "admin"}}}, check=False)
+    assert proc.returncode != 0 and "pipelineUsername must differ from mlflow.auth.adminUsername" in proc.stderr

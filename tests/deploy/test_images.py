@@ -270,10 +270,29 @@ def test_mlflow_image_matches_the_runtime_pins():
     reqs = {canonicalize_name(Requirement(line).name): Requirement(line)
             for line in (IMAGES / "mlflow" / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")}
-    assert set(reqs) == {"mlflow", "psycopg2-binary", "boto3"}
+    assert set(reqs) == {"mlflow", "psycopg2-binary", "boto3", "flask-wtf", "wtforms"}
     for name in ("mlflow", "boto3"):
         (spec,) = reqs[name].specifier
         assert spec.operator == "==" and spec.version == pins[name]
+
+
+def test_mlflow_image_has_what_the_basic_auth_app_needs():
+    """The chart runs `mlflow server --app-name basic-auth` by default: the image must install
+    mlflow's `auth` extra (Flask-WTF for CSRF), pinned, or the server does not start."""
+    reqs = {canonicalize_name(Requirement(line).name): Requirement(line)
+            for line in (IMAGES / "mlflow" / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    auth_extra = [Requirement(r) for r in metadata.distribution("mlflow").requires or []
+                  if Requirement(r).marker and Requirement(r).marker.evaluate({**default_environment(), "extra": "auth"})
+                  and not Requirement(r).marker.evaluate({**default_environment(), "extra": ""})]
+    assert auth_extra
+    for req in auth_extra:
+        name = canonicalize_name(req.name)
+        assert name in reqs, f"images/mlflow/requirements.txt lacks {req} (mlflow[auth])"
+        (spec,) = reqs[name].specifier
+        assert spec.operator == "==" and Version(spec.version) in req.specifier, reqs[name]
+    for req in reqs.values():
+        assert [s.operator for s in req.specifier] == ["=="], f"{req} is not pinned"
 
 
 def test_build_script_tags_images_with_the_package_version():

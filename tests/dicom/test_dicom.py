@@ -176,3 +176,62 @@ def test_key_is_required_outside_demo_mode(monkeypatch: pytest.MonkeyPatch) -> N
         load_key()
     monkeypatch.setenv(KEY_ENV, "a deployment secret of 32 bytes!")
     assert load_key() == b"a deployment secret of 32 bytes!"
+
+
+def _bytes(ds: object) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)  # type: ignore[attr-defined]
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        ({"Rows": 40000}, "Rows 40000 > 4096"),
+        ({"Columns": 65535}, "Columns 65535 > 4096"),
+        ({"NumberOfFrames": 100000}, "NumberOfFrames 100000 > 4096"),
+        ({"BitsAllocated": 64}, "BitsAllocated 64 > 32"),
+        ({"Rows": 0}, "Rows 0 < 1"),
+    ],
+)
+def test_implausible_headers_are_rejected_before_any_decode(change: dict, detail: str) -> None:
+    with pytest.raises(Rejected) as exc:
+        header_of(_bytes(ct_slice(**change)))
+    assert exc.value.reason == Reason.IMPLAUSIBLE_HEADER and exc.value.detail.startswith(detail)
+
+
+def test_header_limits_are_configurable() -> None:
+    from pe_triage.config import IngestConfig
+
+    data = _bytes(ct_slice(size=64))
+    assert parse_header(data, pseudo(), complete=True).rows == 64
+    with pytest.raises(Rejected) as exc:
+        parse_header(data, pseudo(), complete=True, config=IngestConfig(max_cols=32))
+    assert exc.value.reason == Reason.IMPLAUSIBLE_HEADER
+
+
+@pytest.mark.parametrize("cut", [150, 200, 300, 400, 600])
+def test_a_cut_header_is_truncated(cut: int) -> None:
+    with pytest.raises(Rejected) as exc:
+        header_of(_bytes(ct_slice())[:cut])
+    assert exc.value.reason == Reason.TRUNCATED
+
+
+def test_a_complete_file_without_pixels_is_not_called_truncated() -> None:
+    for change, reason in (({"pixels": False}, Reason.NO_PIXELS), ({"pixels": False, "modality": "MR"}, Reason.NOT_CT)):
+        with pytest.raises(Rejected) as exc:
+            header_of(_bytes(ct_slice(**change)))
+        assert exc.value.reason == reason
+
+
+def test_source_digest_is_keyed() -> None:
+    import hashlib
+
+    data = _bytes(ct_slice())
+    a = Pseudonymizer(DEMO_KEY, "site-a")
+    assert a.source_digest(data) == a.source_digest(bytes(data)) == Pseudonymizer(DEMO_KEY, "site-b").source_digest(data)
+    assert a.source_digest(data) != Pseudonymizer(b"another secret of enough length", "site-a").source_digest(data)
+    assert a.source_digest(data) != hashlib.sha256(data).hexdigest() and len(a.source_digest(data)) == 64
+    assert a.source_digest(data) != a.source_digest(data[:-1])

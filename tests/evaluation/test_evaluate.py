@@ -91,3 +91,21 @@ def test_with_lesion_masks_the_localisation_of_true_positives_is_measured(
             assert loc["true_positives"] > 0 and n == (loc["true_positives"] if fill else 0)
             assert hits == (n - loc["blank_maps"] if fill else 0)  # every map with a peak has it on an all-image lesion
         assert "Grad-CAM localisation" in (tmp_path / f"eval-{fill}" / "report.md").read_text()
+
+
+def test_truth_keyed_with_another_key_is_a_clear_error(tmp_path: Path) -> None:
+    """The truth joins by the keyed source digest: a cohort generated with another key matches nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pe_triage import schema as S
+    from pe_triage.evaluation.evaluate import lesion_masks
+
+    row = {S.SITE: "s", S.M_PATIENT_ID: "p", S.M_STUDY_UID: "1", S.M_SERIES_UID: "1.1", S.M_SOP_UID: "1.1.1",
+           S.SOURCE_HMAC: "a" * 64, S.Z_MM: 0.0, S.ROWS: 4, S.COLS: 4, S.LABEL: "pe", S.T_LESION: "pe",
+           S.T_MASK: bytes(16), S.T_TISSUE: None}
+    pq.write_table(pa.Table.from_pylist([row], schema=S.TRUTH_SCHEMA), tmp_path / "s.parquet")
+    boxes = pd.DataFrame({S.SOURCE_HMAC: ["b" * 64], S.CROP_Y0: [0], S.CROP_Y1: [4], S.CROP_X0: [0], S.CROP_X1: [4]})
+    with pytest.raises(EvaluationError, match="no evaluated slice is in this truth"):
+        lesion_masks(str(tmp_path), boxes, 8)
+    assert list(lesion_masks(str(tmp_path), boxes.assign(**{S.SOURCE_HMAC: ["a" * 64]}), 8)) == [0]

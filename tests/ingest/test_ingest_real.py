@@ -67,5 +67,5 @@ def test_real_series_ingests_identically_from_a_renamed_copy(real_ct: Path, tmp_
         shutil.copy(f, src / f"{i:03d}")
     _, rows_a, _ = ingest("tseg", real_ct / "totalsegmentator-example", tmp_path / "a")
     _, rows_b, _ = ingest("tseg", src, tmp_path / "b")
-    assert [r[S.SOURCE_SHA256] for r in rows_a] == [r[S.SOURCE_SHA256] for r in rows_b]
+    assert [r[S.SOURCE_HMAC] for r in rows_a] == [r[S.SOURCE_HMAC] for r in rows_b]
     assert [r[S.SOP_UID] for r in rows_a] == [r[S.SOP_UID] for r in rows_b]

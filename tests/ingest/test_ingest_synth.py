@@ -37,9 +37,9 @@ def test_every_generated_slice_is_ingested_with_its_label(onboarded: tuple[Path,
     for site, report in reports.items():
         assert report["files"]["quarantined"] == 0 and report["files"]["duplicates"] == 0, site
         assert report["labels"]["unmatched_rows"] == [] and report["labels"]["inconsistent_patients"] == []
-    by_sha = {r[S.SOURCE_SHA256]: r for r in rows}
-    assert Counter(by_sha[t[S.SOURCE_SHA256]][S.LABEL] for t in expected) == Counter(t[S.LABEL] for t in expected)
-    assert all(by_sha[t[S.SOURCE_SHA256]][S.LABEL] == t[S.LABEL] for t in expected)
+    by_sha = {r[S.SOURCE_HMAC]: r for r in rows}
+    assert Counter(by_sha[t[S.SOURCE_HMAC]][S.LABEL] for t in expected) == Counter(t[S.LABEL] for t in expected)
+    assert all(by_sha[t[S.SOURCE_HMAC]][S.LABEL] == t[S.LABEL] for t in expected)
     assert {r[S.TRANSFER_SYNTAX] for r in rows} >= {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90"}
     for series in {r[S.SERIES_UID] for r in rows}:
         z = [r[S.Z_MM] for r in sorted((r for r in rows if r[S.SERIES_UID] == series), key=lambda r: r[S.SLICE_INDEX])]
@@ -49,15 +49,15 @@ def test_every_generated_slice_is_ingested_with_its_label(onboarded: tuple[Path,
 def test_hu_per_tissue_matches_what_was_generated(onboarded: tuple[Path, Path, dict]) -> None:
     cohort, slices, _ = onboarded
     table = pads.dataset(slices, format="parquet", partitioning="hive").to_table(
-        columns=[S.SITE, S.SOURCE_SHA256, S.ROWS, S.COLS, S.HU])
+        columns=[S.SITE, S.SOURCE_HMAC, S.ROWS, S.COLS, S.HU])
     pixels = {sha: (site, hu, r, c) for site, sha, r, c, hu in zip(*(table.column(n).to_pylist() for n in
-              (S.SITE, S.SOURCE_SHA256, S.ROWS, S.COLS, S.HU)), strict=True)}
+              (S.SITE, S.SOURCE_HMAC, S.ROWS, S.COLS, S.HU)), strict=True)}
     for site in ("site-a", "site-b", "site-c"):  # three pixel conventions must all land on the same HU
         sums: dict[Tissue, list[float]] = {t: [] for t in TISSUE_HU}
         for t in truth(cohort):
             if t[S.SITE] != site or t[S.T_TISSUE] is None:
                 continue
-            _, planes, rows, cols = pixels[t[S.SOURCE_SHA256]]
+            _, planes, rows, cols = pixels[t[S.SOURCE_HMAC]]
             hu = S.decode_hu(planes, rows, cols).astype(np.float64)
             tissue = np.frombuffer(t[S.T_TISSUE], np.uint8).reshape(rows, cols)
             for code in TISSUE_HU:

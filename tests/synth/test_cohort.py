@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -16,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from pe_triage import schema
 from pe_triage.config import SynthConfig
+from pe_triage.dicom import DEMO_KEY, Pseudonymizer
 from pe_triage.schema import Label, Tissue
 from pe_triage.synth import CohortSummary, generate_cohort
 
@@ -199,7 +199,7 @@ def test_truth_rows_describe_the_files(cohort: tuple[Path, CohortSummary], heade
         assert len(rows) == len(s.files)
         for f, ds in zip(s.files, headers[s.name], strict=True):
             row = rows[ds.SOPInstanceUID]
-            assert row[schema.SOURCE_SHA256] == hashlib.sha256(f.read_bytes()).hexdigest()
+            assert row[schema.SOURCE_HMAC] == Pseudonymizer(DEMO_KEY, s.name).source_digest(f.read_bytes())
             assert row[schema.Z_MM] == float(ds.ImagePositionPatient[2])
             assert (row[schema.M_PATIENT_ID], row[schema.M_STUDY_UID], row[schema.M_SERIES_UID]) == (
                 ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID)

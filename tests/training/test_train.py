@@ -120,6 +120,52 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(toy: tuple[str, str
         train(windows, splits, out, stage=2, config=_config(tmp_path, epochs=2), resume=True)
 
 
+class _Hostile:
+    """Unpickling this creates ``marker``: what a crafted checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+def test_a_hostile_checkpoint_is_refused_and_never_runs(toy: tuple[str, str], tmp_path: Path) -> None:
+    windows, splits = toy
+    out, marker = tmp_path / "m", tmp_path / "pwned"
+    ckpt = checkpoint_dir_for(out) / CHECKPOINT
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"identity": {}, "payload": _Hostile(marker)}, ckpt)
+    with pytest.raises(TrainingError) as refused:  # no sidecar: not even opened
+        train(windows, splits, str(out), stage=1, config=_config(tmp_path, epochs=1), resume=True)
+    assert not marker.exists(), "the checkpoint's pickle ran"
+    assert refused.match(r"no run identity .*last\.json.*delete")
+    ckpt.unlink()
+    train(windows, splits, str(out), stage=1, config=_config(tmp_path, epochs=1))  # a genuine pair: last.pt + last.json
+    torch.save({"identity": {}, "payload": _Hostile(marker)}, ckpt)
+    with pytest.raises(TrainingError, match=r"another run .*stage: checkpoint 1, this run 2"):  # sidecar checked first
+        train(windows, splits, str(out), stage=2, config=_config(tmp_path, epochs=2), resume=True)
+    with pytest.raises(TrainingError, match=r"cannot be loaded safely"):  # right identity, hostile content
+        train(windows, splits, str(out), stage=1, config=_config(tmp_path, epochs=2), resume=True)
+    assert not marker.exists()
+    ckpt.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(TrainingError, match=r"cannot be loaded safely"):
+        train(windows, splits, str(out), stage=1, config=_config(tmp_path, epochs=2), resume=True)
+
+
+def test_a_genuine_checkpoint_resumes(toy: tuple[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    windows, splits = toy
+    out = str(tmp_path / "m")
+    train(windows, splits, out, stage=1, config=_config(tmp_path, epochs=1))
+    sidecar = json.loads((checkpoint_dir_for(out) / "last.json").read_text())
+    assert sidecar["identity"]["stage"] == 1
+    with caplog.at_level("INFO", logger="pe_triage"):
+        meta = train(windows, splits, out, stage=1, config=_config(tmp_path, epochs=2), resume=True)
+    assert "resuming after epoch 1" in caplog.text
+    assert meta["epochs_run"] == 2 and len(json.loads((Path(out) / "history.json").read_text())) == 2
+    assert torch.load(checkpoint_dir_for(out) / CHECKPOINT, weights_only=True)["epoch"] == 2
+
+
 _CHILD = """
 import sys
 from pathlib import Path
@@ -149,7 +195,7 @@ def test_killed_mid_epoch_and_resumed_ends_with_the_weights_of_an_uninterrupted_
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not out.exists(), "the artifact appeared although the run was killed"
-    assert torch.load(ckpt, weights_only=False)["epoch"] in (1, 2)
+    assert torch.load(ckpt, weights_only=True)["epoch"] in (1, 2)
     resumed = subprocess.run([sys.executable, "-c", code], check=True)
     assert resumed.returncode == 0
     straight = tmp_path / "straight"

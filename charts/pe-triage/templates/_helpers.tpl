@@ -132,3 +132,44 @@ database_uri = {{ include "pe-triage.postgresql.uri" (dict "ctx" . "database" "m
 admin_username = {{ .Values.mlflow.auth.adminUsername }}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 {{- end }}
+
+{{/* The pod label that the MLflow NetworkPolicy admits (pe_triage_pipelines.cluster.MLFLOW_CLIENT_LABEL). */}}
+{{- define "pe-triage.mlflow.clientLabel" -}}
+pe-triage.io/mlflow-client
+{{- end }}
+
+{{/* Secret with the MLflow admin password and the Flask secret key (generated unless named). */}}
+{{- define "pe-triage.mlflow.authSecretName" -}}
+{{- default (printf "%s-auth" (include "pe-triage.mlflow.fullname" .)) .Values.mlflow.auth.existingSecret }}
+{{- end }}
+
+{{/* Secret with the pipeline user's MLFLOW_TRACKING_USERNAME/PASSWORD (generated unless named). */}}
+{{- define "pe-triage.mlflow.clientSecretName" -}}
+{{- default (printf "%s-client" (include "pe-triage.mlflow.fullname" .)) .Values.mlflow.auth.pipelineSecret }}
+{{- end }}
+
+{{- define "pe-triage.mlflow.usersName" -}}
+{{ include "pe-triage.fullname" . | trunc 50 | trimSuffix "-" }}-mlflow-users
+{{- end }}
+
+{{/* A generated Secret value: the one already in the cluster (so upgrades keep it), else random.
+Include with (dict "ctx" $ "name" SECRET "key" KEY "length" N); lookup is empty under `helm template`. */}}
+{{- define "pe-triage.keptRandom" -}}
+{{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
+{{- if and $existing $existing.data (index $existing.data .key) }}
+{{- index $existing.data .key | b64dec }}
+{{- else }}
+{{- randAlphaNum .length }}
+{{- end }}
+{{- end }}
+
+{{/* Egress rule to DNS (networkPolicy.dnsTo; any address when empty). */}}
+{{- define "pe-triage.dnsEgress" -}}
+- ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+  {{- with .Values.networkPolicy.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

@@ -7,7 +7,6 @@ from pe_triage.dicom.header import (
     Rejected,
     SliceHeader,
     parse_header,
-    sha256_hex,
 )
 from pe_triage.dicom.pixels import decode_hu, stored_values, to_hu
 
@@ -23,7 +22,6 @@ __all__ = [
     "decode_hu",
     "load_key",
     "parse_header",
-    "sha256_hex",
     "stored_values",
     "to_hu",
 ]

@@ -18,7 +18,9 @@ KEY_ENV = "PE_TRIAGE_PSEUDONYM_KEY"
 DEMO_KEY = b"pe-triage demo key: synthetic data only, never patient data"
 MIN_KEY_BYTES = 16
 #: what each pseudonym stands for, readable at a glance in tables and reports
-PREFIXES = {"patient": "pt", "study": "st", "series": "se", "sop": "im", "path": "file"}
+PREFIXES = {"patient": "pt", "study": "st", "series": "se", "sop": "im", "path": "file", "source": "src"}
+#: separates the source digests from every other use of the key
+_SOURCE_DIGEST_DOMAIN = b"pe-triage source file\x1f"
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,14 @@ class Pseudonymizer:
         """``kind`` (one of :data:`PREFIXES`) namespaces the value; 24 hex digits = 96 bits."""
         msg = f"{self.site}\x1f{kind}\x1f{value}".encode()
         return PREFIXES[kind] + "-" + hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:24]
+
+    def source_digest(self, data: bytes) -> str:
+        """HMAC-SHA256 of a source file's bytes: the same bytes give the same value, so duplicates are
+        found across runs and sites, but unlike a plain hash nobody without the key can match a file
+        they hold (an identified original) against the dataset."""
+        digest = hmac.new(self.key, _SOURCE_DIGEST_DOMAIN, hashlib.sha256)
+        digest.update(data)
+        return digest.hexdigest()
 
     @property
     def fingerprint(self) -> str:

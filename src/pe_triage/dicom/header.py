@@ -7,7 +7,6 @@ this module: the returned :class:`SliceHeader` carries pseudonyms only.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from collections.abc import Sequence
@@ -16,9 +15,12 @@ from typing import NamedTuple
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 
+from pe_triage.config import IngestConfig
 from pe_triage.dicom.deid import Pseudonymizer
 from pe_triage.schema import Reason
 
@@ -161,7 +163,28 @@ def _identity(ds: Dataset, pseudo: Pseudonymizer) -> tuple[str, str, str, str, b
     return pseudo("patient", patient), pseudo("study", study), pseudo("series", series), pseudo("sop", sop), derived
 
 
-def _check_image(ds: Dataset, ts: UID) -> None:
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    value = ds.get(keyword)
+    try:
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        raise Rejected(Reason.MISSING_TAG, f"malformed {keyword}") from None
+
+
+def _check_plausible(ds: Dataset, config: IngestConfig) -> None:
+    """Sizes the header declares, refused before any decoder allocates for them: a small file can
+    claim a 65535² image, and the decoder would reserve gigabytes before finding the data short."""
+    limits = (("Rows", 1, config.max_rows), ("Columns", 1, config.max_cols),
+              ("NumberOfFrames", 1, config.max_frames), ("BitsAllocated", 1, config.max_bits_allocated))
+    for keyword, low, high in limits:
+        value = _int(ds, keyword, low)
+        if value > high:
+            raise Rejected(Reason.IMPLAUSIBLE_HEADER, f"{keyword} {value} > {high} (the configured limit)")
+        if value < low:
+            raise Rejected(Reason.IMPLAUSIBLE_HEADER, f"{keyword} {value} < {low}")
+
+
+def _check_image(ds: Dataset, ts: UID, config: IngestConfig) -> None:
     sop_class = _uid(ds.get("SOPClassUID")) or _uid(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
     modality = _text(ds, "Modality")
     if modality != "CT":
@@ -177,6 +200,7 @@ def _check_image(ds: Dataset, ts: UID) -> None:
     missing = [k for k in _REQUIRED if ds.get(k) in (None, "")]
     if missing:
         raise Rejected(Reason.MISSING_TAG, "missing " + ", ".join(missing))
+    _check_plausible(ds, config)
     if int(ds.get("SamplesPerPixel", 1)) != 1 or _text(ds, "PhotometricInterpretation") not in (
         "MONOCHROME2",
         "MONOCHROME1",
@@ -202,20 +226,21 @@ def _padding(ds: Dataset) -> tuple[int, int] | None:
     return (min(int(value), int(limit)), max(int(value), int(limit)))
 
 
-def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool) -> SliceHeader:
+def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool, config: IngestConfig = IngestConfig()) -> SliceHeader:
     """Validate and describe a slice from ``data``: the file's first bytes, or all of it.
 
     ``complete`` says whether ``data`` is the whole file; a header that runs past an incomplete
     prefix raises :class:`IncompleteHeader` so the caller re-reads the whole file. The checks run
     in a fixed order (file, transfer syntax, pixels, image, geometry): a file with several faults is
-    always quarantined under the same reason.
+    always quarantined under the same reason. Sizes are checked against ``config``'s limits before
+    anything decodes pixels.
     """
-    ds, ts, end = _read(data, complete=complete)
-    _check_image(ds, ts)
+    ds, ts, end = _read(data, complete=complete, config=config)
+    _check_image(ds, ts, config)
     return _slice_header(ds, ts, _geometry(ds), pseudo, pixel_offset=end if str(ts) in _NATIVE_LE else -1)
 
 
-def _read(data: bytes, *, complete: bool) -> tuple[Dataset, UID, int]:
+def _read(data: bytes, *, complete: bool, config: IngestConfig) -> tuple[Dataset, UID, int]:
     """The header, its transfer syntax and where it ends, once the file is known to hold pixels."""
     if not data:
         raise Rejected(Reason.EMPTY_FILE, "zero-byte file")
@@ -236,11 +261,34 @@ def _read(data: bytes, *, complete: bool) -> tuple[Dataset, UID, int]:
     if not at_pixels and not ts.is_deflated:
         if not complete:
             raise IncompleteHeader()
-        _check_image(ds, ts)  # a non-image object is refused as what it is, not for its missing pixels
+        if _ends_inside_an_element(data, ts):
+            raise Rejected(Reason.TRUNCATED, "the file ends inside its header")
+        _check_image(ds, ts, config)  # a non-image object is refused as what it is, not for its missing pixels
         raise Rejected(Reason.NO_PIXELS, "no PixelData element")
     if ts.is_deflated and "PixelData" not in pydicom.dcmread(io.BytesIO(data)):
         raise Rejected(Reason.NO_PIXELS, "no PixelData element")
     return ds, ts, end
+
+
+def _ends_inside_an_element(data: bytes, ts: UID) -> bool:
+    """Whether the file stops inside an element: a cut copy, which pydicom reads without complaint
+    (it keeps the short value) but which is not a complete object that merely lacks pixels."""
+    buf = io.BytesIO(data)
+    buf.seek(132 if data[128:132] == b"DICM" else 0)
+    end = buf.tell()  # where the last element read ends
+    # the file meta group is explicit VR little endian whatever the transfer syntax; the rest follows it
+    for implicit, little, stop in ((False, True, lambda tag, vr, length: tag.group != 2),
+                                   (ts.is_implicit_VR, ts.is_little_endian, None)):
+        try:
+            for elem in data_element_generator(buf, implicit, little, stop_when=stop, defer_size=0):
+                end = elem.value_tell + elem.length if isinstance(elem, RawDataElement) else buf.tell()
+                if end > len(data):
+                    return True
+        except (EOFError, ValueError, NotImplementedError):
+            return True
+        if buf.tell() < len(data):  # the meta group ended: the generator stepped back to the next element
+            end = buf.tell()
+    return end != len(data)  # bytes left over that do not make an element header
 
 
 class _Geometry(NamedTuple):
@@ -308,7 +356,3 @@ def _slice_header(ds: Dataset, ts: UID, geo: _Geometry, pseudo: Pseudonymizer, *
 
 class IncompleteHeader(Exception):
     """The header did not fit in the prefix that was read."""
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -53,13 +53,16 @@ def lesion_masks(truth: str, boxes: pd.DataFrame, size: int) -> dict[int, np.nda
     """Row of ``boxes`` (see :func:`slice_boxes`) -> its lesion mask in model-input pixels (crop box
     + resize, as the pixels), from the synthetic cohort's truth; rows without a truth entry are absent."""
     files = sorted(str(p) for p in Path(truth).glob("*.parquet")) if Path(truth).is_dir() else [truth]
-    table = pads.dataset(files, format="parquet").to_table(columns=[S.SOURCE_SHA256, S.ROWS, S.COLS, S.T_MASK])
-    wanted = set(boxes[S.SOURCE_SHA256])
-    table = table.filter(pc.is_in(table[S.SOURCE_SHA256], value_set=pa.array(sorted(wanted))))
-    by_sha = {r[S.SOURCE_SHA256]: r for r in table.to_pylist()}
+    table = pads.dataset(files, format="parquet").to_table(columns=[S.SOURCE_HMAC, S.ROWS, S.COLS, S.T_MASK])
+    wanted = set(boxes[S.SOURCE_HMAC])
+    table = table.filter(pc.is_in(table[S.SOURCE_HMAC], value_set=pa.array(sorted(wanted))))
+    if wanted and not table.num_rows:  # the digests are keyed: a cohort generated with another key matches nothing
+        raise EvaluationError(f"{truth}: no evaluated slice is in this truth (generate the cohort with the pseudonym "
+                              "key it is ingested with)")
+    by_digest = {r[S.SOURCE_HMAC]: r for r in table.to_pylist()}
     out = {}
     for i, row in boxes.iterrows():
-        found = by_sha.get(row[S.SOURCE_SHA256])
+        found = by_digest.get(row[S.SOURCE_HMAC])
         if found is None:
             continue
         mask = np.frombuffer(found[S.T_MASK], np.uint8).reshape(found[S.ROWS], found[S.COLS])
@@ -253,9 +256,9 @@ def synthetic_cohort(truth: str) -> dict[str, Any]:
 
 
 def slice_boxes(windows: str, index: pd.DataFrame) -> pd.DataFrame:
-    """source_sha256 and crop box of every evaluated slice, in the order of ``index``."""
+    """source_hmac and crop box of every evaluated slice, in the order of ``index``."""
     keys = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX]
     table = pads.dataset(windows, format="parquet", partitioning="hive").to_table(
-        columns=[*keys, S.SOURCE_SHA256, S.CROP_Y0, S.CROP_Y1, S.CROP_X0, S.CROP_X1])
+        columns=[*keys, S.SOURCE_HMAC, S.CROP_Y0, S.CROP_Y1, S.CROP_X0, S.CROP_X1])
     merged = index[keys].merge(table.to_pandas(), on=keys, how="left", validate="one_to_one")
     return merged.set_index(index.index)

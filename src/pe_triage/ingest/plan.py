@@ -78,8 +78,8 @@ def make_plan(
         rewrite = any(labels[r[S.SOP_UID]] != r[S.LABEL] for r in old)
         if kept or rewrite:
             kept.sort(key=lambda c: c.header.z_mm)
-            stored_sha = {r[S.SOP_UID]: r[S.SOURCE_SHA256] for r in old}
-            tasks.append(make_task(series_uid, tuple(kept), existing_files.get(series_uid), stored_sha, labels, rewrite))
+            stored_digest = {r[S.SOP_UID]: r[S.SOURCE_HMAC] for r in old}
+            tasks.append(make_task(series_uid, tuple(kept), existing_files.get(series_uid), stored_digest, labels, rewrite))
     return Plan(tasks, quarantined, label_rows)
 
 

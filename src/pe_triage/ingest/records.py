@@ -1,5 +1,5 @@
-"""What the passes hand each other: a scanned file, the files of one SOP instance, a series' write task,
-and what became of each file."""
+"""What the passes hand each other: the source listing, a scanned file, the files of one SOP instance, a
+series' write task, and what became of each file."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ class Scanned:
     header: SliceHeader | None = None
     reason: Reason | None = None
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The source's files, each real file once, and what is refused before it is opened."""
+
+    files: list[tuple[str, int]]  # (relative path, size), sorted
+    refused: list[Scanned]  # links out of the source, folders that cannot be listed, special files
+    skipped_links: int  # names of a file or folder listed under another name (links inside the source)
+
+    @property
+    def paths(self) -> list[str]:
+        """Every relative path that gets an outcome."""
+        return [rel for rel, _ in self.files] + [s.path for s in self.refused]
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class SeriesTask:
     series_uid: str
     candidates: tuple[Candidate, ...]  # sorted by z
     existing_file: str | None
-    existing_sha: dict[str, str]  # sop -> sha256 of rows already in the dataset
+    existing_digest: dict[str, str]  # sop -> source digest of rows already in the dataset
     labels: dict[str, str | None]  # sop -> label for rows already in the dataset
     rewrite: bool  # existing labels changed
     staged: str
@@ -58,7 +72,7 @@ class SeriesTask:
 class Outcome:
     path: str
     size: int
-    sha256: str | None
+    digest: str | None  # Pseudonymizer.source_digest of the file, when it was read
     status: str
     sop_uid: str | None = None
     reason: Reason | None = None

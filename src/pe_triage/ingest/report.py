@@ -1,18 +1,32 @@
-"""The run report: file counts, duplicates, quarantine reasons, the dataset now, timing, and whether the
-label manifest matches the ingested slices."""
+"""The run report: file counts, duplicates, quarantine reasons, the dataset now, series with slices off
+their z grid, timing, and whether the label manifest matches the ingested slices. It names no source
+path: the source and its files appear as pseudonyms only."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
 from typing import Any
 
+import numpy as np
+
 from pe_triage import __version__
 from pe_triage import schema as S
 from pe_triage.dicom import Pseudonymizer
-from pe_triage.ingest.records import ALREADY_INGESTED, DUPLICATE, INGESTED, QUARANTINED, Outcome, SeriesResult
+from pe_triage.ingest.records import (
+    ALREADY_INGESTED,
+    DUPLICATE,
+    INGESTED,
+    QUARANTINED,
+    Listing,
+    Outcome,
+    SeriesResult,
+)
 from pe_triage.labels import Manifest
 from pe_triage.storage import Location
+
+log = logging.getLogger(__name__)
 
 
 def label_summary(
@@ -60,22 +74,42 @@ def label_summary(
     }
 
 
+def _z_grid_warnings(final: dict[str, dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+    """Series whose slices do not sit on one regular z grid (a missing slice, one out of step): each
+    step between neighbours is compared with the series' median step. Logged, and kept in the report."""
+    by_series: dict[str, list[float]] = defaultdict(list)
+    for row in final.values():
+        by_series[row[S.SERIES_UID]].append(row[S.Z_MM])
+    warnings = []
+    for series, z in sorted(by_series.items()):
+        steps = np.diff(np.sort(z))
+        if not len(steps):
+            continue
+        step = float(np.median(steps))
+        irregular = int(np.sum(np.abs(steps - step) > tolerance * step))
+        if irregular:
+            log.warning("series %s: %d step(s) between slices differ from its %.3g mm grid", series, irregular, step)
+            warnings.append({"series_uid": series, "irregular_steps": irregular, "step_mm": round(step, 4)})
+    return warnings
+
+
 def run_report(
     site: str,
     src: Location,
-    items: list[tuple[str, int]],
+    listing: Listing,
     outcomes: list[Outcome],
     final: dict[str, dict[str, Any]],
     results: list[SeriesResult],
     label_report: dict[str, Any] | None,
     pseudo: Pseudonymizer,
+    z_tolerance: float,
     workers: int,
     scan_s: float,
     started: float,
 ) -> dict[str, Any]:
     """The report of one run; every file seen must have exactly one outcome, else the run is wrong and says so."""
     status = Counter(o.status for o in outcomes)
-    seen = len(items)
+    seen = len(listing.paths)
     duplicates = status[DUPLICATE] + status[ALREADY_INGESTED]
     if seen != status[INGESTED] + duplicates + status[QUARANTINED]:
         raise AssertionError(f"ingest lost track of files: {seen} seen, outcomes {dict(status)}")
@@ -85,11 +119,12 @@ def run_report(
     labels.update(row[S.LABEL] or "unlabelled" for row in final.values())
     return {
         "site": site,
-        "source": src.uri,
+        "source": pseudo("source", src.uri),
         "schema_version": S.SCHEMA_VERSION,
         "pe_triage_version": __version__,
         "demo_key": pseudo.is_demo,
         "files": {"seen": seen, "ingested": status[INGESTED], "duplicates": duplicates, "quarantined": status[QUARANTINED]},
+        "skipped_links": listing.skipped_links,
         "duplicates": {
             "already_ingested": status[ALREADY_INGESTED],
             "same_content_or_pixels": status[DUPLICATE],
@@ -104,6 +139,7 @@ def run_report(
             "slices_with_derived_uids": sum(1 for r in final.values() if r[S.UIDS_DERIVED]),
             "labels": dict(sorted(labels.items())),
         },
+        "z_grid_warnings": _z_grid_warnings(final, z_tolerance),
         "labels": label_report,
         "timing": {
             "workers": workers,

@@ -3,11 +3,14 @@ the report at once (the layout is in the package docstring)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pyarrow as pa
@@ -20,15 +23,15 @@ from pe_triage.dicom import Pseudonymizer
 from pe_triage.ingest.plan import existing_rows, make_plan
 from pe_triage.ingest.records import DUPLICATE, QUARANTINED, Candidate, Outcome, SeriesResult, SeriesTask
 from pe_triage.ingest.report import label_summary, run_report
-from pe_triage.ingest.scan import scan_site
+from pe_triage.ingest.scan import list_source, scan_site
 from pe_triage.ingest.write import write_series
 from pe_triage.labels import Manifest, load_manifest
 from pe_triage.parallel import run, worker_count, worker_pool
-from pe_triage.storage import Location, location
+from pe_triage.storage import Location, Lock, location
 
-SITE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SITE_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # matched whole: "$" would let a final newline through
 #: settings that change how a run executes, not what it writes (kept out of the file metadata)
-_EXECUTION_ONLY = {"workers", "scan_chunk_files", "strict_labels"}
+_EXECUTION_ONLY = {"workers", "scan_chunk_files", "strict_labels", "lock_wait_s", "lock_ttl_s"}
 
 
 class IngestError(RuntimeError):
@@ -62,13 +65,43 @@ def ingest_site(
 ) -> dict[str, Any]:
     """Ingest ``source`` as ``site`` into the slices dataset at ``out``; returns the run report."""
     started = time.perf_counter()
-    if not SITE_PATTERN.match(site):
+    if not SITE_PATTERN.fullmatch(site):
         raise IngestError(f"site name {site!r} must match {SITE_PATTERN.pattern} (it becomes a folder name)")
     if pseudo.site != site:
         raise IngestError(f"pseudonymizer is for site {pseudo.site!r}, not {site!r}")
     workers = worker_count(config.workers)
-    with worker_pool(workers) as pool:
-        return _ingest(site, location(source), location(out), pseudo, labels, config, pool, workers, started)
+    dst = location(out)
+    # one run per site and dataset: two would each rewrite a series with only their own slices
+    lock = Lock(dst, f"{S.SITE}={site}", ttl_s=config.lock_ttl_s, wait_s=config.lock_wait_s)
+    with _disk_full_is_an_error(site), lock, _staging_dropped_on_error(dst, site), worker_pool(workers) as pool:
+        return _ingest(site, location(source), dst, pseudo, labels, config, pool, workers, started, lock)
+
+
+@contextmanager
+def _disk_full_is_an_error(site: str) -> Iterator[None]:
+    """A full disk (or quota) as one clear line, not a traceback: its message names no path."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise IngestError(f"ingest of site {site} stopped: no space left where the dataset is written "
+                          f"({errno.errorcode[exc.errno]}); its staged files were removed, free space and run it again"
+                          ) from exc
+
+
+@contextmanager
+def _staging_dropped_on_error(dst: Location, site: str) -> Iterator[None]:
+    """A failed run removes what it staged, once its workers have stopped. Inside the site's lock, so
+    whatever is staged for the site is this run's or a dead run's."""
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):  # the run's own error is the one to report
+            staging = dst.join("_staging", f"{S.SITE}={site}")
+            if dst.exists(staging):
+                dst.fs.delete_dir(staging)
+        raise
 
 
 def _ingest(
@@ -81,9 +114,10 @@ def _ingest(
     pool: Executor | None,
     workers: int,
     started: float,
+    lock: Lock,
 ) -> dict[str, Any]:
     manifest = _manifest(labels, pseudo)
-    items = src.list_files()
+    listing = list_source(src)
     _check_dataset(dst, pseudo)
     staging = dst.join("_staging", f"{S.SITE}={site}")
     if dst.exists(staging):
@@ -91,7 +125,7 @@ def _ingest(
     run_dir = f"{staging}/{uuid.uuid4().hex}"
     existing, existing_files = existing_rows(dst, site)
     metadata = _file_metadata(pseudo, config)
-    scanned = scan_site(pool, src, items, pseudo, config.scan_chunk_files)
+    scanned = [*scan_site(pool, src, listing.files, pseudo, config), *listing.refused]
     scan_s = time.perf_counter() - started
 
     def make_task(series_uid: str, cands: tuple[Candidate, ...], existing_file: str | None,
@@ -114,9 +148,11 @@ def _ingest(
             f"{len(label_report['inconsistent_patients'])} inconsistent patient(s); first: "
             f"{(label_report['unmatched_rows'] or label_report['inconsistent_patients'])[0]}"
         )
+    lock.check()  # a run that lost its lock (stalled past its TTL) must not overwrite the new holder's work
     _commit(dst, site, results, staging)
     _write_quarantine(dst, site, pseudo, outcomes)
-    report = run_report(site, src, items, outcomes, final, results, label_report, pseudo, workers, scan_s, started)
+    report = run_report(site, src, listing, outcomes, final, results, label_report, pseudo, config.z_grid_tolerance,
+                        workers, scan_s, started)
     dst.write_bytes(dst.join("_reports", f"{S.SITE}={site}", "ingest_report.json"), json.dumps(report, indent=2).encode())
     return report
 
@@ -161,7 +197,7 @@ def _commit(dst: Location, site: str, results: list[SeriesResult], staging: str)
 
 def _write_quarantine(dst: Location, site: str, pseudo: Pseudonymizer, outcomes: list[Outcome]) -> None:
     rows = [
-        {S.SITE: site, S.PATH_PSEUDONYM: pseudo("path", o.path), S.SOURCE_SHA256: o.sha256, S.SIZE_BYTES: o.size,
+        {S.SITE: site, S.PATH_PSEUDONYM: pseudo("path", o.path), S.SOURCE_HMAC: o.digest, S.SIZE_BYTES: o.size,
          S.REASON: o.reason.value, S.DETAIL: o.detail}
         for o in sorted(outcomes, key=lambda o: o.path)
         if o.status in (QUARANTINED, DUPLICATE) and o.reason is not None
@@ -178,5 +214,5 @@ def quarantined_files(site: str, source: str, out: str, *, pseudo: Pseudonymizer
     """
     dst = location(out)
     table = pq.read_table(dst.join("_quarantine", f"{S.SITE}={site}", "quarantine.parquet"), filesystem=dst.fs)
-    clear = {pseudo("path", rel): rel for rel, _ in location(source).list_files()}
+    clear = {pseudo("path", rel): rel for rel in list_source(location(source)).paths}
     return [{"path": clear.get(row[S.PATH_PSEUDONYM]), **row} for row in table.to_pylist()]

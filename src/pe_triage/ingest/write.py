@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pe_triage import schema as S
-from pe_triage.dicom import Rejected, SliceHeader, decode_hu, sha256_hex
+from pe_triage.dicom import Rejected, SliceHeader, decode_hu
 from pe_triage.ingest.records import (
     ALREADY_INGESTED,
     DUPLICATE,
@@ -31,7 +31,7 @@ _META_SCHEMA = pa.schema([f for f in S.SLICES_SCHEMA if f.name != S.HU])
 _CONFLICT = "same SOP Instance UID as another file, different pixels"
 
 
-def _row(task: SeriesTask, h: SliceHeader, label: str | None, sha: str, hu: np.ndarray) -> dict[str, Any]:
+def _row(task: SeriesTask, h: SliceHeader, label: str | None, digest: str, hu: np.ndarray) -> dict[str, Any]:
     return {
         S.SITE: task.site,
         S.PATIENT_ID: h.patient_id,
@@ -55,7 +55,7 @@ def _row(task: SeriesTask, h: SliceHeader, label: str | None, sha: str, hu: np.n
         S.CONTRAST: h.contrast,
         S.TRANSFER_SYNTAX: h.transfer_syntax,
         S.UIDS_DERIVED: h.uids_derived,
-        S.SOURCE_SHA256: sha,
+        S.SOURCE_HMAC: digest,
         S.LABEL: label,
         S.HU: hu,  # encoded into byte planes when its batch is written
     }
@@ -88,8 +88,8 @@ def _new_rows(task: SeriesTask, outcomes: list[Outcome]) -> Iterator[dict[str, A
 def _resolve(task: SeriesTask, cand: Candidate) -> tuple[list[Outcome], dict[str, Any] | None]:
     """The outcome of each file of one SOP, and its new row (None when stored already or not ingested)."""
     sop = cand.header.sop_uid
-    known = task.existing_sha.get(sop)
-    ref_sha, ref_path = known, None
+    known = task.existing_digest.get(sop)
+    ref_digest, ref_path = known, None
     pixels: np.ndarray | None = None
     ref_hu: bytes | None = None
     resolved: list[Outcome] = []
@@ -102,43 +102,43 @@ def _resolve(task: SeriesTask, cand: Candidate) -> tuple[list[Outcome], dict[str
             resolved.append(Outcome(f.path, f.size, None, QUARANTINED, sop, Reason.UNREADABLE,
                                     f"cannot read file ({type(exc).__name__})"))
             continue
-        sha = sha256_hex(data)
-        if sha == ref_sha:
+        digest = task.pseudo.source_digest(data)
+        if digest == ref_digest:
             resolved.append(
-                Outcome(f.path, f.size, sha, ALREADY_INGESTED, sop) if known
-                else Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE,
+                Outcome(f.path, f.size, digest, ALREADY_INGESTED, sop) if known
+                else Outcome(f.path, f.size, digest, DUPLICATE, sop, Reason.DUPLICATE,
                              f"same content as {task.pseudo('path', ref_path or '')}")
             )
             continue
         try:
             hu = _decode(task, data, f.header)
         except Rejected as r:
-            resolved.append(Outcome(f.path, f.size, sha, QUARANTINED, sop, r.reason, r.detail))
+            resolved.append(Outcome(f.path, f.size, digest, QUARANTINED, sop, r.reason, r.detail))
             continue
-        if ref_sha is None:
-            ref_sha, ref_path, pixels = sha, f.path, hu
-            resolved.append(Outcome(f.path, f.size, sha, INGESTED, sop))
+        if ref_digest is None:
+            ref_digest, ref_path, pixels = digest, f.path, hu
+            resolved.append(Outcome(f.path, f.size, digest, INGESTED, sop))
             continue
         if ref_hu is None:
             ref = pixels if pixels is not None else S.decode_hu(_stored_hu(task, sop), f.header.rows, f.header.cols)
             ref_hu = ref.tobytes()
         if hu.tobytes() == ref_hu:
-            resolved.append(Outcome(f.path, f.size, sha, DUPLICATE, sop, Reason.DUPLICATE,
+            resolved.append(Outcome(f.path, f.size, digest, DUPLICATE, sop, Reason.DUPLICATE,
                                     "same SOP Instance UID and identical HU as an ingested slice (other encoding)"))
         else:
             conflict = True
-            resolved.append(Outcome(f.path, f.size, sha, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT))
+            resolved.append(Outcome(f.path, f.size, digest, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT))
     if conflict and not known:  # nothing says which file is right: none of them goes in
         return [
             o if o.status == QUARANTINED
-            else Outcome(o.path, o.size, o.sha256, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT)
+            else Outcome(o.path, o.size, o.digest, QUARANTINED, sop, Reason.CONFLICTING_UID, _CONFLICT)
             for o in resolved
         ], None
     if pixels is None:
         return resolved, None
     primary = next(f for f in cand.files if f.path == ref_path)
-    assert primary.header is not None and ref_sha is not None
-    return resolved, _row(task, primary.header, cand.label, ref_sha, pixels)
+    assert primary.header is not None and ref_digest is not None
+    return resolved, _row(task, primary.header, cand.label, ref_digest, pixels)
 
 
 def _old_rows(task: SeriesTask) -> Iterator[dict[str, Any]]:
@@ -172,7 +172,7 @@ def write_series(task: SeriesTask) -> SeriesResult:
     outcomes: list[Outcome] = []
     result = SeriesResult(task.series_uid, None, 0, outcomes)
     new = _new_rows(task, outcomes)
-    has_new = any(c.header.sop_uid not in task.existing_sha for c in task.candidates)
+    has_new = any(c.header.sop_uid not in task.existing_digest for c in task.candidates)
     if not (has_new or task.rewrite):
         for _ in new:  # only verifies re-seen files against what is stored
             pass

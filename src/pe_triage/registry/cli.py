@@ -1,8 +1,10 @@
 """``pe-triage register | promote | rollback | predict``: the registry sub-commands.
 
 :func:`add_commands` adds them to the main parser. Exit codes: 0 done (a promotion that changes
-nothing included), 1 promotion refused (the message names the failed gates), 2 error (tracking
-server unreachable, bad input). mlflow is imported only when a command runs.
+nothing included), 1 promotion refused (the message names the failed gates) or a conflict (another
+promote or rollback won, or holds the champion lock: the message names it), 2 error (tracking server
+unreachable, bad input, a version whose files or champion alias fail the integrity checks).
+mlflow is imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _guarded(handler: Callable[[argparse.Namespace, Config], tuple[int, Any]]) -
 
         from pe_triage.artifact import ArtifactError
         from pe_triage.predict import PredictError
-        from pe_triage.registry.registry import RegistryError
+        from pe_triage.registry.errors import PromotionConflict, RegistryError
         from pe_triage.tracking import TrackingUnavailable
 
         try:
@@ -44,6 +46,9 @@ def _guarded(handler: Callable[[argparse.Namespace, Config], tuple[int, Any]]) -
             json.dump(result, sys.stdout, indent=2, default=str)
             sys.stdout.write("\n")
             return code
+        except PromotionConflict as e:
+            log.error("%s", e)
+            return 1
         except TrackingUnavailable as e:
             log.error("%s (start the server or check --tracking-uri / MLFLOW_TRACKING_URI)", e)
         except (RegistryError, PredictError, ArtifactError, ConfigError, FileNotFoundError) as e:
@@ -84,7 +89,7 @@ def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
     from pe_triage.registry.registry import load_registered
 
     model_uri = args.model or f"models:/{config.registry.model_name}@champion"
-    triage, version = load_registered(model_uri, uri=args.tracking_uri)
+    triage, version = load_registered(model_uri, uri=args.tracking_uri, config=config.registry)
     per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest)
     report = triage_report(per_slice, triage, model=model_uri, input_summary=summary)
     report["model_version"] = version

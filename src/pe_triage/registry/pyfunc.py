@@ -2,9 +2,11 @@
 
 The pyfunc owns its weights: the two stage artifact folders (state dicts + metadata) and the
 triage configuration travel as pyfunc artifacts and are rebuilt by :class:`pe_triage.predict.Triage`,
-so any batch size works (MLflow's torch.export format would pin the example's). The model is
-pickled by reference to this module: loading needs the ``pe-triage`` package installed (pinned in
-the model's requirements), nothing else.
+so any batch size works (MLflow's torch.export format would pin the example's). Nothing is pickled:
+the model is logged as "models from code" (:mod:`pe_triage.registry.model_code`, which takes the
+class from the installed package), so loading needs the ``pe-triage`` package installed (pinned in
+the model's requirements) and runs no code from the artifact store. :func:`load_triage` does not
+even run that file: it reads the artifacts that ``MLmodel`` names.
 
 Input (a DataFrame, one of two forms; the signature marks every column optional):
 
@@ -26,6 +28,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+import yaml
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema
@@ -43,6 +46,8 @@ from pe_triage.predict import (
 )
 
 STAGE1, STAGE2, TRIAGE_CONFIG = "stage1", "stage2", "triage"
+#: the models-from-code file a version records (copied into the model folder under this name)
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 
 SIGNATURE = ModelSignature(
     inputs=Schema([
@@ -89,8 +94,9 @@ class PeTriageModel(PythonModel):
 
 
 def save_composite(path: str | Path, stage1: str | Path, stage2: str | Path, triage: Triage) -> Path:
-    """Write the pyfunc model folder at ``path``: the stage folders ``stage1`` / ``stage2`` and the
-    configuration of ``triage`` (loaded from those folders, which checked that the pair agrees)."""
+    """Write the pyfunc model folder at ``path``: the stage folders ``stage1`` / ``stage2``, the
+    configuration of ``triage`` (loaded from those folders, which checked that the pair agrees) and
+    the models-from-code file, no pickle."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # no input example on purpose: an example would have to be a study; the signature says it all
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
@@ -98,7 +104,7 @@ def save_composite(path: str | Path, stage1: str | Path, stage2: str | Path, tri
         config.write_text(json.dumps(triage.config(), indent=2))
         mlflow.pyfunc.save_model(
             str(path),
-            python_model=PeTriageModel(),
+            python_model=str(MODEL_CODE),
             artifacts={STAGE1: str(stage1), STAGE2: str(stage2), TRIAGE_CONFIG: str(config)},
             signature=SIGNATURE,
             pip_requirements=[f"pe-triage=={__version__}"],
@@ -107,11 +113,28 @@ def save_composite(path: str | Path, stage1: str | Path, stage2: str | Path, tri
     return Path(path)
 
 
-def load_triage(model_uri: str) -> Triage:
-    """The :class:`Triage` inside a saved or registered composite model (``models:/name@alias``
-    resolves against the current MLflow tracking URI)."""
-    model = mlflow.pyfunc.load_model(model_uri)
-    python_model = model.unwrap_python_model()
-    if not isinstance(python_model, PeTriageModel):
-        raise PredictError(f"{model_uri} is not a pe-triage composite model")
-    return python_model.triage
+def composite_artifacts(folder: str | Path) -> dict[str, Path]:
+    """The artifact paths of the composite model saved in ``folder``, read from its ``MLmodel`` (YAML,
+    safely): refused unless it is a models-from-code pe-triage model whose artifacts lie inside."""
+    root = Path(folder).resolve()
+    mlmodel = root / "MLmodel"
+    if not mlmodel.is_file():
+        raise PredictError(f"{folder}: not an MLflow model folder (no MLmodel)")
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    code = flavor.get("model_code_path")
+    if "python_model" in flavor or not code or Path(str(code)).name != MODEL_CODE.name:
+        raise PredictError(f"{folder}: not a pe-triage composite model (a pickled or foreign python model)")
+    found = {}
+    for key in (STAGE1, STAGE2, TRIAGE_CONFIG):
+        path = (root / str((flavor.get("artifacts") or {}).get(key, {}).get("path", ""))).resolve()
+        if path == root or not path.is_relative_to(root) or not path.exists():
+            raise PredictError(f"{folder}: artifact {key!r} missing or outside the model folder")
+        found[key] = path
+    return found
+
+
+def load_triage(folder: str | Path) -> Triage:
+    """The :class:`Triage` inside a saved composite model folder, built from its artifacts (weights
+    read with ``weights_only=True``); no code from the folder is run."""
+    a = composite_artifacts(folder)
+    return Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG])

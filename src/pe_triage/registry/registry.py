@@ -17,6 +17,12 @@ folder as ``champion_metrics``.
 
 Every decision is recorded on the version(s) it concerns: ``decision.<UTC time>`` (JSON, kept as
 history) and ``last_decision.*`` (action, outcome, actor, time, reason, gates).
+
+Integrity (:mod:`pe_triage.registry.integrity`): a version's files are checked against the digests
+recorded at registration before anything of it is read (the model at load, the metrics at promote),
+and ``models:/name@champion`` loads only while the recorded decision behind the alias explains it.
+Champion moves (promote, rollback) hold :func:`pe_triage.registry.lock.champion_lock`; one that finds
+the champion moved since it looked raises :class:`PromotionConflict` naming the winner.
 """
 
 from __future__ import annotations
@@ -33,8 +39,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pe_triage import __version__
 from pe_triage.artifact import ModelMeta
 from pe_triage.config import Config, EvalConfig, RegistryConfig
@@ -43,6 +47,18 @@ from pe_triage.evaluation.metrics import SUMMARY_KEYS
 from pe_triage.predict import DecisionRule, Triage
 from pe_triage.provenance import config_hash, git_commit
 from pe_triage.registry.card import fmt, model_card, training_sites
+from pe_triage.registry.errors import IntegrityError, PromotionConflict, RegistryError
+from pe_triage.registry.integrity import (
+    MANIFEST_TAG,
+    champion_record,
+    describe,
+    download_verified,
+    explained_champion,
+    explains,
+    manifest,
+    record_champion,
+)
+from pe_triage.registry.lock import champion_lock
 from pe_triage.tracking import start_run, tracking_uri, wait_for_server
 
 log = logging.getLogger(__name__)
@@ -93,10 +109,6 @@ class GateResult:
     passed: bool
     #: the verdict in words, quoted in a refusal's reason
     detail: str
-
-
-class RegistryError(RuntimeError):
-    """A registry operation cannot proceed; the message says why and what to do."""
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -162,16 +174,13 @@ def read_metrics(metrics_dir: str | Path) -> dict[str, Any]:
 
 
 def _version_metrics(client: Any, version: Any) -> dict[str, Any] | None:
-    """The metrics logged with a version's registration run (None: a version without metrics)."""
-    import mlflow.artifacts
-
+    """The metrics logged with a version's registration run, checked against their registered digest
+    (None: a version without metrics)."""
     path = f"{EVALUATION_DIR}/{METRICS_FILE}"
     if not version.run_id or path not in {a.path for a in client.list_artifacts(version.run_id, EVALUATION_DIR)}:
         return None  # registered by other means than register()
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=path, dst_path=tmp,
-                                                    tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri)
-        return read_metrics(Path(local).parent)
+        return read_metrics(download_verified(client, version.name, version, path, tmp).parent)
 
 
 def _record(client: Any, name: str, version: str, decision: Mapping[str, Any]) -> None:
@@ -259,13 +268,15 @@ def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConf
         tracker.log_artifacts(model_dir, MODEL_DIR)
         tracker.log_artifacts(metrics_dir, EVALUATION_DIR)
         tracker.log_artifact(Path(tmp) / CARD_FILE)
+        digests = manifest([(model_dir, MODEL_DIR), (Path(metrics_dir), EVALUATION_DIR), (Path(tmp) / CARD_FILE, CARD_FILE)])
         _ensure_registered_model(client, name)
         summary = metrics["summary"]
         description = (f"{triage.stage1.meta.model.arch} + {triage.stage2.meta.model.arch}; test patient PE "
                        f"sensitivity {fmt(summary.get('patient_pe_sensitivity'))}, slice disease sensitivity "
                        f"{fmt(summary.get('slice_disease_sensitivity'))}. Model card: {CARD_FILE} in the run's artifacts.")
+        tags = _version_tags(triage, metrics, who, when) | {MANIFEST_TAG: json.dumps(digests)}
         version = client.create_model_version(name, f"runs:/{tracker.run_id}/{MODEL_DIR}", run_id=tracker.run_id,
-                                              tags=_version_tags(triage, metrics, who, when), description=description)
+                                              tags=tags, description=description)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     _record(client, name, version.version, {"action": "register", "outcome": "registered", "actor": who, "time": when,
                                             "reason": f"registered as {CHALLENGER}", "gates": []})
@@ -350,10 +361,8 @@ def evaluate_champion(windows: str, splits: str, out: str, *, config: Config = C
     ``splits``) into ``out``: its registration metrics come from the data of its own day, and a
     regression can only be judged on the same patients. Returns the champion's version, also written
     to ``out`` (promote checks it is still the champion); None when there is none. No Grad-CAM: only
-    the numbers are compared."""
-    import mlflow.artifacts
-
-    from pe_triage.registry.pyfunc import STAGE1, STAGE2
+    the numbers are compared. The champion's files are checked against their registered digests."""
+    from pe_triage.registry.pyfunc import STAGE1, STAGE2, composite_artifacts
 
     client = registry_client(uri)
     name = config.registry.model_name
@@ -363,14 +372,10 @@ def evaluate_champion(windows: str, splits: str, out: str, *, config: Config = C
         (Path(out) / EVALUATED_FILE).write_text(json.dumps({"version": None}))
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=client.get_model_version_download_uri(name, current.version), dst_path=tmp,
-            tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri))
-        artifacts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
-        stage1, stage2 = (str(local / artifacts[key]["path"]) for key in (STAGE1, STAGE2))
+        artifacts = composite_artifacts(download_verified(client, name, current, MODEL_DIR, tmp))
         quiet = dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, gradcam_per_category=0))
         try:
-            evaluate(stage1, stage2, windows, splits, out, config=quiet)
+            evaluate(str(artifacts[STAGE1]), str(artifacts[STAGE2]), windows, splits, out, config=quiet)
         except EvaluationError as e:  # e.g. other windows: promote then refuses for want of comparable metrics
             log.warning("%s: champion version %s cannot be evaluated on this data: %s", name, current.version, e)
     (Path(out) / EVALUATED_FILE).write_text(json.dumps({"version": int(current.version)}))
@@ -378,44 +383,101 @@ def evaluate_champion(windows: str, splits: str, out: str, *, config: Config = C
     return int(current.version)
 
 
+# ------------------------------------------------------------------------------------ champion moves
+def _number_of(version: Any | None) -> int | None:
+    return int(version.version) if version is not None else None
+
+
+def _moved(client: Any, name: str, what: str, observed: Any | None, current: Any | None) -> str:
+    """The conflict of a move that found the champion moved since it looked (another move won)."""
+    record = describe(champion_record(client.get_registered_model(name).tags))
+    before, after = (f"version {v.version}" if v is not None else "no champion" for v in (observed, current))
+    return (f"conflict: {what} not done: the champion moved from {before} to {after} (last recorded decision: {record}) "
+            f"while it waited for the champion lock; nothing changed: look at {after} and run it again")
+
+
+def _verify_aliases(client: Any, name: str, expected: Mapping[str, str | None]) -> None:
+    """Verify-after-write: the aliases read back as written (None: absent)."""
+    aliases = client.get_registered_model(name).aliases
+    if wrong := {a: aliases.get(a) for a, v in expected.items() if aliases.get(a) != v}:
+        raise PromotionConflict(f"conflict: after moving {name}'s aliases they read {wrong}, not {dict(expected)}: another "
+                                "writer moved them meanwhile (outside pe-triage?); check the registry")
+
+
+def _last_explained(client: Any, name: str, candidate: Any, current: Any | None) -> str | None:
+    """The champion a promotion replaces in the rollback chain: the one the recorded decision put in
+    place (normally the current champion; never a version the alias was moved to by hand)."""
+    record = champion_record(client.get_registered_model(name).tags)
+    if current is None or record is None or str(record.get("champion")) == candidate.version:
+        return None
+    return str(record["champion"]) if explains(record, str(record.get("champion"))) else None
+
+
+def _move_champion(client: Any, name: str, candidate: Any, current: Any | None, decision: dict[str, Any]) -> None:
+    """The writes of a promotion, decision first: an interrupted move leaves an alias the record does
+    not explain, refused at load until promote runs again, never an unrecorded champion."""
+    replaced = _last_explained(client, name, candidate, current)
+    if current is None:
+        reason = " (first champion: thresholds only)"
+    else:
+        reason = f"; replaces version {current.version}"
+        if replaced != current.version:
+            reason += f" (which no recorded decision put there: version {replaced or 'none'} is the one to roll back to)"
+    decision |= {"outcome": "promoted", "promoted": True, "reason": f"every gate passed{reason}",
+                 "previous_champion": int(replaced) if replaced else None}
+    _record(client, name, candidate.version, decision)
+    record_champion(client, name, decision | {"champion": int(candidate.version)})
+    if replaced:
+        client.set_model_version_tag(name, candidate.version, REPLACED_TAG, replaced)
+    client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    if replaced:
+        client.set_registered_model_alias(name, PREVIOUS, replaced)
+    elif PREVIOUS in client.get_registered_model(name).aliases:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    challenger = _alias(client, name, CHALLENGER)
+    if challenger is not None and challenger.version == candidate.version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    _verify_aliases(client, name, {CHAMPION: candidate.version, PREVIOUS: replaced})
+
+
 def promote(version: int | None = None, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None,
             actor: str | None = None, champion_metrics: str | None = None) -> dict[str, Any]:
     """Promote ``version`` (default: the ``challenger``) to ``champion`` when every gate passes;
     the replaced champion becomes ``previous-champion``. Returns (and records) the decision:
-    ``outcome`` promoted | refused | unchanged, ``gates``, ``reason``."""
+    ``outcome`` promoted | refused | unchanged, ``gates``, ``reason``. Runs under the champion lock;
+    if the champion moved after this call first read it (a concurrent promote or rollback won), a
+    ``conflict`` is recorded on the version and :class:`PromotionConflict` names the winner."""
     client = registry_client(uri)
-    name, who, when = config.model_name, _actor(actor), _now()
+    name, who = config.model_name, _actor(actor)
     if version is None:
         challenger = _alias(client, name, CHALLENGER)
         if challenger is None:
             raise RegistryError(f"model {name!r} has no {CHALLENGER}: register a version or pass --version")
         version = int(challenger.version)
     candidate = _version(client, name, version)
-    current = _alias(client, name, CHAMPION)
-    decision: dict[str, Any] = {"action": "promote", "name": name, "version": int(version), "actor": who, "time": when,
-                                "champion_before": int(current.version) if current else None, "gates": []}
-    if current is not None and current.version == candidate.version:
-        decision |= {"outcome": "unchanged", "promoted": False, "reason": f"version {version} is already {CHAMPION}"}
-        _record(client, name, candidate.version, decision)
-        return decision
-    gates = _gates(client, candidate, current, config, champion_metrics)
-    decision["gates"] = [dataclasses.asdict(g) for g in gates]
-    if failed := [g for g in gates if not g.passed]:
-        reason = "refused: " + "; ".join(f"gate {g.name} failed ({g.detail})" for g in failed)
-        decision |= {"outcome": "refused", "promoted": False, "reason": reason}
-        _record(client, name, candidate.version, decision)
-        log.warning("%s version %s not promoted: %s", name, version, reason)
-        return decision
-    client.set_registered_model_alias(name, CHAMPION, candidate.version)
-    if current is not None:
-        client.set_registered_model_alias(name, PREVIOUS, current.version)
-        client.set_model_version_tag(name, candidate.version, REPLACED_TAG, current.version)
-    challenger = _alias(client, name, CHALLENGER)
-    if challenger is not None and challenger.version == candidate.version:
-        client.delete_registered_model_alias(name, CHALLENGER)
-    replaced = " (first champion: thresholds only)" if current is None else f"; replaces version {current.version}"
-    decision |= {"outcome": "promoted", "promoted": True, "reason": f"every gate passed{replaced}"}
-    _record(client, name, candidate.version, decision)
+    observed = _alias(client, name, CHAMPION)  # the champion this promotion is decided against
+    with champion_lock(client, name, config, actor=who, action=f"promote of version {version}") as still_held:
+        current = _alias(client, name, CHAMPION)
+        decision: dict[str, Any] = {"action": "promote", "name": name, "version": int(version), "actor": who,
+                                    "time": _now(), "champion_before": _number_of(current), "gates": []}
+        if _number_of(current) != _number_of(observed):
+            reason = _moved(client, name, f"promotion of version {version}", observed, current)
+            _record(client, name, candidate.version, decision | {"outcome": "conflict", "promoted": False, "reason": reason})
+            raise PromotionConflict(reason)
+        if current is not None and current.version == candidate.version:
+            decision |= {"outcome": "unchanged", "promoted": False, "reason": f"version {version} is already {CHAMPION}"}
+            _record(client, name, candidate.version, decision)
+            return decision
+        gates = _gates(client, candidate, current, config, champion_metrics)
+        decision["gates"] = [dataclasses.asdict(g) for g in gates]
+        if failed := [g for g in gates if not g.passed]:
+            reason = "refused: " + "; ".join(f"gate {g.name} failed ({g.detail})" for g in failed)
+            decision |= {"outcome": "refused", "promoted": False, "reason": reason}
+            _record(client, name, candidate.version, decision)
+            log.warning("%s version %s not promoted: %s", name, version, reason)
+            return decision
+        still_held()
+        _move_champion(client, name, candidate, current, decision)
     log.info("%s version %s is now %s", name, version, CHAMPION)
     return decision
 
@@ -423,55 +485,65 @@ def promote(version: int | None = None, *, config: RegistryConfig = RegistryConf
 def rollback(*, config: RegistryConfig = RegistryConfig(), uri: str | None = None,
              actor: str | None = None) -> dict[str, Any]:
     """Move ``champion`` back to ``previous-champion``; the alias then walks one step further back
-    (the version that one replaced), or is removed. Recorded on both versions."""
+    (the version that one replaced), or is removed. Recorded on both versions and as the champion's
+    decision; under the champion lock, and only along the chain promote recorded."""
     client = registry_client(uri)
-    name, who, when = config.model_name, _actor(actor), _now()
-    current = _alias(client, name, CHAMPION)
-    previous = _alias(client, name, PREVIOUS)
-    if current is None:
+    name, who = config.model_name, _actor(actor)
+    observed = _alias(client, name, CHAMPION)
+    if observed is None:
         raise RegistryError(f"model {name!r} has no {CHAMPION}: nothing to roll back")
-    if previous is None:
-        raise RegistryError(f"model {name!r} has no {PREVIOUS}: version {current.version} is the first champion")
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
-    before = previous.tags.get(REPLACED_TAG)
-    before = before if before and before != current.version else None
-    if before:
-        client.set_registered_model_alias(name, PREVIOUS, before)
-    else:
-        client.delete_registered_model_alias(name, PREVIOUS)
-    decision = {"action": "rollback", "name": name, "actor": who, "time": when, "champion_before": int(current.version),
-                "champion": int(previous.version), "previous_champion": int(before) if before else None,
-                "reason": f"rolled back from version {current.version} to version {previous.version}", "gates": []}
-    _record(client, name, previous.version, decision | {"outcome": "restored"})
-    _record(client, name, current.version, decision | {"outcome": "rolled_back"})
+    with champion_lock(client, name, config, actor=who, action="rollback") as still_held:
+        current, previous = _alias(client, name, CHAMPION), _alias(client, name, PREVIOUS)
+        if current is None or current.version != observed.version:
+            raise PromotionConflict(_moved(client, name, "rollback", observed, current))
+        if previous is None:
+            raise RegistryError(f"model {name!r} has no {PREVIOUS}: version {current.version} is the first champion")
+        if current.tags.get(REPLACED_TAG) != previous.version:
+            raise IntegrityError(f"{name}: {PREVIOUS} points at version {previous.version}, but the champion (version "
+                                 f"{current.version}) replaced version {current.tags.get(REPLACED_TAG) or 'none'}: the alias "
+                                 "was moved outside pe-triage; refusing to roll back")
+        before = previous.tags.get(REPLACED_TAG)
+        before = before if before and before != current.version else None
+        decision = {"action": "rollback", "name": name, "actor": who, "time": _now(), "champion_before": int(current.version),
+                    "champion": int(previous.version), "previous_champion": int(before) if before else None,
+                    "reason": f"rolled back from version {current.version} to version {previous.version}", "gates": []}
+        still_held()
+        _record(client, name, previous.version, decision | {"outcome": "restored"})
+        _record(client, name, current.version, decision | {"outcome": "rolled_back"})
+        record_champion(client, name, decision | {"outcome": "restored"})
+        client.set_registered_model_alias(name, CHAMPION, previous.version)
+        if before:
+            client.set_registered_model_alias(name, PREVIOUS, before)
+        else:
+            client.delete_registered_model_alias(name, PREVIOUS)
+        _verify_aliases(client, name, {CHAMPION: previous.version, PREVIOUS: before})
     log.info("%s: %s moved back from version %s to %s", name, CHAMPION, current.version, previous.version)
     return decision | {"outcome": "rolled_back"}
 
 
-def load_registered(model_uri: str, *, uri: str | None = None) -> tuple[Triage, int | None]:
-    """The :class:`Triage` of a composite model and its registered version (None when not given
-    as ``models:/name@alias`` or ``models:/name/N``): registry URIs are resolved through the
-    tracking server (checked first, and named explicitly: MLflow resolves ``models:/`` against its
-    global URI otherwise); other URIs and local folders are loaded as they are."""
-    import mlflow.artifacts
-
+def load_registered(model_uri: str, *, uri: str | None = None,
+                    config: RegistryConfig = RegistryConfig()) -> tuple[Triage, int | None]:
+    """The :class:`Triage` of a composite model and its registered version (None for a local folder,
+    loaded as it is: the operator's own disk). ``models:/name/N`` and ``models:/name@alias``: every
+    file of the version is checked against its registration digest first, and ``@champion`` must be
+    explained by the recorded decision behind it. Nothing of the model is unpickled or run."""
     from pe_triage.registry.pyfunc import load_triage
 
     if Path(model_uri).is_dir():
         return load_triage(model_uri), None
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if match is None:
+        raise RegistryError(f"{model_uri}: give models:/<name>@<alias>, models:/<name>/<version> or a local model folder "
+                            "(other URIs would bypass the registry's integrity checks)")
     client = registry_client(uri)
-    version = None
-    if match := re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri):
-        name, alias = match.group(1), match.group(2)
-        if alias:
-            found = _alias(client, name, alias)
-            if found is None:
-                raise RegistryError(f"{model_uri}: model {name!r} has no alias {alias!r}")
-            version = int(found.version)
-        else:
-            version = int(match.group(3))
-        model_uri = client.get_model_version_download_uri(name, str(version))
+    name, alias, number = match.groups()
+    if alias == CHAMPION:
+        number = str(explained_champion(client, name, config))
+    elif alias:
+        found = _alias(client, name, alias)
+        if found is None:
+            raise RegistryError(f"{model_uri}: model {name!r} has no alias {alias!r}")
+        number = found.version
+    version = _version(client, name, number)
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp, tracking_uri=client.tracking_uri,
-                                                    registry_uri=client.tracking_uri)
-        return load_triage(local), version
+        return load_triage(download_verified(client, name, version, MODEL_DIR, tmp)), int(version.version)

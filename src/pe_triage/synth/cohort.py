@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import itertools
 import json
 from collections.abc import Mapping
@@ -47,6 +46,7 @@ from pydicom.uid import (
 
 from pe_triage import schema
 from pe_triage.config import SynthConfig, to_dict
+from pe_triage.dicom import DEMO_KEY, Pseudonymizer
 from pe_triage.schema import Label, Tissue
 
 from .anatomy import Anatomy
@@ -101,8 +101,9 @@ class _Patient:
     sop_uids: tuple[str, ...]
 
 
-def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
-    """Write the cohort under ``out`` (which must not hold a previous cohort: nothing is deleted)."""
+def generate_cohort(out: Path, config: SynthConfig, *, key: bytes = DEMO_KEY) -> CohortSummary:
+    """Write the cohort under ``out`` (which must not hold a previous cohort: nothing is deleted).
+    ``key``: the pseudonym key the cohort will be ingested with, which keys the truth's source digests."""
     out = Path(out)
     preset = LESION_PRESETS[config.lesions]
     for name in ("pe_fraction", "other_fraction", "pe_comorbid_fraction"):
@@ -135,7 +136,7 @@ def generate_cohort(out: Path, config: SynthConfig) -> CohortSummary:
                 slice_counts[label.value] += 1
             phi += pat.phi.strings()
             uids += [pat.study_uid, pat.series_uid, pat.frame_uid, *pat.sop_uids]
-            files += _write_patient(root / "dicom", conv, hospital, pat, config, truth)
+            files += _write_patient(root / "dicom", conv, hospital, pat, config, truth, Pseudonymizer(key, conv.name))
             manifest += _manifest_rows(conv, pat)
             patients.append(_patient_json(pat))
         _write_manifest(root / "labels.csv", manifest)
@@ -429,7 +430,7 @@ def _instance_numbers(conv: SiteConventions, n: int) -> list[int]:
 
 
 def _write_patient(root: Path, conv: SiteConventions, hospital: SitePHI, pat: _Patient, config: SynthConfig,
-                   truth: list[dict[str, object]]) -> list[Path]:
+                   truth: list[dict[str, object]], pseudo: Pseudonymizer) -> list[Path]:
     writer = _SeriesWriter(_series_dataset(conv, hospital, pat, config), conv)
     sigma = conv.noise_sigma * pat.anatomy.scale**1.5
     origin = _ds(-(config.size - 1) / 2.0 * pat.spacing)
@@ -450,7 +451,7 @@ def _write_patient(root: Path, conv: SiteConventions, hospital: SitePHI, pat: _P
             schema.M_STUDY_UID: pat.study_uid,
             schema.M_SERIES_UID: pat.series_uid,
             schema.M_SOP_UID: sop,
-            schema.SOURCE_SHA256: hashlib.sha256(data).hexdigest(),
+            schema.SOURCE_HMAC: pseudo.source_digest(data),
             schema.Z_MM: z,
             schema.ROWS: config.size,
             schema.COLS: config.size,

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from pe_triage import schema as S
-from pe_triage.artifact import save_model
+from pe_triage.artifact import ArtifactError, load_tensors, save_model
 from pe_triage.config import Config, TrainConfig, to_dict
 from pe_triage.dataset import WindowsDataset, balanced_sampler
 from pe_triage.models import build_model, parameter_count
@@ -45,6 +45,9 @@ from pe_triage.tracking import NullTracker, start_run
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+#: beside ``CHECKPOINT``: the run it belongs to, read (as JSON) before the checkpoint is opened
+CHECKPOINT_IDENTITY = "last.json"
+CHECKPOINT_FORMAT = "pe-triage-checkpoint/2"
 
 
 class TrainingError(ValueError):
@@ -131,8 +134,9 @@ def checkpoint_dir_for(out: str | Path) -> Path:
 
 
 def _identity(stage: int, config: Config, windows_digest: str, splits_digest: str, fold: str) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: same stage, model, windows and data."""
-    return {
+    """What a checkpoint must match to be resumed: same stage, model, windows and data (as JSON
+    reads it back, so the sidecar compares equal)."""
+    return dict(json.loads(json.dumps({
         "stage": stage,
         "model": to_dict(config.model),
         "windows": list(config.train.windows),
@@ -140,16 +144,40 @@ def _identity(stage: int, config: Config, windows_digest: str, splits_digest: st
         "splits_digest": splits_digest,
         "fold": fold,
         "seed": config.train.seed,
-    }
+    })))
 
 
-def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    theirs = ckpt.get("identity", {})
+def _check_identity(path: Path, theirs: Any, identity: dict[str, Any]) -> None:
+    theirs = theirs if isinstance(theirs, dict) else {}
     diffs = [k for k in identity if theirs.get(k) != identity[k]]
     if diffs:
         detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, this run {identity[k]!r}" for k in diffs)
         raise TrainingError(f"checkpoint {path} is from another run and cannot be resumed ({detail})")
+
+
+def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """This run's checkpoint at ``path``, or a refusal. Whoever can write the checkpoint folder must
+    not run code here: the run identity is read from the JSON sidecar before ``path`` is opened, and
+    ``path`` is loaded with ``weights_only=True``. Refused rather than started afresh: a silent
+    restart would hide a wrong ``--out`` or a tampered folder (deleting the folder starts afresh)."""
+    sidecar, fix = path.with_name(CHECKPOINT_IDENTITY), f"delete {path.parent} to start afresh"
+    try:
+        recorded = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"checkpoint {path} has no run identity ({CHECKPOINT_IDENTITY} beside it): not resumed; "
+                            f"{fix}") from None
+    except ValueError:
+        raise TrainingError(f"checkpoint identity {sidecar} is not valid JSON: not resumed; {fix}") from None
+    if not isinstance(recorded, dict) or recorded.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"checkpoint identity {sidecar} is not of format {CHECKPOINT_FORMAT!r}: not resumed; {fix}")
+    _check_identity(path, recorded.get("identity"), identity)
+    try:
+        ckpt = load_tensors(path)
+    except ArtifactError as e:
+        raise TrainingError(f"checkpoint cannot be loaded safely: {e}; {fix}") from None
+    if not isinstance(ckpt, dict):
+        raise TrainingError(f"checkpoint {path} is not a pe-triage checkpoint: not resumed; {fix}")
+    _check_identity(path, ckpt.get("identity"), identity)  # a kill between the two writes can pair two runs
     return ckpt
 
 
@@ -183,8 +211,9 @@ def train(
     """Train stage ``stage`` on the ``train`` split, select on ``val``; write the model artifact to ``out``.
 
     ``resume`` continues from the last checkpoint when one exists (an absent one starts afresh; a
-    checkpoint of another stage, architecture, window set or dataset is an error). Returns the
-    summary also stored in the artifact's metadata.
+    checkpoint of another stage, architecture, window set or dataset, one without its identity
+    sidecar, or one holding more than tensors and plain values is an error). Returns the summary also
+    stored in the artifact's metadata.
     """
     cfg = config.train
     check_train_config(cfg)
@@ -339,12 +368,19 @@ def _resume(run: _Run, net: _Net, state: dict[str, Any] | None) -> _Progress:
 
 
 def _save_checkpoint(run: _Run, net: _Net, progress: _Progress, run_id: str | None) -> None:
+    """The identity sidecar, then the checkpoint (each atomic). In this order a kill between the two
+    leaves this run's identity beside an older checkpoint of the same run (resumed from there), no
+    checkpoint (a fresh start), or another run's checkpoint (refused by its own identity). Everything
+    is tensors or plain values, as ``weights_only=True`` loads (history through JSON: numpy scalars
+    are refused)."""
     run.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run.ckpt_path.with_name(CHECKPOINT_IDENTITY)) as tmp:
+        tmp.write_text(json.dumps({"format": CHECKPOINT_FORMAT, "identity": run.identity}, indent=2))
     with atomic_path(run.ckpt_path) as tmp:
         torch.save({"identity": run.identity, "model": net.model.state_dict(), "optimizer": net.optimizer.state_dict(),
-                    "schedule": net.schedule.state_dict(), "epoch": progress.epoch, "best": progress.best,
-                    "best_state": progress.best_state, "stale": progress.stale, "history": progress.history,
-                    "run_id": run_id}, tmp)
+                    "schedule": net.schedule.state_dict(), "epoch": progress.epoch, "best": float(progress.best),
+                    "best_state": progress.best_state, "stale": progress.stale,
+                    "history": json.loads(json.dumps(progress.history)), "run_id": run_id}, tmp)
 
 
 def _fit(run: _Run, state: dict[str, Any] | None, tracking_uri: str | None, data: dict[str, Any]) -> dict[str, Any]:
@@ -474,6 +510,7 @@ def _finish(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader, t
     tracker.set_tags({"threshold": f"{threshold:.6f}", "best_epoch": meta["best_epoch"]})
     tracker.log_artifacts(run.out, "model")
     tracker.log_artifact(run.ckpt_path, "checkpoint")
+    tracker.log_artifact(run.ckpt_path.with_name(CHECKPOINT_IDENTITY), "checkpoint")
     log.info("stage %d: best epoch %d, val AUROC %.4f; threshold %.4f for sensitivity %.2f (specificity %.3f) -> %s",
              stage, meta["best_epoch"], val["auroc"], threshold, val["sensitivity"], val["specificity"], run.out)
     return meta
