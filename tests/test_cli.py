@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from factories import write_series
+from pydicom.uid import JPEG2000Lossless
 
-from pe_triage.cli import main
+from pe_triage import __version__
+from pe_triage.cli import build_parser, main
 from pe_triage.dicom import KEY_ENV
+from pe_triage.logs import FORMAT_ENV
 
 
 def test_ingest_refuses_to_run_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -178,3 +186,64 @@ def test_a_manifest_that_is_not_csv_is_one_line(tmp_path: Path, caplog: pytest.L
     assert _one_clear_line(caplog, capsys) == ("label manifest: not readable as CSV after line 2 "
                                                "(field larger than field limit (131072))")
     assert "DOE" not in caplog.text
+
+
+def _commands(parser: argparse.ArgumentParser, path: str = "pe-triage") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command and command group under ``parser``, with its full invocation."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                yield f"{path} {name}", command
+                yield from _commands(command, f"{path} {name}")
+
+
+def test_every_command_has_plain_text_help_with_an_example() -> None:
+    """Help is read in a terminal: no reStructuredText or Markdown markup, and an example per command
+    laid out as written (a help formatter that keeps line breaks)."""
+    commands = dict(_commands(build_parser()))
+    assert {"pe-triage ingest", "pe-triage predict", "pe-triage demo", "pe-triage pipeline run-local"} <= set(commands)
+    for path, command in commands.items():
+        text = command.format_help()
+        assert not re.search(r"``|`|:(func|class|mod|data|meth):", text), f"{path} --help has markup"
+        assert re.search(rf"\nexamples?:\n  {re.escape(path)}[ \n]", text), f"{path} --help has no example"
+        assert command.description, f"{path} --help does not say what it does"
+
+
+def test_predict_help_says_what_it_writes() -> None:
+    text = dict(_commands(build_parser()))["pe-triage predict"].format_help()
+    assert "JSON report" in text and "stdout" in text and "--out" in text and "no patient names" in text
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"pe-triage {__version__}\n"
+
+
+def test_a_bad_log_format_from_the_environment_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(FORMAT_ENV, "xml")
+    assert main(["split", "--windows", str(tmp_path), "--out", str(tmp_path / "s.parquet")]) == 2
+    assert "'xml'" in _one_clear_line(caplog, capsys)
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_the_console_shows_progress_not_codec_chatter(tmp_path: Path) -> None:
+    """The real command in a real process, with a JPEG 2000 site (whose encoder logs every tile at
+    INFO): stderr holds the project's own lines only, each a JSON object with --log-format json, and
+    -v placed after the command counts too."""
+    command = [sys.executable, "-m", "pe_triage.cli", "--log-format", "json", "synth", "--out", str(tmp_path / "c"),
+               "--sites", "3", "--patients-per-site", "1", "--slices", "2", "--size", "32"]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_clean_env())
+    assert quiet.returncode == 0, quiet.stderr
+    assert JPEG2000Lossless in (tmp_path / "c" / "truth" / "cohort.json").read_text()  # the chatty encoder did run
+    lines = [json.loads(line) for line in quiet.stderr.splitlines()]
+    assert lines and all(e["logger"].startswith("pe_triage") for e in lines), lines
+    command[command.index("--out") + 1] = str(tmp_path / "again")
+    loud = subprocess.run([*command, "-v"], capture_output=True, text=True, timeout=300, env=_clean_env())
+    assert loud.returncode == 0 and any(json.loads(line)["logger"].startswith("openjpeg") for line in loud.stderr.splitlines())
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in (FORMAT_ENV, "MLFLOW_CONFIGURE_LOGGING")}

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -13,8 +19,11 @@ from factories import ct_slice, pseudo, write
 
 from pe_triage import schema as S
 from pe_triage.config import ConfigError, CropConfig, IngestConfig, PreprocessConfig, WindowConfig
+from pe_triage.dicom import decode_hu, parse_header
 from pe_triage.ingest import ingest_site
-from pe_triage.preprocess import PreprocessError, preprocess, resolve_windows
+from pe_triage.parallel import stream
+from pe_triage.preprocess import PreprocessError, preprocess, resolve_windows, window_slice
+from pe_triage.windows import Window
 
 CFG = PreprocessConfig(size=64, workers=1, row_group_slices=4)
 
@@ -30,7 +39,8 @@ def chest(size: int = 128, z: float = 0.0, rows: int | None = None, lungs: bool 
     return hu + int(z) % 5
 
 
-def make_slices(tmp: Path, series: dict[str, list[np.ndarray]], labels: str | None = None) -> Path:
+def make_slices(tmp: Path, series: dict[str, list[np.ndarray]], labels: str | None = None,
+                ingest: IngestConfig = IngestConfig(workers=1)) -> Path:
     src = tmp / "dicom"
     for s, images in series.items():
         for i, hu in enumerate(images):
@@ -38,7 +48,7 @@ def make_slices(tmp: Path, series: dict[str, list[np.ndarray]], labels: str | No
                            Rows=hu.shape[0], Columns=hu.shape[1]), src / s / f"{i}.dcm")
     if labels:
         (tmp / "labels.csv").write_text(labels)
-    ingest_site("test-site", str(src), str(tmp / "slices"), pseudo=pseudo(), config=IngestConfig(workers=1),
+    ingest_site("test-site", str(src), str(tmp / "slices"), pseudo=pseudo(), config=ingest,
                 labels=str(tmp / "labels.csv") if labels else None)
     return tmp / "slices"
 
@@ -138,3 +148,138 @@ def test_window_configuration_errors() -> None:
     assert [(w.name, w.lo, w.hi) for w in custom] == [("pe", -250, 450), ("lung", -400, 1500)]
     with pytest.raises(ConfigError, match="CropConfig.mode: 'tight' is not one of"):
         CropConfig(mode="tight")  # type: ignore[arg-type]
+
+
+def test_one_long_series_is_shared_by_the_workers(tmp_path: Path) -> None:
+    """Each row group of a series' slices file is a task: one series keeps two workers busy, and the
+    file they make is the one a single process makes (row groups re-cut to ``row_group_slices``)."""
+    slices = make_slices(tmp_path, {"1.2.3.4.5": [chest(z=i, lungs=i < 7) for i in range(10)]},
+                         ingest=IngestConfig(workers=1, row_group_slices=3))
+    assert pq.ParquetFile(next(slices.glob("site=*/*.parquet"))).num_row_groups == 4
+    for mode in ("dynamic", "series"):
+        one, two = tmp_path / f"{mode}-1", tmp_path / f"{mode}-2"
+        config = PreprocessConfig(size=64, row_group_slices=4, crop=CropConfig(mode=mode), min_slices_per_worker=1)
+        alone = preprocess(str(slices), str(one), config=replace(config, workers=1))
+        shared = preprocess(str(slices), str(two), config=replace(config, workers=2))
+        assert (alone["timing"]["workers"], shared["timing"]["workers"]) == (1, 2)
+        assert alone["timing"]["tasks"] == shared["timing"]["tasks"] == 4
+        assert shared["slices_written"] == 10
+        (file_1,), (file_2,) = one.glob("site=*/*.parquet"), two.glob("site=*/*.parquet")
+        assert file_1.read_bytes() == file_2.read_bytes()
+        assert [pq.ParquetFile(file_2).metadata.row_group(g).num_rows for g in range(3)] == [4, 4, 2]
+    boxes = {(r[S.CROP_Y0], r[S.CROP_Y1], r[S.CROP_X0], r[S.CROP_X1]) for r in windows_rows(tmp_path / "series-2")}
+    assert len(boxes) == 1  # series mode: one box over every chunk of the series
+
+
+def test_a_small_run_does_not_start_workers_it_cannot_use(tmp_path: Path) -> None:
+    slices = make_slices(tmp_path, {"1.2.3.4.5": [chest(z=i) for i in range(4)]})
+    report = preprocess(str(slices), str(tmp_path / "w"), config=PreprocessConfig(size=64, workers=2, min_slices_per_worker=3))
+    assert report["timing"]["workers"] == 1  # 4 slices: one worker's worth
+
+
+class _Recorder(Executor):
+    """Runs each task when it is submitted and records how many were in flight (not yet consumed)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Future[Any]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        self.submitted.append(future)
+        return future
+
+
+def test_chunks_run_ahead_of_the_writer_but_no_further() -> None:
+    pool = _Recorder()
+    results = stream(pool, lambda x: x * 10, range(7), ahead=3)
+    assert next(results) == 0
+    assert len(pool.submitted) == 3  # the workers were handed three chunks before the first was written
+    assert list(results) == [10, 20, 30, 40, 50, 60]
+    assert len(pool.submitted) == 7
+
+
+def test_preprocess_reports_progress_off_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PE_TRIAGE_PROGRESS", "log")
+    slices = make_slices(tmp_path, {"1.2.3.4.5": [chest(z=i) for i in range(3)], "1.2.3.4.6": [chest(z=i) for i in range(2)]})
+    caplog.set_level(logging.INFO, logger="pe_triage")
+    preprocess(str(slices), str(tmp_path / "w"), config=CFG)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pe_triage.preprocess"]
+    assert any(line.startswith("preprocess: 5 slice in ") for line in lines), lines
+
+
+# --------------------------------------------------------------------- the fast path against the reference
+def reference_lung_box(hu: np.ndarray, spacing: tuple[float, float],
+                       config: CropConfig = CropConfig()) -> tuple[tuple[int, ...], bool]:
+    """The lung box as the library found it before issue 17 (cv2's component statistics on an
+    area-resized tissue mask), kept here so that the faster path is held to the same boxes."""
+    rows, cols = hu.shape
+    f = 4 if min(rows, cols) >= 256 else 2 if min(rows, cols) >= 96 else 1
+    mean_hu = hu
+    for _ in range(f.bit_length() - 1):
+        mean_hu = cv2.pyrDown(mean_hu)
+    small = (mean_hu.shape[1], mean_hu.shape[0])
+    tissue = (cv2.resize((hu > -500).astype(np.uint8) * 255, small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    framed = cv2.copyMakeBorder(tissue, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(framed, None, (0, 0), 2)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((framed[1:-1, 1:-1] != 2).astype(np.uint8), connectivity=4)
+    assert n > 1, "a slice without a body"
+
+    def scaled(i: int) -> tuple[int, int, int, int]:
+        x, y, w, h = (int(v) for v in stats[i, :4])
+        return y * f, min((y + h) * f, rows), x * f, min((x + w) * f, cols)
+
+    body = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    body_box = scaled(body)
+    dark = (cv2.erode((labels == body).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))).astype(bool)
+            & (mean_hu < config.lung_hu)).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+    found = [scaled(i) for i in range(1, n)
+             if stats[i, cv2.CC_STAT_AREA] >= config.min_lung_area_mm2 / (f * f * spacing[0] * spacing[1])
+             and config.lung_mean_hu[0] <= cv2.mean(mean_hu, mask=(labels == i).astype(np.uint8))[0] <= config.lung_mean_hu[1]]
+    if not found:
+        return body_box, False
+    y0, y1 = min(b[0] for b in found), max(b[1] for b in found)
+    x0, x1 = min(b[2] for b in found), max(b[3] for b in found)
+    my, mx = round(config.margin_mm / spacing[0]), round(config.margin_mm / spacing[1])
+    y0, y1, x0, x1 = y0 - my, y1 + my, x0 - mx, x1 + mx
+    d = abs((y1 - y0) - (x1 - x0))  # grow the shorter side to a square, then clip (shift before shrinking)
+    if y1 - y0 > x1 - x0:
+        x0, x1 = x0 - d // 2, x1 + d - d // 2
+    else:
+        y0, y1 = y0 - d // 2, y1 + d - d // 2
+    h, w = min(y1 - y0, rows), min(x1 - x0, cols)
+    y0, x0 = min(max(y0, 0), rows - h), min(max(x0, 0), cols - w)
+    return (y0, y0 + h, x0, x0 + w), True
+
+
+def reference_windows(hu: np.ndarray, box: tuple[int, ...], windows: list[Window], size: int) -> np.ndarray:
+    """Crop, resize (area when shrinking) and window in float, as before issue 17."""
+    crop = hu[box[0] : box[1], box[2] : box[3]]
+    shrink = min(crop.shape) >= size
+    patch = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.stack([(np.clip((patch.astype(np.float32) - w.lo) * np.float32(255 / w.width), 0, 255) + 0.5).astype(np.uint8)
+                     for w in windows])
+
+
+def test_fast_path_matches_the_reference_on_real_and_synthetic_ct(real_ct: Path) -> None:
+    lidc = []
+    for path in sorted((real_ct / "lidc-idri-0002").glob("*.dcm")):
+        data = path.read_bytes()
+        header = parse_header(data, pseudo(), complete=True)
+        lidc.append((decode_hu(data, header, padding_hu=-1000, min_hu=-1024), header.spacing))
+    synthetic = [(chest(size=s, rows=r, z=z, lungs=z < 4), (0.7, 0.7))
+                 for s, r in ((128, 128), (130, 126), (256, 256), (90, 90), (512, 510)) for z in range(6)]
+    synthetic += [(cv2.resize(hu, (c, r), interpolation=cv2.INTER_AREA), sp)
+                  for hu, sp in lidc[::40] for r, c in ((511, 509), (300, 260), (200, 200))]  # odd sizes, other pooling
+    config = PreprocessConfig()
+    windows = resolve_windows(config)
+    out = np.empty((len(windows), config.size, config.size), np.uint8)
+    worst = 0
+    for i, (hu, spacing) in enumerate(lidc + synthetic):
+        box, lung_found = reference_lung_box(hu, spacing)
+        found = window_slice(hu, spacing, config, windows, out, union=None)
+        assert (tuple(found.box), found.lung_found) == (box, lung_found), f"slice {i} {hu.shape}"
+        worst = max(worst, int(np.abs(out.astype(int) - reference_windows(hu, box, windows, config.size)).max()))
+    assert len(lidc) == 261 and worst <= 1  # one grey level: the tolerance of a different rounding order

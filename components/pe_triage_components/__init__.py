@@ -9,6 +9,11 @@ are arguments of :func:`build` because a hospital usually mirrors them into its 
 Configuration travels as a YAML string parameter (the text of a config file, ``""`` for the
 defaults): recorded with each run and part of each cache key, unlike a mounted file. Secrets never
 do: they arrive as environment variables from Kubernetes secrets (``pe_triage_pipelines.cluster``).
+
+Each step starts with ``pe_triage.logs.setup_logging()``, in place of the handler kfp's executor
+installs: the project's lines at INFO, other libraries' at WARNING, JSON lines when the pod's
+environment sets ``PE_TRIAGE_LOG_FORMAT=json``. Per-site steps log ``site <name>`` first, which the
+demo's console shows beside the step.
 """
 
 from __future__ import annotations

@@ -16,10 +16,15 @@ def ingest(site: str, source: str, labels: str, store: str, config: str, demo_ke
     key comes from PE_TRIAGE_PSEUDONYM_KEY (a Kubernetes secret); ``demo_key`` allows the public
     key, for synthetic data only."""
     import json
+    import logging
 
     from pe_triage.config import parse_config
     from pe_triage.dicom import Pseudonymizer, load_key
     from pe_triage.ingest import ingest_site
+    from pe_triage.logs import setup_logging
+
+    setup_logging()
+    logging.getLogger("pe_triage_components").info("site %s", site)  # names the step on a console (demo)
 
     cfg = parse_config(config)
     pseudo = Pseudonymizer(load_key(demo=demo_key), site)
@@ -35,10 +40,15 @@ def data_quality(slices: Input[Dataset], config: str, tracking_uri: str, report:
     distributions, class balance, drift against the other sites), logged to MLflow as a dataset
     version of the experiment's ``-datasets`` companion."""
     import json
+    import logging
 
     from pe_triage.config import parse_config
+    from pe_triage.logs import setup_logging
     from pe_triage.quality import flat_metrics, site_report, to_markdown
     from pe_triage.registry.datasets import log_quality_report
+
+    setup_logging()
+    logging.getLogger("pe_triage_components").info("site %s", slices.metadata["site"])
 
     cfg = parse_config(config)
     result = site_report(slices.metadata["store"], slices.metadata["site"])
@@ -56,7 +66,10 @@ def data_quality(slices: Input[Dataset], config: str, tracking_uri: str, report:
 def dataset_version(store: str) -> str:
     """Digest of the slices store now (Parquet footers only). Never cached: the store grows under
     the same URI, and this digest is what makes the steps after it cache on the data they read."""
+    from pe_triage.logs import setup_logging
     from pe_triage.quality import dataset_version
+
+    setup_logging()
 
     return dataset_version(store)["digest"]
 
@@ -65,7 +78,10 @@ def preprocess(slices: Input[Dataset], slices_digest: str, config: str, windows:
     """slices -> windows (HU windows, lung crop, resize). ``slices_digest`` is the store version
     being read: part of the cache key, and recorded on the windows for lineage."""
     from pe_triage.config import parse_config
+    from pe_triage.logs import setup_logging
     from pe_triage.preprocess import preprocess
+
+    setup_logging()
 
     cfg = parse_config(config)
     report = preprocess(slices.path, windows.path, config=cfg.preprocess)
@@ -76,7 +92,10 @@ def preprocess(slices: Input[Dataset], slices_digest: str, config: str, windows:
 def split(windows: Input[Dataset], config: str, splits: Output[Dataset]):
     """Patient-level train/val/test splits, stratified by site and patient class."""
     from pe_triage.config import parse_config
+    from pe_triage.logs import setup_logging
     from pe_triage.splits import split_dataset
+
+    setup_logging()
 
     cfg = parse_config(config)
     report = split_dataset(windows.path, splits.path, config=cfg.split)

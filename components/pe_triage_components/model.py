@@ -18,7 +18,10 @@ def train(windows: Input[Dataset], splits: Input[Dataset], stage: int, config: s
     """Train stage 1 (WNL vs disease) or stage 2 (PE vs other) into a model artifact folder. Resumes
     from the checkpoint beside the artifact when a retry finds one."""
     from pe_triage.config import parse_config
+    from pe_triage.logs import setup_logging
     from pe_triage.training.train import train
+
+    setup_logging()
 
     cfg = parse_config(config)
     meta = train(windows.path, splits.path, model.path, stage=stage, config=cfg, resume=True, tracking_uri=tracking_uri or None)
@@ -32,6 +35,9 @@ def calibrate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset
     threshold of the pair and how it was chosen (``operating_point`` in its metadata)."""
     from pe_triage.config import parse_config
     from pe_triage.evaluation.operating_point import calibrate
+    from pe_triage.logs import setup_logging
+
+    setup_logging()
 
     record = calibrate(stage1.path, stage2.path, windows.path, splits.path, calibrated_stage1.path, calibrated_stage2.path,
                        config=parse_config(config))
@@ -53,6 +59,9 @@ def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset]
 
     from pe_triage.config import parse_config
     from pe_triage.evaluation.evaluate import evaluate
+    from pe_triage.logs import setup_logging
+
+    setup_logging()
 
     cfg = parse_config(config)
     result = evaluate(stage1.path, stage2.path, windows.path, splits.path, evaluation.path, config=cfg, truth=truth or None,

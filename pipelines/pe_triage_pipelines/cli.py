@@ -129,7 +129,7 @@ def _shared_params(p: argparse.ArgumentParser) -> None:
     """The parameters both pipelines take, so every way of starting one (run-local, submit, schedule) offers them."""
     p.add_argument("--slices-store",
                    help="the persistent slices dataset (folder or s3:// URI; default: slicesStore of the cluster config)")
-    p.add_argument("--config", help="pe-triage YAML configuration; its text becomes the `config` parameter")
+    p.add_argument("--config", help="pe-triage YAML configuration; its text becomes the config parameter")
     p.add_argument("--tracking-uri", default="",
                    help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
 
@@ -148,27 +148,38 @@ def _server_args(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the ``pipeline`` and ``demo`` sub-commands to the ``pe-triage`` parser."""
-    pipeline = sub.add_parser("pipeline", help="compile, run locally, submit or schedule the KFP pipelines")
+    pipeline = sub.add_parser("pipeline", help="compile, run locally, submit or schedule the KFP pipelines",
+                              epilog="examples:\n  pe-triage pipeline compile --out compiled\n"
+                                     "  pe-triage pipeline run-local --help")
     actions = pipeline.add_subparsers(dest="action", required=True)
 
-    p = actions.add_parser("compile", help="compile every pipeline to KFP IR YAML")
+    p = actions.add_parser("compile", help="compile every pipeline to KFP IR YAML",
+                           epilog="example:\n  pe-triage pipeline compile --out compiled --cluster-config cluster.yaml")
     p.add_argument("--out", required=True, help="folder for onboarding.yaml and retraining.yaml")
     _cluster_args(p)
     p.set_defaults(func=_compile)
 
-    p = actions.add_parser("run-local", help="run a pipeline on this machine with kfp.local (subprocesses, cached steps)")
+    p = actions.add_parser("run-local", help="run a pipeline on this machine with kfp.local (subprocesses, cached steps)",
+                           epilog="examples:\n"
+                                  "  pe-triage pipeline run-local onboarding --slices-store slices --demo-key \\\n"
+                                  "      --site site-a cohort/sites/site-a/dicom cohort/sites/site-a/labels.csv\n"
+                                  "  pe-triage pipeline run-local retraining --slices-store slices --config configs/demo.yaml")
     _pipeline_args(p)
     p.add_argument("--root", default="kfp-local", help="pipeline root: step outputs and the step cache")
     p.add_argument("--no-cache", action="store_true", help="run every step, even when its inputs are unchanged")
     p.set_defaults(func=_run_local)
 
-    p = actions.add_parser("submit", help="compile a pipeline and start one run on a KFP server")
+    p = actions.add_parser("submit", help="compile a pipeline and start one run on a KFP server",
+                           epilog="example:\n  pe-triage pipeline submit retraining --host http://ml-pipeline.kubeflow:8888 \\\n"
+                                  "      --cluster-config cluster.yaml --config pe-triage.yaml")
     _pipeline_args(p)
     _server_args(p)
     p.add_argument("--run-name", help="display name of the run")
     p.set_defaults(func=_submit)
 
-    p = actions.add_parser("schedule", help="create or replace the recurring retraining run (one at a time, no catch-up)")
+    p = actions.add_parser("schedule", help="create or replace the recurring retraining run (one at a time, no catch-up)",
+                           epilog="example:\n  pe-triage pipeline schedule --cron '0 0 2 * * 0' "
+                                  "--host http://ml-pipeline.kubeflow:8888 --cluster-config cluster.yaml")
     p.add_argument("--cron", required=True, help="six-field KFP cron, seconds first, e.g. '0 0 2 * * 0'")
     p.add_argument("--name", default="pe-triage-retraining",
                    help="recurring run name (an existing one of this name is replaced)")
@@ -178,7 +189,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     if "demo" in sub.choices:  # the library's older demo (synth -> ingest -> split) until it is retired
         return
-    p = sub.add_parser("demo", help="synthetic cohort -> onboarding -> retraining through kfp.local, with a local MLflow server")
+    p = sub.add_parser("demo", help="synthetic cohort -> onboarding -> retraining through kfp.local, with a local MLflow server",
+                       epilog="examples:\n  pe-triage demo --out demo-output\n"
+                              "  pe-triage demo --out demo-output --seed 7   # a new cohort competes with the champion")
     p.add_argument("--out", default="demo-output", help="output folder (a second run reuses it)")
     p.add_argument("--config", default="configs/demo.yaml", help="YAML configuration (small model and cohort)")
     p.add_argument("--seed", type=int, help="cohort seed (default: the configuration's); another seed onboards a new cohort "

@@ -9,22 +9,20 @@ the new test data.
 Layout of ``--out``: ``mlflow/`` (server state, shared by every seed) and per cohort seed
 ``seed-<N>/``: ``cohort/`` (DICOM + manifests + ground truth), ``slices/`` (the store), ``kfp/`` (step
 outputs and cache), ``results/`` (the evaluation of the version this run registered), ``kfp.log``
-(every step's full log).
+(every step's full log; the console shows one line per step, each epoch and the promotion gates).
 """
 
 from __future__ import annotations
 
-import builtins
+import dataclasses
 import io
 import json
-import logging
 import os
-import re
 import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, redirect_stdout
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,58 +31,12 @@ from pe_triage.config import Config, load_config, to_dict
 from pe_triage.dicom import load_key
 from pe_triage.evaluation.metrics import format_proportion
 from pe_triage.registry.overview import registry_overview
+from pe_triage.registry.registry import evaluate_gates
 from pe_triage.registry.server import free_port, local_server
 from pe_triage.synth import generate_cohort
-from pe_triage_pipelines.local import run_local
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_STARTED = re.compile(r"Executing task '([^']+)'")
-_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_CACHED = re.compile(r"Task (\S+) cache hit")
-_SKIPPED = re.compile(r"Skipping conditional task (\S+)")
-
-
-class _StepLines(io.TextIOBase):
-    """kfp.local's output goes to the log file; one line per finished, cached or skipped task to the terminal."""
-
-    def __init__(self, log: io.TextIOBase, terminal: io.TextIOBase) -> None:
-        self.log, self.terminal, self.pending = log, terminal, ""
-        self.started: dict[str, list[float]] = {}
-
-    def write(self, text: str) -> int:
-        self.log.write(text)
-        *lines, self.pending = (self.pending + text).split("\n")
-        for line in (_ANSI.sub("", raw) for raw in lines):
-            if m := _STARTED.search(line):
-                self.started.setdefault(m.group(1), []).append(time.monotonic())
-            elif (m := _FINISHED.search(line)) and self.started.get(m.group(1)):  # kfp logs some finishes twice
-                seconds = time.monotonic() - self.started[m.group(1)].pop(0)
-                self._say(m.group(1), f"{'ok' if m.group(2) == 'SUCCESS' else m.group(2)} ({seconds:.0f} s)")
-            elif m := _CACHED.search(line):
-                self._say(m.group(1), "cached")
-            elif _SKIPPED.search(line):  # the only condition: the gates
-                self._say("promote", "skipped: the gates did not pass")
-        return len(text)
-
-    def _say(self, task: str, what: str) -> None:
-        self.terminal.write(f"      {task:<18} {what}\n")
-        self.terminal.flush()
-
-
-@contextmanager
-def _captured(log_path: Path, terminal: io.TextIOBase) -> Iterator[None]:
-    """kfp.local prints step logs to stdout and logs cache hits to the root logger: both go to the
-    log file, the step lines to the terminal."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level, builtins.print
-    with open(log_path, "a") as log:
-        lines = _StepLines(log, terminal)
-        root.handlers, root.level = [logging.StreamHandler(lines)], logging.INFO
-        try:
-            with redirect_stdout(lines):
-                yield
-        finally:  # kfp.local indents by replacing builtins.print, and a cache hit can leave it replaced
-            root.handlers, root.level, builtins.print = saved
+from pe_triage_pipelines.compile import PIPELINES
+from pe_triage_pipelines.console import captured, display_names
+from pe_triage_pipelines.local import LOCAL, run_local
 
 
 @contextmanager
@@ -152,6 +104,17 @@ def study_tables(metrics: dict[str, Any]) -> str:
     return f"{per_slice}\n\n{per_patient}\n\n{sites}"
 
 
+def gate_table(gates: list[dict[str, Any]]) -> str:
+    """The gates that decided the promotion: measured value, threshold, pass or fail."""
+    def shown(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value) if isinstance(value, int) else "—"
+
+    if not gates:
+        return "(every gate is off)"
+    return _table(["gate", "value", "threshold", "result"],
+                  [[g["name"], shown(g["value"]), shown(g["threshold"]), "pass" if g["passed"] else "FAIL"] for g in gates])
+
+
 _PRESETS = {
     "conspicuous": "lesion preset 'conspicuous' (central and lobar clots, large lesions): the figures show that "
                    "the pipeline learns, not clinical performance",
@@ -177,17 +140,26 @@ def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dic
             uri = external or stack.enter_context(local_server(out / "mlflow", port=_port(out / "mlflow" / "port")))
             print(f"      {uri} ({'MLFLOW_TRACKING_URI' if external else 'SQLite in ' + str(out / 'mlflow')})", flush=True)
         common = {"slices_store": str(data / "slices"), "config": text, "tracking_uri": uri}
-        with _captured(data / "kfp.log", terminal):
+        names = {k: v for pipeline in PIPELINES.values() for k, v in display_names(pipeline(LOCAL)).items()}
+        with captured(data / "kfp.log", terminal, text, names):
             with _step(3, f"onboarding pipeline: {len(sites)} sites -> {data / 'slices'}", terminal):
+                print(f"      full step logs: {data / 'kfp.log'} (tail -f to follow a step)", file=terminal, flush=True)
                 run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=data / "kfp")
             retraining = "retraining pipeline: preprocess, split, train x2, calibrate, evaluate, register, gates, promote"
             with _step(4, retraining, terminal):
                 run_local("retraining", {**common, "truth": str(data / "cohort" / "truth")}, pipeline_root=data / "kfp")
         with _step(5, "results", terminal):
             result = registry_overview(data / "results", config=config.registry, uri=uri)
+    return _report(result, config, out, data, uri, external=bool(external))
+
+
+def _report(result: dict[str, Any], config: Config, out: Path, data: Path, uri: str, *, external: bool) -> dict[str, Any]:
+    """The study's tables, the gates before the promotion verdict, and where to look further."""
     aliases = result["aliases"]
     promoted = aliases.get("champion") == result["latest"]
     print(f"\n{study_tables(result['metrics'])}\n")
+    gates = result.get("gates") or [dataclasses.asdict(g) for g in evaluate_gates(result["metrics"], None, config.registry)]
+    print(f"promotion gates of version {result['latest']} (registry.gates of the configuration):\n{gate_table(gates)}\n")
     print(f"registered: {result['name']} version {result['latest']}; "
           f"{'champion' if promoted else 'not champion (see the check-gates and promote steps in kfp.log)'}; aliases {aliases}")
     if result.get("decision"):
@@ -197,6 +169,6 @@ def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dic
     ui = (uri if external
           else f"mlflow ui --backend-store-uri sqlite:///{db / 'mlflow.db'} --artifacts-destination {db / 'artifacts'}")
     print(f"MLflow UI: {ui}")
-    print(f"full step logs: {data / 'kfp.log'}")
+    print(f"full step logs: {data / 'kfp.log'}" + ("" if external else f"; MLflow server log: {db / 'server.log'}"))
     return {"registered_version": result["latest"], "champion": aliases.get("champion"), "promoted": promoted,
             "aliases": aliases, "metrics": result["metrics"], "tracking_uri": uri}

@@ -34,7 +34,7 @@ def build_retraining(options: ClusterOptions = ClusterOptions()):
             stages = {
                 stage: gpu_step(c.train(windows=windows.outputs["windows"], splits=splits.outputs["splits"], stage=stage,
                                         config=config, tracking_uri=tracking_uri),
-                                options).set_display_name(f"train-stage{stage}")
+                                options).set_display_name(f"train stage {stage}")
                 for stage in (1, 2)
             }
             calibrated = io_step(c.calibrate(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],

@@ -4,7 +4,7 @@ The modules stand on floors, in the order the data flows; a module imports only 
 or below, and siblings on one floor or in one package import each other in one direction only
 (``tests/test_architecture.py`` checks both, and that kfp and mlflow stay where they belong):
 
-0. contracts: ``schema``, ``config``, ``storage``, ``parallel``, ``windows``, ``provenance``, ``progress``
+0. contracts: ``schema``, ``config``, ``storage``, ``parallel``, ``windows``, ``provenance``, ``progress``, ``logs``
 1. building blocks: ``dicom``, ``labels``, ``lung_crop``, ``models``, ``stats``, ``tracking``, ``synth``
 2. shared artifacts: ``artifact`` (the model folder), ``dataset`` (the windows as a torch dataset)
 3. data steps: ``ingest``, ``preprocess``, ``splits``, ``quality``
@@ -24,7 +24,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 #: the floors above, lowest first: the top-level modules and packages of each
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("schema", "config", "storage", "parallel", "windows", "provenance", "progress"),
+    ("schema", "config", "storage", "parallel", "windows", "provenance", "progress", "logs"),
     ("dicom", "labels", "lung_crop", "models", "stats", "tracking", "synth"),
     ("artifact", "dataset"),
     ("ingest", "preprocess", "splits", "quality"),

@@ -1,4 +1,7 @@
-"""``pe-triage`` command line: one sub-command per pipeline step, each a call into the library."""
+"""``pe-triage`` command line: one sub-command per pipeline step, each a call into the library.
+
+Help texts are plain text with an example per command (``tests/test_cli.py`` checks every one), and
+logging is set up once here (:mod:`pe_triage.logs`): the project's progress at INFO, others' at WARNING."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from pe_triage import __version__
 from pe_triage.config import ConfigError, load_config
+from pe_triage.logs import FORMAT_ENV, FORMATS, configured_logging, log_format
 from pe_triage.registry.cli import add_commands as add_registry_commands
 
 log = logging.getLogger("pe_triage")
@@ -22,6 +27,13 @@ _SOURCE_ARGS = ("source", "dicom")
 #: what to do about an OSError, by errno, where the kernel's words do not say
 _OS_HINTS = {errno.ENOSPC: "; free space on that volume and run again",
              errno.EDQUOT: "; raise the quota or free space and run again"}
+DESCRIPTION = """Two-stage chest-CT triage for pulmonary embolism: one command per pipeline step (synth, ingest,
+preprocess, split, train, calibrate, evaluate), the model registry (register, promote, rollback,
+predict), the Kubeflow pipelines and the end-to-end demo. Each command's --help has an example."""
+EXAMPLES = """examples:
+  pe-triage demo                      # the whole system on a generated cohort (see README.md)
+  pe-triage ingest --help             # what a command reads and writes, with an example
+  pe-triage -v --log-format json split --windows windows --out splits.parquet"""
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -142,7 +154,8 @@ def _plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 def _data_commands(sub: argparse._SubParsersAction) -> None:
     """The data steps, cohort to splits (floor 3 of the library), in the order they run."""
-    p = sub.add_parser("synth", help="generate a synthetic multi-site CTPA cohort (DICOM + label manifests)")
+    p = sub.add_parser("synth", help="generate a synthetic multi-site CTPA cohort (DICOM + label manifests)",
+                       epilog="example:\n  pe-triage synth --out cohort --sites 3 --patients-per-site 10 --size 256")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sites", type=int)
     p.add_argument("--patients-per-site", type=int)
@@ -152,7 +165,12 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML configuration (section 'synth')")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("ingest", help="DICOM folder or s3:// prefix of one site -> slices Parquet dataset")
+    p = sub.add_parser("ingest", help="DICOM folder or s3:// prefix of one site -> slices Parquet dataset",
+                       epilog="examples:\n"
+                              "  pe-triage ingest --site site-a --source cohort/sites/site-a/dicom \\\n"
+                              "      --labels cohort/sites/site-a/labels.csv --out slices --demo   # synthetic data\n"
+                              "  pe-triage ingest --site hospital-b --source s3://exports/hospital-b --out s3://pe-triage/slices"
+                              "   # key in PE_TRIAGE_PSEUDONYM_KEY")
     p.add_argument("--site", required=True, help="site (hospital) name: lower case, digits, - and _")
     p.add_argument("--source", required=True, help="folder or s3://bucket/prefix, read recursively")
     p.add_argument("--labels", help="label manifest CSV of the site (path or s3:// URI)")
@@ -163,13 +181,16 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML configuration (section 'ingest')")
     p.set_defaults(func=_ingest)
 
-    p = sub.add_parser("preprocess", help="slices -> windows: lung crop, resize, HU windows as uint8")
+    p = sub.add_parser("preprocess", help="slices -> windows: lung crop, resize, HU windows as uint8",
+                       epilog="example:\n  pe-triage preprocess --slices slices --out windows")
     p.add_argument("--slices", required=True, help="slices dataset (folder or s3:// URI)")
     p.add_argument("--out", required=True, help="windows dataset (folder or s3:// URI)")
     p.add_argument("--config", help="YAML configuration (section 'preprocess')")
     p.set_defaults(func=_preprocess)
 
-    p = sub.add_parser("split", help="patient-level train/val/test splits, stratified by site and patient class")
+    p = sub.add_parser("split", help="patient-level train/val/test splits, stratified by site and patient class",
+                       epilog="examples:\n  pe-triage split --windows windows --out splits.parquet\n"
+                              "  pe-triage split --windows windows --out loso.parquet --by-site leave-one-out")
     p.add_argument("--windows", required=True, help="windows dataset")
     p.add_argument("--out", required=True, help="splits Parquet file")
     p.add_argument("--ratios", help="train:val:test, default 5:3:2 (the study's); checked when the command runs")
@@ -178,7 +199,9 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML configuration (section 'split')")
     p.set_defaults(func=_split)
 
-    p = sub.add_parser("quarantine", help="list a site's quarantined files with their clear paths (needs the key)")
+    p = sub.add_parser("quarantine", help="list a site's quarantined files with their clear paths (needs the key)",
+                       epilog="example:\n"
+                              "  pe-triage quarantine --site site-a --source cohort/sites/site-a/dicom --out slices --demo")
     p.add_argument("--site", required=True)
     p.add_argument("--source", required=True, help="the folder or s3:// prefix that was ingested")
     p.add_argument("--out", required=True, help="the slices dataset")
@@ -196,7 +219,9 @@ def _pair_inputs(p: argparse.ArgumentParser) -> None:
 
 def _model_commands(sub: argparse._SubParsersAction) -> None:
     """The model steps, training to the leave-one-site-out summary (floor 4 of the library)."""
-    p = sub.add_parser("train", help="train one stage (1: WNL vs disease, 2: PE vs other disease) -> model artifact")
+    p = sub.add_parser("train", help="train one stage (1: WNL vs disease, 2: PE vs other disease) -> model artifact",
+                       epilog="example:\n"
+                              "  pe-triage train --stage 1 --windows windows --splits splits.parquet --out models/stage1")
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
     p.add_argument("--windows", required=True, help="windows dataset")
     p.add_argument("--splits", required=True, help="splits Parquet file")
@@ -208,7 +233,10 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML configuration (sections model, train, loader, registry)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("calibrate", help="set both stages' thresholds on the validation exams (the operating point)")
+    p = sub.add_parser("calibrate", help="set both stages' thresholds on the validation exams (the operating point)",
+                       epilog="example:\n"
+                              "  pe-triage calibrate --stage1 models/stage1 --stage2 models/stage2 --windows windows \\\n"
+                              "      --splits splits.parquet --out-stage1 models/stage1-cal --out-stage2 models/stage2-cal")
     _pair_inputs(p)
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="never test: it would grade its own choice")
     p.add_argument("--fold", default="default", help="fold of the splits file")
@@ -217,7 +245,10 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML configuration (sections operating_point, evaluate, loader)")
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("evaluate", help="per-slice, per-patient, per-site and cascade metrics + report of both stages")
+    p = sub.add_parser("evaluate", help="per-slice, per-patient, per-site and cascade metrics + report of both stages",
+                       epilog="example:\n"
+                              "  pe-triage evaluate --stage1 models/stage1-cal --stage2 models/stage2-cal --windows windows \\\n"
+                              "      --splits splits.parquet --out evaluation --truth cohort/truth")
     _pair_inputs(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--fold", default="default", help="fold of the splits file")
@@ -227,33 +258,64 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML configuration (sections evaluate, loader, registry)")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("summarize-folds", help="leave-one-site-out table (mean ± SD) from the evaluations of site folds")
+    p = sub.add_parser("summarize-folds", help="leave-one-site-out table (mean ± SD) from the evaluations of site folds",
+                       epilog="example:\n  pe-triage summarize-folds eval/site-a eval/site-b eval/site-c --out loso")
     p.add_argument("evaluations", nargs="+", help="evaluate output folders, one per held-out site")
     p.add_argument("--out", required=True, help="output folder (leave_one_site_out.json/.md/.html)")
     p.set_defaults(func=_summarize_folds)
 
 
+def _logging_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="-v: the project's debug messages and other libraries' INFO; -vv: every library's debug")
+    p.add_argument("--log-format", choices=FORMATS, default=default,
+                   help=f"text (default) or json: one JSON object per line for log collectors (or set {FORMAT_ENV})")
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every command: its help line as description, examples kept as written, the logging options
+    after the command too (``pe-triage ingest ... -v``; suppressed defaults keep the global ones)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, command in action.choices.items():
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
+            command.description = command.description or helps.get(name)
+            if command._subparsers is None:
+                _logging_options(command, argparse.SUPPRESS)
+            _finish(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pe-triage", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="pe-triage", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pe-triage {__version__}")
+    _logging_options(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _data_commands(sub)
     _model_commands(sub)
     add_registry_commands(sub)
     _plugin_commands(sub)
+    _finish(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # pylibjpeg-openjpeg logs every encoded tile at INFO
-        logging.getLogger("openjpeg").setLevel(logging.WARNING)
+    verbosity = args.verbose or 0
     try:
-        return args.func(args)
-    except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # bad input or environment; a bug still raises
-        log.error("%s", _error_line(args, exc))
+        fmt = log_format(args.log_format)
+    except ValueError as exc:  # a bad PE_TRIAGE_LOG_FORMAT, said in the format that always works
+        with configured_logging(verbosity, "text"):
+            log.error("%s", exc)
         return 2
+    with configured_logging(verbosity, fmt):
+        try:
+            return args.func(args)
+        except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # bad input or environment; a bug still raises
+            log.error("%s", _error_line(args, exc))
+            return 2
 
 
 def _error_line(args: argparse.Namespace, exc: Exception) -> str:

@@ -122,8 +122,12 @@ class IngestConfig:
     groups of a few tens of slices keep reader memory small and reads fast.
     """
 
-    #: worker processes for header scan and decode; 0 = one per CPU core
+    #: worker processes for header scan and decode, at most; 0 = one per CPU core
     workers: int = 0
+    #: a run starts no more workers than it has this many files per worker: a spawned worker costs
+    #: ~0.6 s of CPU to start (interpreter, pydicom, pyarrow, and pandas, which pyarrow imports),
+    #: about 500 files of its work
+    min_files_per_worker: int = 500
     row_group_slices: int = 32
     zstd_level: int = 1
     #: header scans handed to a worker at a time (amortises inter-process overhead)
@@ -209,7 +213,13 @@ class PreprocessConfig:
     crop: CropConfig = field(default_factory=CropConfig)
     #: smallest slice side accepted (smaller images are not diagnostic CT)
     min_image_size: int = 64
+    #: worker processes at most (0: one per core); each row group of a series is a task, so one
+    #: long series keeps them all busy
     workers: int = 0
+    #: a run starts no more workers than it has this many slices per worker: a spawned worker costs
+    #: ~0.5 s to start (interpreter, numpy, cv2, pyarrow), about 300 slices of its work, and the
+    #: 261-slice LIDC series ran at 426 slices/s in-process but 158 with 2 workers
+    min_slices_per_worker: int = 300
     row_group_slices: int = 64
     zstd_level: int = 1
 
@@ -294,8 +304,18 @@ class TrainConfig(_Choices):
     amp: bool = True
     #: channels_last memory format on CUDA (CPU builds here crash on it in training)
     channels_last: bool = True
-    #: stop starting new epochs after this many minutes (None: no budget); the demo uses it
+    #: time budget in minutes (None: none), checked after every batch: when it is spent the epoch ends
+    #: there, is validated and checkpointed, and training stops; the demo uses it
     max_minutes: float | None = None
+    #: torch intra-op threads (0: the CPUs this process may use, ``parallel.available_cpus``, divided by
+    #: ``side_by_side``, at most ``OMP_NUM_THREADS`` when set). More threads than free cores make every
+    #: step wait for a descheduled one: on 2 shared cores one thread ran a steady 58-60 img/s where two
+    #: swung between 26 and 93
+    threads: int = 0
+    #: training steps sharing this machine's CPUs at the same time (a caller running both stages at
+    #: once on one node sets 2); 1 by default, since the pipelines run each stage in a pod of its own
+    #: and ``kfp.local`` runs them one after the other
+    side_by_side: int = 1
 
 
 @dataclass(frozen=True)
@@ -321,6 +341,11 @@ class EvalConfig(_Choices):
     #: true positives per stage whose Grad-CAM is measured against the lesion (pointing game, mass
     #: inside) when the lesion masks are known: a handful of overlays shows, a hundred measure
     gradcam_localisation: int = 100
+    #: images per forward pass on CPU (scoring, Grad-CAM, training's validation): as many as hold this
+    #: many input pixels (4 at 128 px, 1 at 256 px and above). A small batch keeps the first layers'
+    #: activations (16 float32 channels per pixel) in the cache: 4 x 128² scored 2.3x faster than
+    #: 64 x 128² on one core (benchmarks/evaluate.py). CUDA takes ``train.batch_size`` images
+    batch_pixels: int = 4 * 128 * 128
 
 
 @dataclass(frozen=True)

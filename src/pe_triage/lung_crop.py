@@ -58,8 +58,29 @@ def _pool_factor(rows: int, cols: int) -> int:
     return 4 if min(rows, cols) >= 256 else 2 if min(rows, cols) >= 96 else 1
 
 
-def _stats_box(stats: np.ndarray, i: int) -> Box:
-    x, y, w, h = (int(v) for v in stats[i, :4])
+def _tissue(hu: np.ndarray, f: int, small: tuple[int, int]) -> np.ndarray:
+    """uint8 mask of the pooled blocks that hold any tissue: the tissue mask max-pooled over exactly
+    each block (a wider footprint would thicken cables and blanket folds into rings that enclose
+    air). A block holds tissue when its highest HU does, so where the blocks tile the slice the
+    pooling is a dilation of the HU sampled once per block: the same mask as area-resizing the
+    thresholded slice, ~2x faster."""
+    rows, cols = hu.shape
+    if rows % f or cols % f:
+        above = cv2.compare(hu, TISSUE_HU, cv2.CMP_GT)  # type: ignore[call-overload]  # cv2's stubs omit a scalar src2
+        return (cv2.resize(above, small, interpolation=cv2.INTER_AREA) > 0).view(np.uint8)
+    top = cv2.dilate(hu, np.ones((f, f), np.uint8), anchor=(f - 1, f - 1)) if f > 1 else hu
+    return (top[f - 1 :: f, f - 1 :: f] > TISSUE_HU).view(np.uint8)
+
+
+def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, pixels per label) of a uint8 mask: labelling without cv2's per-pixel statistics and
+    counting with bincount is ~2x faster than ``connectedComponentsWithStats`` at this size."""
+    n, labels = cv2.connectedComponents(mask, connectivity=connectivity, ltype=cv2.CV_32S)
+    return labels, np.bincount(labels.ravel(), minlength=n)
+
+
+def _bounds(mask: np.ndarray) -> Box:
+    x, y, w, h = cv2.boundingRect(mask)
     return Box(y, y + h, x, x + w)
 
 
@@ -68,35 +89,27 @@ def find_lung_box(hu: np.ndarray, spacing_mm: tuple[float, float], config: CropC
     rows, cols = hu.shape
     f = _pool_factor(rows, cols)
     mean_hu = _pool(hu, f)
-    # max-pool of the tissue mask over exactly each block (a wider footprint would thicken cables
-    # and blanket folds into rings that enclose air)
-    small = (mean_hu.shape[1], mean_hu.shape[0])
-    above = cv2.compare(hu, TISSUE_HU, cv2.CMP_GT)  # type: ignore[call-overload]  # cv2's stubs omit a scalar src2
-    tissue = (cv2.resize(above, small, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+    tissue = _tissue(hu, f, (mean_hu.shape[1], mean_hu.shape[0]))
 
     # flood the non-tissue from a 1-pixel frame: what it reaches is the air around the patient
     framed = cv2.copyMakeBorder(tissue, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     cv2.floodFill(framed, None, (0, 0), 2)
-    inside = (framed[1:-1, 1:-1] != 2).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=4, ltype=cv2.CV_16U)
-    if n <= 1:
+    labels, areas = _components((framed[1:-1, 1:-1] != 2).view(np.uint8), connectivity=4)
+    if len(areas) <= 1:
         raise NoBodyError("no body in the slice")
-    body_label = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    body_box = _scale(_stats_box(stats, body_label), f, rows, cols)
+    body = (labels == 1 + int(np.argmax(areas[1:]))).view(np.uint8)
+    body_box = _scale(_bounds(body), f, rows, cols)
 
     # blocks on the body outline are half air: erode one block so the outline cannot pass for lung
-    body = cv2.erode((labels == body_label).astype(np.uint8), _CROSS)
-    dark = (body.astype(bool) & (mean_hu < config.lung_hu)).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8, ltype=cv2.CV_16U)
+    dark = cv2.bitwise_and(cv2.erode(body, _CROSS), (mean_hu < config.lung_hu).view(np.uint8))
+    labels, areas = _components(dark, connectivity=8)
     min_blocks = config.min_lung_area_mm2 / (f * f * spacing_mm[0] * spacing_mm[1])
     lo, hi = config.lung_mean_hu
     box = None
-    for i in np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_blocks):
-        if i == 0:
-            continue
-        region_mean = cv2.mean(mean_hu, mask=(labels == i).astype(np.uint8))[0]
-        if lo <= region_mean <= hi:
-            found = _stats_box(stats, int(i))
+    for i in np.flatnonzero(areas[1:] >= min_blocks) + 1:
+        region = (labels == i).view(np.uint8)
+        if lo <= cv2.mean(mean_hu, mask=region)[0] <= hi:
+            found = _bounds(region)
             box = found if box is None else box.union(found)
     if box is None:
         return LungBox(body_box, lung_found=False)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -16,6 +17,28 @@ R = TypeVar("R")
 def worker_count(configured: int) -> int:
     """0 means one worker per core."""
     return configured or os.cpu_count() or 1
+
+
+def available_cpus(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (``cpu.max``,
+    what a Kubernetes CPU limit becomes). ``os.cpu_count`` counts the node's cores: a pod limited to
+    2 CPUs of 64 would start 64 threads, which the quota then stalls for most of every period."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(os.path.join(cgroup, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        limit = cpus if quota == "max" else int(quota) // int(period)
+    except (OSError, ValueError):  # no cgroup v2 file here, or one this code does not understand
+        return cpus
+    return max(1, min(cpus, limit))
+
+
+def cpu_share(parts: int = 1, cpus: int | None = None) -> int:
+    """One of ``parts`` equal shares (at least 1) of ``cpus`` (default :func:`available_cpus`), at most
+    ``OMP_NUM_THREADS`` when the environment sets it: an operator's explicit cap."""
+    share = max(1, (cpus or available_cpus()) // parts)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(cap)) if cap.isdigit() and int(cap) > 0 else share
 
 
 def _warm() -> None:
@@ -43,3 +66,19 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
 def run(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     """``map`` in the pool, or in this process without one; results in input order."""
     return map(fn, items) if pool is None else pool.map(fn, items)
+
+
+def stream(pool: Executor | None, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """:func:`run` with at most ``ahead`` tasks submitted but not yet consumed: results that wait
+    for a slower consumer hold memory (a chunk of window stacks is megabytes), so the pool may only
+    run that far ahead of it."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

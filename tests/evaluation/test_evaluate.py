@@ -12,9 +12,12 @@ import pandas as pd
 import pytest
 from factories import train_toy_pair, write_splits, write_windows
 
+import pe_triage.evaluation.evaluate as ev
+from pe_triage.artifact import load_model
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, TrainConfig
 from pe_triage.evaluation import SUMMARY_KEYS
-from pe_triage.evaluation.evaluate import EvaluationError, evaluate
+from pe_triage.evaluation.evaluate import EvaluationError, evaluate, predict_split
+from pe_triage.progress import MODE_ENV as PROGRESS_ENV
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,28 @@ def test_evaluate_writes_metrics_report_predictions_and_gradcam(trained: tuple[s
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
+def test_scores_do_not_depend_on_the_batch_and_the_slices_show_progress(
+        trained: tuple[str, str, str, str, Config], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Scoring runs in cache-sized batches (``evaluate.batch_pixels``) on worker threads: one image
+    at a time, 7 (20 slices: a short last batch) and all at once, in chunks of 3 slices over 3
+    threads, give the same probabilities, in the same order."""
+    windows, splits, stage1, stage2, config = trained
+    monkeypatch.setenv(PROGRESS_ENV, "log")
+    monkeypatch.setattr(ev, "cpu_share", lambda: 3)
+    monkeypatch.setattr(ev, "SCORE_CHUNK", 3)
+    models = {1: load_model(stage1), 2: load_model(stage2)}
+    runs = []
+    for images in (1, 7, 64):
+        cfg = replace(config, evaluate=replace(config.evaluate, batch_pixels=images * 32 * 32))
+        with caplog.at_level("INFO", logger="pe_triage"):
+            runs.append(predict_split(models, windows, splits, split="test", config=cfg))
+    for pred in runs[1:]:
+        pd.testing.assert_frame_equal(pred, runs[0], atol=1e-6, check_exact=False)
+    assert runs[0]["p_disease"].nunique() > 1  # the models tell the slices apart: a real comparison
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score test: 20 slice in ")]
+    assert len(done) == 3
+
+
 def test_indeterminate_slices_are_predicted_counted_and_kept_out_of_the_slice_tables(
         trained: tuple[str, str, str, str, Config], tmp_path: Path) -> None:
     _, _, stage1, stage2, config = trained
@@ -79,8 +104,6 @@ def test_with_lesion_masks_the_localisation_of_true_positives_is_measured(
     truth = tmp_path / "truth"
     truth.mkdir()
     (truth / "cohort.json").write_text(json.dumps({"seed": 0, "lesions": "conspicuous", "min_visible_area_mm2": {}}))
-    import pe_triage.evaluation.evaluate as ev
-
     for fill in (True, False):
         monkeypatch.setattr(ev, "lesion_masks", lambda _t, boxes, size, fill=fill: {
             int(i): np.full((size, size), fill) for i in boxes.index})

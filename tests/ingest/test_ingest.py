@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,24 @@ def test_bad_input_is_quarantined_and_the_run_completes(tmp_path: Path) -> None:
     rows = quarantine(tmp_path / "out")
     assert all(r[S.DETAIL] for r in rows)
     assert not any("copy-of" in r[S.PATH_PSEUDONYM] or ".dcm" in r[S.PATH_PSEUDONYM] for r in rows)  # no clear paths
+
+
+def test_progress_counts_every_file_of_the_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Off a terminal, ingest logs its progress as ``ingest <site>`` lines: headers scanned, then files done,
+    quarantined ones included, so the count ends at the number of files seen."""
+    monkeypatch.setenv("PE_TRIAGE_PROGRESS", "log")
+    src = tmp_path / "src"
+    write_series(src / "a", 4)
+    write_series(src / "b", 3, series="1.2.3.4.9")
+    (src / "empty.dcm").write_bytes(b"")
+    write(ct_slice(modality="MR", sop="9.9.1", series="9.9"), src / "mr.dcm")
+    with caplog.at_level(logging.INFO, logger="pe_triage"):
+        report = run(src, tmp_path / "out", config=IngestConfig(workers=1, scan_chunk_files=2))
+    lines = [r.getMessage() for r in caplog.records]
+    assert report["files"]["seen"] == 9
+    assert any(m.startswith("ingest test-site: headers: 9 file in ") for m in lines), lines
+    assert any(m.startswith("ingest test-site: 9 file in ") for m in lines), lines
 
 
 def test_hospital_can_map_quarantine_back_to_its_files(tmp_path: Path) -> None:
@@ -253,5 +272,14 @@ def test_parallel_workers_give_the_same_dataset(tmp_path: Path) -> None:
     write_series(tmp_path / "src", 4)
     write_series(tmp_path / "src" / "b", 4, series="1.2.3.4.9")
     run(tmp_path / "src", tmp_path / "one")
-    run(tmp_path / "src", tmp_path / "two", config=IngestConfig(workers=2, scan_chunk_files=3))
+    two = run(tmp_path / "src", tmp_path / "two", config=IngestConfig(workers=2, min_files_per_worker=1, scan_chunk_files=3))
+    assert two["timing"]["workers"] == 2
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
+
+
+def test_a_small_site_starts_no_more_workers_than_it_has_work_for(tmp_path: Path) -> None:
+    write_series(tmp_path / "src", 6)
+    report = run(tmp_path / "src", tmp_path / "out", config=IngestConfig(workers=4, min_files_per_worker=3))
+    assert report["timing"]["workers"] == 2 and report["files"]["ingested"] == 6
+    report = run(tmp_path / "src", tmp_path / "again", config=IngestConfig(workers=4))  # 500 files a worker
+    assert report["timing"]["workers"] == 1

@@ -218,6 +218,25 @@ def test_cut_header_is_truncated_not_another_reason(tmp_path: Path) -> None:
     assert report["quarantine_reasons"] == {"truncated": 3}
 
 
+def test_damaged_header_values_are_quarantined_and_the_run_completes(tmp_path: Path) -> None:
+    """pydicom converts a value when it is first read, and a damaged one fails in any way: two values where
+    one is expected (TypeError), a VR changed from UI to UL (BytesLengthException), an unknown VR
+    (NotImplementedError). Each used to end the whole ingest."""
+    src = tmp_path / "in"
+    write_series(src, 3)
+    write(ct_slice(sop="9.1", series="9", PixelPaddingValue=[1, 2]), src / "two-paddings.dcm")
+    write(ct_slice(sop="9.2", series="9", PixelRepresentation=[1, 1]), src / "two-representations.dcm")
+    data = (src / "IM0000.dcm").read_bytes()
+    for name, vr, sop in (("vr-ul.dcm", b"UL", b"7"), ("vr-unknown.dcm", b"U\xec", b"8")):  # SOP Class UID's VR
+        damaged = data.replace(b"\x08\x00\x16\x00UI", b"\x08\x00\x16\x00" + vr)
+        (src / name).write_bytes(damaged.replace(b"1.2.3.4.5.1\x00", b"1.2.3.4.5." + sop + b"\x00"))
+    report = run(src, tmp_path / "out")
+    assert report["files"]["ingested"] == 3
+    details = sorted(r[S.DETAIL] for r in quarantine(tmp_path / "out"))
+    assert report["quarantine_reasons"] == {"missing_tag": 4}, details
+    assert all(d.startswith("malformed header value") for d in details)
+
+
 def test_slices_off_the_z_grid_are_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = tmp_path / "in"
     for i, z in enumerate([0.0, 1.0, 2.0, 4.0, 5.0, 6.0]):  # one slice missing at z=3

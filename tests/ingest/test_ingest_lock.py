@@ -80,6 +80,7 @@ class Overlap:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, at: str, patience: float = 3.0) -> None:
         self.first_planned, self.second_planned, self.first_committed = (threading.Event() for _ in range(3))
+        self.first_staged = threading.Event()  # the first run is at its commit, its series staged
         rows, commit = site_mod.existing_rows, site_mod._commit
 
         def existing_rows(*args: Any, **kwargs: Any) -> Any:
@@ -97,6 +98,8 @@ class Overlap:
 
         def delayed_commit(*args: Any, **kwargs: Any) -> Any:
             first = threading.current_thread().name == "first"
+            if first:
+                self.first_staged.set()
             if first and at == "commit":
                 self.second_planned.wait(patience)
             done = commit(*args, **kwargs)
@@ -145,8 +148,9 @@ def test_second_ingest_refuses_without_touching_the_first(tmp_path: Path, overla
     out = tmp_path / "out"
     results: dict[str, object] = {}
     first = start("first", lambda: run(a, out), results)
-    assert overlap.first_planned.wait(60)
+    assert overlap.first_staged.wait(60)
     staged = staged_files(out)
+    assert staged  # what the refused run must leave alone
     with pytest.raises(LockBusy) as refused:
         run(b, out, IngestConfig(workers=1, lock_wait_s=0))
     message = str(refused.value)

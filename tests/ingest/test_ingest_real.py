@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def ingest(site: str, src: Path, out: Path) -> tuple[dict, list[dict], list[dict]]:
-    report = ingest_site(site, str(src), str(out), pseudo=pseudo(site), config=IngestConfig(workers=2))
+    report = ingest_site(site, str(src), str(out), pseudo=pseudo(site), config=IngestConfig(workers=2, min_files_per_worker=1))
     rows = pads.dataset(out, format="parquet", partitioning="hive").to_table().to_pylist()
     quarantine = pq.read_table(out / "_quarantine" / f"site={site}" / "quarantine.parquet").to_pylist()
     return report, sorted(rows, key=lambda r: r[S.SLICE_INDEX]), quarantine

@@ -36,7 +36,7 @@ def test_ingest_from_s3_prefix_matches_local(s3_endpoint: str, tmp_path: Path) -
     upload(src, "hospital", "exports/2026-11")
     boto3.client("s3").upload_file(str(labels), "hospital", "exports/labels.csv")
 
-    cfg = IngestConfig(workers=2)
+    cfg = IngestConfig(workers=2, min_files_per_worker=1)  # workers read from S3 too
     local = ingest_site("s3site", str(src), str(tmp_path / "local"), pseudo=pseudo("s3site"), labels=str(labels), config=cfg)
     remote = ingest_site(
         "s3site", "s3://hospital/exports/2026-11", "s3://hospital/datasets/slices",

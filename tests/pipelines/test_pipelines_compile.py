@@ -287,10 +287,10 @@ def test_cli_compiles_submits_and_schedules(tmp_path: Path, monkeypatch: pytest.
 def test_demo_prints_one_line_per_step_and_logs_everything() -> None:
     import io
 
-    from pe_triage_pipelines.demo import _StepLines
+    from pe_triage_pipelines.console import StepConsole
 
     log, terminal = io.StringIO(), io.StringIO()
-    lines = _StepLines(log, terminal)
+    lines = StepConsole(log, terminal, {})
     kfp_output = ("12:00 - INFO - Executing task \x1b[96m'ingest'\x1b[0m\n    streamed step log\n"
                   "12:01 - INFO - Task \x1b[96m'ingest'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m\n"
                   "ERROR root: Task 'ingest' finished with status SUCCESS\n"  # kfp logs some finishes twice

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,11 @@ import pytest
 import torch
 from factories import write_splits, write_toy_cohort, write_windows
 
+import pe_triage.training.train as train_module
 from pe_triage import schema as S
 from pe_triage.artifact import load_model, read_meta
 from pe_triage.config import Config, LoaderConfig, ModelConfig, TrainConfig
+from pe_triage.progress import MODE_ENV as PROGRESS_ENV
 from pe_triage.stats import binary_rates, threshold_for_sensitivity
 from pe_triage.training.train import CHECKPOINT, TrainingError, checkpoint_dir_for, lr_factor, train
 
@@ -164,6 +167,37 @@ def test_a_genuine_checkpoint_resumes(toy: tuple[str, str], tmp_path: Path, capl
     assert "resuming after epoch 1" in caplog.text
     assert meta["epochs_run"] == 2 and len(json.loads((Path(out) / "history.json").read_text())) == 2
     assert torch.load(checkpoint_dir_for(out) / CHECKPOINT, weights_only=True)["epoch"] == 2
+
+
+def test_a_spent_time_budget_ends_the_epoch_where_it_is_validated_checkpointed_and_kept(
+        toy: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The budget is checked after every batch, not between epochs: on a clock that moves 10 s per
+    reading, a 30 s budget ends the first epoch after 3 of its 6 batches, and that partial epoch is
+    validated, checkpointed and selected like any other."""
+    windows, splits = toy
+    monkeypatch.setattr(train_module, "_clock", itertools.count(0.0, 10.0).__next__)
+    out = tmp_path / "m"
+    with caplog.at_level("INFO", logger="pe_triage"):
+        meta = train(windows, splits, str(out), stage=1, config=_config(tmp_path, epochs=3, max_minutes=0.5))
+    history = json.loads((out / "history.json").read_text())
+    assert [(h["epoch"], h["samples"]) for h in history] == [(1, 24)]  # 3 batches of 8, of 48
+    assert meta["epochs_run"] == 1 and meta["best_epoch"] == 1 and meta["out_of_time"] is True
+    assert meta["val"]["auroc"] == history[0]["val_auroc"]  # the selected model is the validated one
+    assert torch.load(checkpoint_dir_for(out) / CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert "time budget of 0.5 min spent after 24 of 48 samples of epoch 1" in caplog.text
+
+
+def test_each_epoch_logs_one_summary_line_and_the_samples_show_progress(
+        toy: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(PROGRESS_ENV, "log")
+    windows, splits = toy
+    with caplog.at_level("INFO", logger="pe_triage"):
+        meta = train(windows, splits, str(tmp_path / "m"), stage=2, config=_config(tmp_path, epochs=2))
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 2 and meta["out_of_time"] is False
+    for n, line in enumerate(epochs, 1):
+        assert re.fullmatch(rf"epoch {n}/2: loss \d+\.\d{{3}}, val AUROC (\d\.\d{{3}}|n/a), \d+ img/s", line), line
+    assert any(re.match(r"train stage 2: 96 img in [\d.]+ s", r.getMessage()) for r in caplog.records)
 
 
 _CHILD = """

@@ -46,7 +46,7 @@ class Pseudonymizer:
         msg = f"{self.site}\x1f{kind}\x1f{value}".encode()
         return PREFIXES[kind] + "-" + hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:24]
 
-    def source_digest(self, data: bytes) -> str:
+    def source_digest(self, data: bytes | memoryview) -> str:
         """HMAC-SHA256 of a source file's bytes: the same bytes give the same value, so duplicates are
         found across runs and sites, but unlike a plain hash nobody without the key can match a file
         they hold (an identified original) against the dataset."""

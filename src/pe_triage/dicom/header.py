@@ -3,15 +3,22 @@
 Runs on the first bytes of a file (``stop_before_pixels``), so a whole site can be planned (series
 grouping, z order, geometry checks) before any pixel is decoded. Clear identifiers never leave
 this module: the returned :class:`SliceHeader` carries pseudonyms only.
+
+A plain file (see :mod:`pe_triage.dicom.raw`) is read from its raw bytes: only the elements the
+checks use are converted, into the values pydicom would give (``raw.Values``), and the same checks
+run on them: 0.14 ms of CPU a header against 0.66 through pydicom's Dataset. Any other file, or a
+value not written in its plain form, is read by pydicom.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from functools import cache
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import pydicom
@@ -22,6 +29,7 @@ from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 
 from pe_triage.config import IngestConfig
 from pe_triage.dicom.deid import Pseudonymizer
+from pe_triage.dicom.raw import Values, read_raw, tags_of, values
 from pe_triage.schema import Reason
 
 #: a header longer than this is re-read from the whole file
@@ -50,6 +58,29 @@ _REQUIRED = (
 )
 #: the normal of an axial slice lies within ~37° of the patient's z axis (gantry tilt allowed)
 _MIN_AXIAL_COSINE = 0.8
+#: every element the checks below read, with the value multiplicity it must have to be read from the
+#: raw bytes (None: any); a file whose value has another goes to pydicom, which reads it as it is
+_RAW_META = {"MediaStorageSOPClassUID": 1, "MediaStorageSOPInstanceUID": 1, "TransferSyntaxUID": 1}
+_RAW_KEYWORDS: dict[str, int | None] = {
+    "SpecificCharacterSet": None, "ImageType": None, "SOPClassUID": 1, "SOPInstanceUID": 1, "Modality": None,
+    "Manufacturer": 1, "ManufacturerModelName": 1, "PatientID": 1, "ContrastBolusAgent": 1, "SliceThickness": 1,
+    "KVP": 1, "ConvolutionKernel": 1, "StudyInstanceUID": 1, "SeriesInstanceUID": 1, "InstanceNumber": 1,
+    "ImagePositionPatient": 3, "ImageOrientationPatient": 6, "SamplesPerPixel": 1, "PhotometricInterpretation": None,
+    "NumberOfFrames": 1, "Rows": 1, "Columns": 1, "PixelSpacing": 2, "BitsAllocated": 1, "BitsStored": 1,
+    "PixelRepresentation": 1, "PixelPaddingValue": 1, "PixelPaddingRangeLimit": 1, "RescaleIntercept": 1,
+    "RescaleSlope": 1, "LossyImageCompression": None, "BurnedInAnnotation": None,
+}
+_RAW_TAGS = tags_of(_RAW_KEYWORDS)
+#: character sets in which printable ASCII bytes mean what they mean in ASCII (ISO_IR 13 does not: ¥ for \\)
+_PLAIN_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "ISO 2022 IR 6", "ISO 2022 IR 100"})
+
+
+class _Header(Protocol):
+    """A header as the checks read it: a pydicom Dataset, or the :class:`Values` of a plain file."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def __getattr__(self, key: str) -> Any: ...
 
 
 class Rejected(Exception):
@@ -109,16 +140,16 @@ def _scrub(message: str) -> str:
     return re.sub(r"\d{6,}", "…", message)[:200]
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def _text(ds: _Header, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    if isinstance(value, pydicom.multival.MultiValue):
+    if isinstance(value, MutableSequence):  # pydicom's MultiValue, or the list of a raw read
         value = "\\".join(str(v) for v in value)
     return str(value).strip() or None
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
+def _float(ds: _Header, keyword: str) -> float | None:
     value = ds.get(keyword)
     try:
         return float(value) if value not in (None, "") else None
@@ -130,7 +161,7 @@ def _uid(value: object) -> str:
     return str(value or "").strip()
 
 
-def _identity(ds: Dataset, pseudo: Pseudonymizer) -> tuple[str, str, str, str, bool]:
+def _identity(ds: _Header, pseudo: Pseudonymizer) -> tuple[str, str, str, str, bool]:
     """Pseudonymised (patient, study, series, sop) ids, deriving stable stand-ins for empty UIDs.
 
     Real exports sometimes carry empty UID strings. Rather than drop such data, each missing id is
@@ -163,7 +194,7 @@ def _identity(ds: Dataset, pseudo: Pseudonymizer) -> tuple[str, str, str, str, b
     return pseudo("patient", patient), pseudo("study", study), pseudo("series", series), pseudo("sop", sop), derived
 
 
-def _int(ds: Dataset, keyword: str, default: int) -> int:
+def _int(ds: _Header, keyword: str, default: int) -> int:
     value = ds.get(keyword)
     try:
         return default if value in (None, "") else int(value)
@@ -171,7 +202,7 @@ def _int(ds: Dataset, keyword: str, default: int) -> int:
         raise Rejected(Reason.MISSING_TAG, f"malformed {keyword}") from None
 
 
-def _check_plausible(ds: Dataset, config: IngestConfig) -> None:
+def _check_plausible(ds: _Header, config: IngestConfig) -> None:
     """Sizes the header declares, refused before any decoder allocates for them: a small file can
     claim a 65535² image, and the decoder would reserve gigabytes before finding the data short."""
     limits = (("Rows", 1, config.max_rows), ("Columns", 1, config.max_cols),
@@ -184,7 +215,7 @@ def _check_plausible(ds: Dataset, config: IngestConfig) -> None:
             raise Rejected(Reason.IMPLAUSIBLE_HEADER, f"{keyword} {value} < {low}")
 
 
-def _check_image(ds: Dataset, ts: UID, config: IngestConfig) -> None:
+def _check_image(ds: _Header, ts: UID, config: IngestConfig) -> None:
     sop_class = _uid(ds.get("SOPClassUID")) or _uid(getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID"))
     modality = _text(ds, "Modality")
     if modality != "CT":
@@ -214,11 +245,17 @@ def _check_image(ds: Dataset, ts: UID, config: IngestConfig) -> None:
         raise Rejected(
             Reason.LOSSY_COMPRESSION, f"{ts.name}: lossy compression alters HU and is not a valid CT source"
         )
-    if ts.is_compressed and not pydicom.pixels.get_decoder(ts).is_available:
+    if ts.is_compressed and not _decodable(ts):
         raise Rejected(Reason.UNSUPPORTED_TRANSFER_SYNTAX, f"no decoder installed for {ts.name}")
 
 
-def _padding(ds: Dataset) -> tuple[int, int] | None:
+@cache
+def _decodable(ts: UID) -> bool:
+    """Whether a decoder for ``ts`` is installed (pydicom looks for plugins on every call)."""
+    return bool(pydicom.pixels.get_decoder(ts).is_available)
+
+
+def _padding(ds: _Header) -> tuple[int, int] | None:
     value = ds.get("PixelPaddingValue")
     if value is None:
         return None
@@ -235,9 +272,36 @@ def parse_header(data: bytes, pseudo: Pseudonymizer, *, complete: bool, config: 
     always quarantined under the same reason. Sizes are checked against ``config``'s limits before
     anything decodes pixels.
     """
-    ds, ts, end = _read(data, complete=complete, config=config)
-    _check_image(ds, ts, config)
-    return _slice_header(ds, ts, _geometry(ds), pseudo, pixel_offset=end if str(ts) in _NATIVE_LE else -1)
+    plain = _read_plain(data)
+    try:
+        ds, ts, end = plain if plain is not None else _read(data, complete=complete, config=config)
+        _check_image(ds, ts, config)
+        return _slice_header(ds, ts, _geometry(ds), pseudo, pixel_offset=end if str(ts) in _NATIVE_LE else -1)
+    except (Rejected, IncompleteHeader):
+        raise
+    except Exception as exc:
+        if plain is not None:  # plain values cannot be malformed: this is a bug, not the file's fault
+            raise
+        # pydicom converts a value when it is first read, and a damaged one fails in any way (TypeError for
+        # two values where one is expected, BytesLengthException, NotImplementedError for an unknown VR)
+        raise Rejected(Reason.MISSING_TAG, f"malformed header value ({type(exc).__name__})") from None
+
+
+def _read_plain(data: bytes | memoryview) -> tuple[Values, UID, int] | None:
+    """The header of a plain file (see :mod:`pe_triage.dicom.raw`), its transfer syntax and where its
+    pixels start; None for any other file, and for one whose ids must be derived (pydicom's text forms
+    of other values make them)."""
+    raw = read_raw(data, _RAW_TAGS)
+    ds = values(raw, _RAW_KEYWORDS, _RAW_META) if raw is not None else None
+    if raw is None or ds is None or ds.file_meta is None:
+        return None
+    charset = ds.get("SpecificCharacterSet", "")
+    if not isinstance(charset, str) or charset not in _PLAIN_CHARSETS:
+        return None
+    sop = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+    if not all(_uid(v) for v in (ds.get("PatientID"), ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), sop)):
+        return None
+    return ds, UID(raw.transfer_syntax), raw.pixel_offset
 
 
 def _read(data: bytes, *, complete: bool, config: IngestConfig) -> tuple[Dataset, UID, int]:
@@ -284,7 +348,7 @@ def _ends_inside_an_element(data: bytes, ts: UID) -> bool:
                 end = elem.value_tell + elem.length if isinstance(elem, RawDataElement) else buf.tell()
                 if end > len(data):
                     return True
-        except (EOFError, ValueError, NotImplementedError):
+        except (EOFError, ValueError, NotImplementedError, OSError):  # OSError: a sequence item without its tag
             return True
         if buf.tell() < len(data):  # the meta group ended: the generator stepped back to the next element
             end = buf.tell()
@@ -297,13 +361,13 @@ class _Geometry(NamedTuple):
     position: tuple[float, float, float]
     orientation: tuple[float, float, float, float, float, float]
     spacing: tuple[float, float]
-    normal: np.ndarray
+    normal: tuple[float, float, float]
     slope: float
     intercept: float
     instance_number: int | None
 
 
-def _geometry(ds: Dataset) -> _Geometry:
+def _geometry(ds: _Header) -> _Geometry:
     try:
         position = tuple(float(v) for v in ds.ImagePositionPatient)
         orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
@@ -315,13 +379,14 @@ def _geometry(ds: Dataset) -> _Geometry:
         raise Rejected(Reason.MISSING_TAG, f"malformed geometry or rescale tag ({_scrub(str(exc))})") from None
     if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2 or min(spacing) <= 0:
         raise Rejected(Reason.MISSING_TAG, "malformed ImagePositionPatient, ImageOrientationPatient or PixelSpacing")
-    normal = np.cross(orientation[:3], orientation[3:])
-    if abs(normal[2]) < _MIN_AXIAL_COSINE * float(np.linalg.norm(normal) or 1.0):
+    (r0, r1, r2), (c0, c1, c2) = orientation[:3], orientation[3:]
+    normal = (r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0)  # np.cross, at a tenth of its cost
+    if abs(normal[2]) < _MIN_AXIAL_COSINE * (math.hypot(*normal) or 1.0):
         raise Rejected(Reason.NOT_AXIAL_IMAGE, "slice is not axial (sagittal/coronal reformat)")
     return _Geometry(position, orientation, spacing, normal, slope, intercept, instance_number)
 
 
-def _slice_header(ds: Dataset, ts: UID, geo: _Geometry, pseudo: Pseudonymizer, *, pixel_offset: int) -> SliceHeader:
+def _slice_header(ds: _Header, ts: UID, geo: _Geometry, pseudo: Pseudonymizer, *, pixel_offset: int) -> SliceHeader:
     """The checked header as ingest keeps it: pseudonymised ids, no clear identifier."""
     patient, study, series, sop, derived = _identity(ds, pseudo)
     return SliceHeader(

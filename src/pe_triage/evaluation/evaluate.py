@@ -12,8 +12,11 @@ inside it is measured.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +41,18 @@ from pe_triage.evaluation.gradcam import (
 )
 from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary, proportion
 from pe_triage.evaluation.report import write_loso_report, write_report
+from pe_triage.parallel import cpu_share
+from pe_triage.progress import progress
 from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
 from pe_triage.tracking import start_run
+from pe_triage.training.train import torch_threads
 from pe_triage.windows import uint8_to_centred, window_channels
 
 log = logging.getLogger(__name__)
+
+#: slices a worker scores at a time: enough batches to amortise the hand-over, few enough for a bar
+#: that moves and for every worker to get a share of a small split
+SCORE_CHUNK = 32
 
 
 class EvaluationError(ValueError):
@@ -77,13 +87,12 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
     folder = out / "gradcam"
     tolerance = config.evaluate.gradcam_pointing_tolerance_px
     folder.mkdir(parents=True, exist_ok=True)
+    batch = batch_images(config, ds.shape)
     for stage, model in models.items():
         sample = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold,
                                  per_category=config.evaluate.gradcam_per_category, seed=config.evaluate.seed)
-        for n, row in enumerate(sample.itertuples(index=False)):
-            image = np.asarray(ds.array[int(row.index)])[channels[stage]]
-            x = torch.from_numpy(uint8_to_centred(image))[None]
-            cam = grad_cam(model.model, x)[0]
+        cams = _cams(model, ds, [int(i) for i in sample["index"]], channels[stage], batch)
+        for n, (row, (_, image, cam)) in enumerate(zip(sample.itertuples(index=False), cams, strict=True)):
             mask = None if masks is None else masks.get(int(row.index))
             lesion = mask if mask is not None and mask.any() else None
             fraction = max((inside_fraction(c, lesion) or 0.0) for c in cam) if lesion is not None else None
@@ -111,8 +120,29 @@ def _open_split(models: dict[int, StageModel], windows: str, splits: str, split:
         raise EvaluationError(str(e)) from None
 
 
-def _score(models: dict[int, StageModel], ds: WindowsDataset, split: str) -> tuple[pd.DataFrame, dict[int, list[int]]]:
-    """Both stages' probabilities for every slice (``schema.PREDICTION_COLUMNS``) and each model's channels."""
+def batch_images(config: Config, shape: tuple[int, ...]) -> int:
+    """Images per CPU forward pass for inputs of ``shape`` [..., H, W]: ``evaluate.batch_pixels`` worth."""
+    return max(1, config.evaluate.batch_pixels // (shape[-2] * shape[-1]))
+
+
+def _score_rows(models: dict[int, StageModel], array: np.ndarray, channels: dict[int, list[int]], batch: int,
+                rows: tuple[int, int]) -> dict[int, np.ndarray]:
+    """Both stages' probabilities for rows ``[start, stop)`` of ``array``, on the calling thread alone."""
+    with torch_threads(1):
+        stack = np.asarray(array[rows[0] : rows[1]])
+        return {n: model.predict_proba(stack[:, channels[n]], batch_size=batch) for n, model in models.items()}
+
+
+def _score(models: dict[int, StageModel], ds: WindowsDataset, desc: str,
+           config: Config) -> tuple[pd.DataFrame, dict[int, list[int]]]:
+    """Both stages' probabilities for every slice (``schema.PREDICTION_COLUMNS``) and each model's channels.
+
+    Chunks of slices go to one worker thread per CPU (``parallel.cpu_share``), each running torch on
+    that thread alone (torch releases the GIL in its ops) in cache-sized batches (``batch_images``).
+    Several intra-op threads would split each small op and meet at a barrier after it, and when
+    another job holds a core every barrier waits for a descheduled thread: on 2 shared cores two
+    threads scored 4-26 img/s where one scored 89-185 (benchmarks/evaluate.py). The time is the
+    models' and grows with the slices alone."""
     pred = ds.index[S.PREDICTION_KEYS].copy()
     channels = {}
     for stage in S.STAGES.values():
@@ -120,8 +150,17 @@ def _score(models: dict[int, StageModel], ds: WindowsDataset, split: str) -> tup
             channels[stage.number] = window_channels(ds.windows, models[stage.number].meta.windows)
         except ValueError as e:
             raise EvaluationError(f"stage {stage.number} model and the windows dataset: {e}") from None
-        log.info("stage %d on %d %s slices", stage.number, len(ds), split)
-        pred[stage.column] = _predict(models[stage.number], ds.array, channels[stage.number])
+    batch = batch_images(config, ds.shape)
+    chunks = [(start, min(start + SCORE_CHUNK, len(ds))) for start in range(0, len(ds), SCORE_CHUNK)]
+    probs = {n: np.empty(len(ds), np.float32) for n in channels}
+    score = functools.partial(_score_rows, models, ds.array, channels, batch)
+    with progress(len(ds), desc, unit="slice", logger=log) as bar, ThreadPoolExecutor(cpu_share()) as pool:
+        for (start, stop), part in zip(chunks, pool.map(score, chunks), strict=True):
+            for n, p in part.items():
+                probs[n][start:stop] = p
+            bar.update(stop - start)
+    for stage in S.STAGES.values():
+        pred[stage.column] = probs[stage.number]
     return pred, channels
 
 
@@ -129,11 +168,23 @@ def predict_split(models: dict[int, StageModel], windows: str, splits: str, *, s
                   config: Config = Config()) -> pd.DataFrame:
     """Both stages applied to every slice of ``split``: the labelled prediction frame the metrics read."""
     with _open_split(models, windows, splits, split, fold, config) as ds:
-        return _score(models, ds, split)[0]
+        return _score(models, ds, f"score {split}", config)[0]
+
+
+def _cams(model: StageModel, ds: WindowsDataset, rows: list[int], channels: list[int],
+          batch: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(row, its window stack, its Grad-CAM maps) for ``rows`` of ``ds``, a batch at a time on one
+    thread (as ``_score``)."""
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        images = np.stack([np.asarray(ds.array[i])[channels] for i in chunk])
+        with torch_threads(1):
+            cams = grad_cam(model.model, torch.from_numpy(uint8_to_centred(images)))
+        yield from zip(chunk, images, cams, strict=True)
 
 
 def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]], ds: WindowsDataset, pred: pd.DataFrame,
-                  masks: dict[int, np.ndarray], config: Config, batch: int = 32) -> dict[str, Any]:
+                  masks: dict[int, np.ndarray], config: Config) -> dict[str, Any]:
     """Grad-CAM of a seeded sample of each stage's true positives against their lesion masks: how often
     the map's peak is on the lesion (with its Wilson interval; a blank map, no positive evidence
     anywhere, is a miss), and the mean mass inside it."""
@@ -144,15 +195,11 @@ def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]],
                              per_category=ev.gradcam_localisation, seed=ev.seed).query("category == 'tp'")
         rows = [int(i) for i in tp["index"] if int(i) in masks and masks[int(i)].any()]
         hits, inside, area, blank = [], [], [], 0
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            images = np.stack([np.asarray(ds.array[i])[channels[stage]] for i in chunk])
-            cams = grad_cam(model.model, torch.from_numpy(uint8_to_centred(images)))
-            for i, cam in zip(chunk, cams, strict=True):
-                blank += int(not cam.any())
-                hits.append(any(peak_on_lesion(c, masks[i], ev.gradcam_pointing_tolerance_px) for c in cam))
-                inside.append(max(inside_fraction(c, masks[i]) or 0.0 for c in cam))
-                area.append(float(masks[i].mean()))
+        for i, _, cam in _cams(model, ds, rows, channels[stage], batch_images(config, ds.shape)):
+            blank += int(not cam.any())
+            hits.append(any(peak_on_lesion(c, masks[i], ev.gradcam_pointing_tolerance_px) for c in cam))
+            inside.append(max(inside_fraction(c, masks[i]) or 0.0 for c in cam))
+            area.append(float(masks[i].mean()))
         out[f"stage{stage}"] = {"true_positives": int(len(tp)), "peak_on_lesion": proportion(sum(hits), len(hits), ev.confidence),
                                 "blank_maps": blank,  # no positive evidence anywhere: counted as a miss
                                 "mean_inside_fraction": float(np.mean(inside)) if inside else None,
@@ -179,7 +226,7 @@ def evaluate(
     models = {1: load_model(stage1), 2: load_model(stage2)}
     out_dir = Path(out)
     with _open_split(models, windows, splits, split, fold, config) as ds:
-        pred, channels = _score(models, ds, split)
+        pred, channels = _score(models, ds, f"evaluate {split}", config)
         t1, t2 = models[1].meta.threshold, models[2].meta.threshold
         metrics = evaluate_predictions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config.evaluate)
         metrics["test_data"] = {"windows_digest": dataset_digest(windows), "splits_digest": file_digest(splits), "split": split,
@@ -241,11 +288,6 @@ def summarize_site_folds(evaluations: list[str], out: str) -> dict[str, Any]:
     paths = write_loso_report(summary, out)
     log.info("leave one site out: %d folds, report at %s", len(per_fold), paths["leave_one_site_out_html"])
     return summary
-
-
-def _predict(model: StageModel, array: np.ndarray, channels: list[int], batch: int = 256) -> np.ndarray:
-    return np.concatenate([model.predict_proba(np.asarray(array[i : i + batch])[:, channels])
-                           for i in range(0, len(array), batch)])
 
 
 def synthetic_cohort(truth: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ series' write task, and what became of each file."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pe_triage.config import IngestConfig
 from pe_triage.dicom import Pseudonymizer, SliceHeader
@@ -85,3 +86,4 @@ class SeriesResult:
     staged: str | None
     rows: int
     outcomes: list[Outcome] = field(default_factory=list)
+    written: list[dict[str, Any]] = field(default_factory=list)  # the staged rows without pixels, in file order

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import pyarrow.fs as pafs
@@ -108,8 +108,13 @@ def _scan_chunk(args: tuple[Location, Sequence[tuple[str, int]], Pseudonymizer, 
 
 
 def scan_site(pool: Executor | None, src: Location, items: Sequence[tuple[str, int]], pseudo: Pseudonymizer,
-              config: IngestConfig) -> list[Scanned]:
-    """Every listed file scanned, in listing order; chunks of ``scan_chunk_files`` keep the pool's overhead per file small."""
+              config: IngestConfig, done: Callable[[int], object] = lambda n: None) -> list[Scanned]:
+    """Every listed file scanned, in listing order; chunks of ``scan_chunk_files`` keep the pool's overhead per
+    file small. ``done`` is told the size of each chunk scanned."""
     step = config.scan_chunk_files
     chunks = [items[i : i + step] for i in range(0, len(items), step)]
-    return [s for chunk in run(pool, _scan_chunk, [(src, c, pseudo, config) for c in chunks]) for s in chunk]
+    scanned: list[Scanned] = []
+    for chunk in run(pool, _scan_chunk, [(src, c, pseudo, config) for c in chunks]):
+        scanned.extend(chunk)
+        done(len(chunk))
+    return scanned

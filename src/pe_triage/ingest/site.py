@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import re
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -20,18 +22,29 @@ from pe_triage import __version__
 from pe_triage import schema as S
 from pe_triage.config import IngestConfig, to_dict
 from pe_triage.dicom import Pseudonymizer
-from pe_triage.ingest.plan import existing_rows, make_plan
-from pe_triage.ingest.records import DUPLICATE, QUARANTINED, Candidate, Outcome, SeriesResult, SeriesTask
+from pe_triage.ingest.plan import Plan, existing_rows, make_plan
+from pe_triage.ingest.records import (
+    DUPLICATE,
+    QUARANTINED,
+    Candidate,
+    Listing,
+    Outcome,
+    SeriesResult,
+    SeriesTask,
+)
 from pe_triage.ingest.report import label_summary, run_report
 from pe_triage.ingest.scan import list_source, scan_site
 from pe_triage.ingest.write import write_series
 from pe_triage.labels import Manifest, load_manifest
-from pe_triage.parallel import run, worker_count, worker_pool
+from pe_triage.parallel import run as parallel_run
+from pe_triage.parallel import worker_count, worker_pool
+from pe_triage.progress import progress
 from pe_triage.storage import Location, Lock, location
 
+log = logging.getLogger(__name__)
 SITE_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # matched whole: "$" would let a final newline through
 #: settings that change how a run executes, not what it writes (kept out of the file metadata)
-_EXECUTION_ONLY = {"workers", "scan_chunk_files", "strict_labels", "lock_wait_s", "lock_ttl_s"}
+_EXECUTION_ONLY = {"workers", "min_files_per_worker", "scan_chunk_files", "strict_labels", "lock_wait_s", "lock_ttl_s"}
 
 
 class IngestError(RuntimeError):
@@ -69,12 +82,31 @@ def ingest_site(
         raise IngestError(f"site name {site!r} must match {SITE_PATTERN.pattern} (it becomes a folder name)")
     if pseudo.site != site:
         raise IngestError(f"pseudonymizer is for site {pseudo.site!r}, not {site!r}")
-    workers = worker_count(config.workers)
     dst = location(out)
     # one run per site and dataset: two would each rewrite a series with only their own slices
     lock = Lock(dst, f"{S.SITE}={site}", ttl_s=config.lock_ttl_s, wait_s=config.lock_wait_s)
-    with _disk_full_is_an_error(site), lock, _staging_dropped_on_error(dst, site), worker_pool(workers) as pool:
-        return _ingest(site, location(source), dst, pseudo, labels, config, pool, workers, started, lock)
+    with _disk_full_is_an_error(site), lock, _staging_dropped_on_error(dst, site):
+        src = location(source)
+        manifest = _manifest(labels, pseudo)
+        listing = list_source(src)
+        workers = max(1, min(worker_count(config.workers), len(listing.files) // config.min_files_per_worker))
+        with worker_pool(workers) as pool:
+            return _ingest(_Run(site, src, dst, pseudo, config, pool, workers, started, lock), manifest, listing)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every part of one run uses."""
+
+    site: str
+    src: Location
+    dst: Location
+    pseudo: Pseudonymizer
+    config: IngestConfig
+    pool: Executor | None
+    workers: int
+    started: float
+    lock: Lock
 
 
 @contextmanager
@@ -104,41 +136,29 @@ def _staging_dropped_on_error(dst: Location, site: str) -> Iterator[None]:
         raise
 
 
-def _ingest(
-    site: str,
-    src: Location,
-    dst: Location,
-    pseudo: Pseudonymizer,
-    labels: str | None,
-    config: IngestConfig,
-    pool: Executor | None,
-    workers: int,
-    started: float,
-    lock: Lock,
-) -> dict[str, Any]:
-    manifest = _manifest(labels, pseudo)
-    listing = list_source(src)
-    _check_dataset(dst, pseudo)
+def _ingest(run: _Run, manifest: Manifest | None, listing: Listing) -> dict[str, Any]:
+    site, src, dst, config = run.site, run.src, run.dst, run.config
+    _check_dataset(dst, run.pseudo)
     staging = dst.join("_staging", f"{S.SITE}={site}")
     if dst.exists(staging):
         dst.fs.delete_dir(staging)  # left by an interrupted run; never visible to readers
     run_dir = f"{staging}/{uuid.uuid4().hex}"
     existing, existing_files = existing_rows(dst, site)
-    metadata = _file_metadata(pseudo, config)
-    scanned = [*scan_site(pool, src, listing.files, pseudo, config), *listing.refused]
-    scan_s = time.perf_counter() - started
+    metadata = _file_metadata(run.pseudo, config)
+    with progress(len(listing.files), f"ingest {site}: headers", unit="file", logger=log) as bar:
+        scanned = [*scan_site(run.pool, src, listing.files, run.pseudo, config, done=bar.update), *listing.refused]
+    scan_s = time.perf_counter() - run.started
 
     def make_task(series_uid: str, cands: tuple[Candidate, ...], existing_file: str | None,
                   existing_sha: dict[str, str], labs: dict[str, str | None], rewrite: bool) -> SeriesTask:
-        return SeriesTask(src, dst, pseudo, config, site, series_uid, cands, existing_file, existing_sha, labs,
+        return SeriesTask(src, dst, run.pseudo, config, site, series_uid, cands, existing_file, existing_sha, labs,
                           rewrite, f"{run_dir}/{series_uid}.parquet", metadata)
 
     plan = make_plan(scanned, existing, existing_files, manifest, make_task)
-    plan.tasks.sort(key=lambda t: -len(t.candidates))  # largest first balances the workers
-    results = list(run(pool, write_series, plan.tasks))
+    results = _write(run, plan, len(listing.paths))
     outcomes = [*plan.quarantined, *(o for r in results for o in r.outcomes)]
     by_sop_outcome = {o.sop_uid: o for o in outcomes if o.sop_uid and o.status == QUARANTINED}
-    final = _final_rows(dst, existing, results)
+    final = _final_rows(existing, results)
     label_report = label_summary(manifest, final, plan.label_rows, by_sop_outcome) if manifest else None
     if config.strict_labels and label_report and (label_report["unmatched_rows"] or label_report["inconsistent_patients"]):
         if dst.exists(run_dir):
@@ -148,13 +168,26 @@ def _ingest(
             f"{len(label_report['inconsistent_patients'])} inconsistent patient(s); first: "
             f"{(label_report['unmatched_rows'] or label_report['inconsistent_patients'])[0]}"
         )
-    lock.check()  # a run that lost its lock (stalled past its TTL) must not overwrite the new holder's work
+    run.lock.check()  # a run that lost its lock (stalled past its TTL) must not overwrite the new holder's work
     _commit(dst, site, results, staging)
-    _write_quarantine(dst, site, pseudo, outcomes)
-    report = run_report(site, src, listing, outcomes, final, results, label_report, pseudo, config.z_grid_tolerance,
-                        workers, scan_s, started)
+    _write_quarantine(dst, site, run.pseudo, outcomes)
+    report = run_report(site, src, listing, outcomes, final, results, label_report, run.pseudo, config.z_grid_tolerance,
+                        run.workers, scan_s, run.started)
     dst.write_bytes(dst.join("_reports", f"{S.SITE}={site}", "ingest_report.json"), json.dumps(report, indent=2).encode())
     return report
+
+
+def _write(run: _Run, plan: Plan, files: int) -> list[SeriesResult]:
+    """Pass 2 over the series, largest first (it balances the workers), counting every file's outcome:
+    those refused before it at once, the others as their series is done."""
+    plan.tasks.sort(key=lambda t: -len(t.candidates))
+    results = []
+    with progress(files, f"ingest {run.site}", unit="file", logger=log) as bar:
+        bar.update(len(plan.quarantined))
+        for result in parallel_run(run.pool, write_series, plan.tasks):
+            results.append(result)
+            bar.update(len(result.outcomes))
+    return results
 
 
 def _manifest(labels: str | None, pseudo: Pseudonymizer) -> Manifest | None:
@@ -175,14 +208,12 @@ def _file_metadata(pseudo: Pseudonymizer, config: IngestConfig) -> dict[str, str
     }
 
 
-def _final_rows(dst: Location, existing: dict[str, dict[str, Any]], results: list[SeriesResult]) -> dict[str, dict[str, Any]]:
+def _final_rows(existing: dict[str, dict[str, Any]], results: list[SeriesResult]) -> dict[str, dict[str, Any]]:
     """The site's rows (without pixels) by SOP as they will be once the staged series are committed."""
     final = dict(existing)
     for r in results:
         if r.staged:
-            table = pq.read_table(r.staged, filesystem=dst.fs, columns=S.SLICES_META_COLUMNS)
-            for row in table.to_pylist():
-                final[row[S.SOP_UID]] = row
+            final.update((row[S.SOP_UID], row) for row in r.written)
     return final
 
 

@@ -100,9 +100,21 @@ def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
     return 0, report
 
 
+PREDICT_DESCRIPTION = """Triage DICOM studies with a registered model (default: the champion).
+
+Writes one JSON report: the model and its version, the decision rule and thresholds, a summary of
+the input read, and per study
+its triage (wnl, other or pe), slice counts per class, the flagged slices and every slice's
+p_disease and p_pe. Studies and series are named study-1, series-1, ...: no patient names, UIDs or
+paths. Without --out the report goes to stdout; with --out it is written to that file and stdout
+gets one line per study (study, triage, slices, flagged slices). Nothing else is written."""
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``register``, ``promote``, ``rollback`` and ``predict`` to the ``pe-triage`` parser."""
-    p = subparsers.add_parser("register", help="register a stage 1 + stage 2 pair as a new composite version (challenger)")
+    p = subparsers.add_parser("register", help="register a stage 1 + stage 2 pair as a new composite version (challenger)",
+                              epilog="example:\n  pe-triage register --stage1 models/stage1-cal --stage2 models/stage2-cal "
+                                     "--metrics evaluation \\\n      --tracking-uri http://127.0.0.1:5000")
     p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
     p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
     p.add_argument("--metrics", required=True, help="metrics folder of pe-triage evaluate (metrics.json, report)")
@@ -110,19 +122,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=_guarded(_register))
 
-    p = subparsers.add_parser("promote", help="promote a version to champion if it passes the gates")
+    p = subparsers.add_parser("promote", help="promote a version to champion if it passes the gates",
+                              epilog="example:\n  pe-triage promote --version 3 --tracking-uri http://127.0.0.1:5000\n"
+                                     "exit status: 0 promoted or unchanged, 1 refused by a gate or a conflict, 2 error")
     p.add_argument("--version", type=int, help="version to promote (default: the challenger)")
     p.add_argument("--champion-metrics", help="metrics of the current champion evaluated on the candidate's test data")
     p.add_argument("--actor", help="who decides (default: PE_TRIAGE_ACTOR or USER)")
     _common(p)
     p.set_defaults(func=_guarded(_promote))
 
-    p = subparsers.add_parser("rollback", help="move champion back to the previous champion")
+    p = subparsers.add_parser("rollback", help="move champion back to the previous champion",
+                              epilog="example:\n  pe-triage rollback --actor alice --tracking-uri http://127.0.0.1:5000")
     p.add_argument("--actor", help="who decides (default: PE_TRIAGE_ACTOR or USER)")
     _common(p)
     p.set_defaults(func=_guarded(_rollback))
 
-    p = subparsers.add_parser("predict", help="triage DICOM studies with a registered model (no PHI in the output)")
+    p = subparsers.add_parser("predict", help="triage DICOM studies with a registered model (no PHI in the output)",
+                              description=PREDICT_DESCRIPTION,
+                              epilog="examples:\n  pe-triage predict --dicom exports/study-1 --tracking-uri http://127.0.0.1:5000\n"
+                                     "  pe-triage predict --model models:/pe-triage/3 --dicom s3://exports/today/ "
+                                     "--out report.json")
     p.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion) or a local model folder")
     p.add_argument("--dicom", required=True, nargs="+", help="DICOM folder(s), file(s) or s3:// prefix(es)")
     p.add_argument("--out", help="write the full JSON report here (default: print it)")

@@ -22,8 +22,9 @@ from pe_triage.registry.registry import (
 
 def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfig(), uri: str | None = None) -> dict[str, Any]:
     """``{"name", "latest": version, "aliases": {alias: version}, "decision": the latest version's last
-    registry decision (reason), "metrics": metrics.json of the latest version, "evaluation": local
-    folder}``; the latest version's evaluation folder is downloaded into ``dst``."""
+    registry decision (reason), "gates": that decision's gate results (``[]`` when none were
+    evaluated), "metrics": metrics.json of the latest version, "evaluation": local folder}``; the
+    latest version's evaluation folder is downloaded into ``dst``."""
     import mlflow.artifacts
 
     client = registry_client(uri)
@@ -35,7 +36,7 @@ def registry_overview(dst: str | Path, *, config: RegistryConfig = RegistryConfi
                if a in (CHAMPION, CHALLENGER, PREVIOUS)}
     folder = mlflow.artifacts.download_artifacts(run_id=latest.run_id, artifact_path=EVALUATION_DIR, dst_path=str(dst),
                                                  tracking_uri=client.tracking_uri)
-    decision = client.get_model_version(config.model_name, latest.version).tags.get("last_decision.reason")
+    tags = client.get_model_version(config.model_name, latest.version).tags
     return {"name": config.model_name, "latest": int(latest.version), "run_id": latest.run_id, "aliases": aliases,
-            "decision": decision,
+            "decision": tags.get("last_decision.reason"), "gates": json.loads(tags.get("last_decision.gates") or "[]"),
             "metrics": json.loads((Path(folder) / METRICS_FILE).read_text()), "evaluation": folder}

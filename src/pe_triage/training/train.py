@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ from pe_triage.artifact import ArtifactError, load_tensors, save_model
 from pe_triage.config import Config, TrainConfig, to_dict
 from pe_triage.dataset import WindowsDataset, balanced_sampler
 from pe_triage.models import build_model, parameter_count
+from pe_triage.parallel import cpu_share
+from pe_triage.progress import Progress as Bar
+from pe_triage.progress import progress as progress_bar
 from pe_triage.provenance import config_hash, dataset_digest, file_digest, git_commit, package_version
 from pe_triage.stats import auroc, binary_rates, threshold_for_sensitivity
 from pe_triage.storage import atomic_path
@@ -48,6 +51,8 @@ CHECKPOINT = "last.pt"
 #: beside ``CHECKPOINT``: the run it belongs to, read (as JSON) before the checkpoint is opened
 CHECKPOINT_IDENTITY = "last.json"
 CHECKPOINT_FORMAT = "pe-triage-checkpoint/2"
+#: the clock of the time budget (a test's to replace: budgets are asserted on samples, not on wall time)
+_clock = time.monotonic
 
 
 class TrainingError(ValueError):
@@ -103,6 +108,31 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise TrainingError("train.epochs, train.batch_size and train.lr must be positive")
     if not cfg.windows:
         raise TrainingError("train.windows is empty: name the windows the model takes (e.g. [vascular, lung])")
+    if cfg.threads < 0 or cfg.side_by_side < 1:
+        raise TrainingError(f"train.threads must be >= 0 (0: derived) and train.side_by_side >= 1, got {cfg.threads} "
+                            f"and {cfg.side_by_side}")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise TrainingError(f"train.max_minutes {cfg.max_minutes}: expected a positive budget (or null for none)")
+
+
+def training_threads(cfg: TrainConfig, cpus: int | None = None) -> int:
+    """Intra-op threads of one training process: ``train.threads``, else its share of ``cpus`` (default:
+    the CPUs it may use) among the steps side by side and the ranks ``torchrun`` started on this node,
+    at most ``OMP_NUM_THREADS`` when the environment sets it (an operator's explicit cap)."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return cfg.threads or cpu_share(cfg.side_by_side * ranks, cpus)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """torch's intra-op threads set to ``n`` for a block, and restored after it (a library call must
+    not leave its caller's process changed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_classes(ds: WindowsDataset, what: str) -> None:
@@ -183,10 +213,13 @@ def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ the loop
 def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> tuple[np.ndarray, float]:
-    """Validation probabilities in dataset order and the mean loss."""
+    """Validation probabilities in dataset order and the mean loss. On CPU on one thread: with the
+    cache-sized batches of ``_Run.val_batch`` one thread outruns two at the training batch, and never
+    waits on a thread that another job's process has displaced (benchmarks/evaluate.py)."""
     model.eval()
     probs, total, n = [], 0.0, 0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    one_thread = torch_threads(1) if device.type == "cpu" else nullcontext(0)
+    with one_thread, torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)[:, 0].float()
@@ -248,7 +281,10 @@ def train(
                 "train_slices": _named_counts(train_ds), "val_slices": _named_counts(val_ds),
                 "excluded_indeterminate": {"train": train_ds.excluded_indeterminate, "val": val_ds.excluded_indeterminate},
                 "preprocess": _preprocess_meta(windows)}
-        return _fit(run, state, tracking_uri, data)
+        with torch_threads(training_threads(cfg)) as threads:
+            log.info("stage %d: %d torch threads (train.threads %d, side by side %d)", stage, threads, cfg.threads,
+                     cfg.side_by_side)
+            return _fit(run, state, tracking_uri, data)
 
 
 def _named_counts(ds: WindowsDataset) -> dict[str, int]:
@@ -297,10 +333,20 @@ class _Run:
         """Samples drawn per epoch (over all ranks)."""
         return self.cfg.samples_per_epoch or len(self.train_ds)
 
-    def loader_kw(self) -> dict[str, Any]:
+    def loader_kw(self, batch_size: int | None = None) -> dict[str, Any]:
         workers = self.cfg.num_workers
-        return {"batch_size": self.cfg.batch_size, "num_workers": workers, "pin_memory": self.device.type == "cuda",
-                "persistent_workers": False, **({"prefetch_factor": 4} if workers else {})}
+        return {"batch_size": batch_size or self.cfg.batch_size, "num_workers": workers,
+                "pin_memory": self.device.type == "cuda", "persistent_workers": False,
+                **({"prefetch_factor": 4} if workers else {})}
+
+    @property
+    def val_batch(self) -> int:
+        """Validation images per batch: ``evaluate.batch_pixels`` worth on CPU (cache-sized), the
+        training batch on CUDA."""
+        if self.device.type == "cuda":
+            return self.cfg.batch_size
+        height, width = self.val_ds.shape[-2:]
+        return max(1, self.config.evaluate.batch_pixels // (height * width))
 
 
 @dataclass(frozen=True)
@@ -324,6 +370,8 @@ class _Progress:
     stale: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str | None = None
+    #: this process spent ``train.max_minutes`` (not checkpointed: a resumed run has a budget of its own)
+    out_of_time: bool = False
 
     def record(self, val_auroc: float | None, model: nn.Module) -> bool:
         """Count an epoch's validation AUROC; keep a copy of the weights when it is the best so far."""
@@ -388,12 +436,14 @@ def _fit(run: _Run, state: dict[str, Any] | None, tracking_uri: str | None, data
     stage = run.stage
     net = _build(run)
     progress = _resume(run, net, state)
-    val_loader = DataLoader(run.val_ds, shuffle=False, **run.loader_kw())
-    started = time.monotonic()
+    val_loader = DataLoader(run.val_ds, shuffle=False, **run.loader_kw(run.val_batch))
+    deadline = None if run.cfg.max_minutes is None else _clock() + 60 * run.cfg.max_minutes
     tags = {"stage": stage, "fold": run.fold, "windows_digest": data["windows_digest"], "splits_digest": data["splits_digest"],
             "git_commit": git_commit(), "package_version": package_version(), "step": f"train-stage{stage}"}
     tracking = start_run(experiment=run.config.registry.experiment, run_name=f"train-stage{stage}", tags=tags,
                          uri=tracking_uri, run_id=progress.run_id) if run.rank == 0 else nullcontext(NullTracker())
+    remaining = max(0, run.cfg.epochs - progress.epoch) * run.samples
+    shown = progress_bar(remaining, f"train stage {stage}", unit="img", logger=log) if run.rank == 0 else nullcontext(None)
     with tracking as tracker:
         if state is None:
             tracker.log_params({"config": to_dict(run.config), "stage": stage, "fold": run.fold,
@@ -402,25 +452,21 @@ def _fit(run: _Run, state: dict[str, Any] | None, tracking_uri: str | None, data
         log.info("stage %d: %d train / %d val slices (indeterminate left out: %d / %d), %s on %s, %d parameters", stage,
                  len(run.train_ds), len(run.val_ds), run.train_ds.excluded_indeterminate, run.val_ds.excluded_indeterminate,
                  run.config.model.arch, run.device, parameter_count(net.model))
-        while _keep_going(run, progress, started):
-            row = _epoch(run, net, progress, val_loader)
-            if run.rank == 0:
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=progress.epoch)
-                _save_checkpoint(run, net, progress, tracker.run_id)
+        with shown as bar:
+            while _keep_going(run, progress):
+                row = _epoch(run, net, progress, val_loader, _Steps(deadline, bar))
+                if run.rank == 0:
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=progress.epoch)
+                    _save_checkpoint(run, net, progress, tracker.run_id)
         if run.rank != 0:
             return {}
         return _finish(run, net, progress, val_loader, tracker, data)
 
 
-def _keep_going(run: _Run, progress: _Progress, started: float) -> bool:
+def _keep_going(run: _Run, progress: _Progress) -> bool:
     """Another epoch, unless every epoch ran, patience ran out, or the time budget is spent."""
     cfg = run.cfg
-    if progress.epoch >= cfg.epochs or (cfg.patience and progress.stale >= cfg.patience):
-        return False
-    if cfg.max_minutes is not None and progress.epoch > 0 and (time.monotonic() - started) / 60 >= cfg.max_minutes:
-        log.info("stage %d: time budget of %.1f min reached after epoch %d", run.stage, cfg.max_minutes, progress.epoch)
-        return False
-    return True
+    return not (progress.out_of_time or progress.epoch >= cfg.epochs or (cfg.patience and progress.stale >= cfg.patience))
 
 
 def _epoch_loader(run: _Run, epoch: int) -> DataLoader:
@@ -434,8 +480,28 @@ def _epoch_loader(run: _Run, epoch: int) -> DataLoader:
                       **run.loader_kw())
 
 
-def _train_steps(run: _Run, net: _Net, loader: DataLoader) -> tuple[float, int]:
-    """One pass over ``loader``: the summed loss and the number of samples this rank saw."""
+@dataclass(frozen=True)
+class _Steps:
+    """What the steps of an epoch answer to besides the data: the time budget's end (``_clock`` time,
+    None: no budget) and the progress bar (None on ranks other than 0)."""
+
+    deadline: float | None
+    bar: Bar | None
+
+
+def _out_of_time(run: _Run, deadline: float | None) -> bool:
+    """Whether the budget is spent; over several ranks, whether any rank's is (they stop at the same step)."""
+    spent = deadline is not None and _clock() >= deadline
+    if deadline is not None and run.world > 1:
+        flag = torch.tensor([float(spent)], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        spent = bool(flag.item())
+    return spent
+
+
+def _train_steps(run: _Run, net: _Net, loader: DataLoader, steps: _Steps) -> tuple[float, int, bool]:
+    """One pass over ``loader``, cut short when the time budget is spent: the summed loss, the samples
+    this rank saw and whether the budget ended the pass."""
     device = run.device
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
     net.net.train()
@@ -452,26 +518,35 @@ def _train_steps(run: _Run, net: _Net, loader: DataLoader) -> tuple[float, int]:
         net.schedule.step()
         loss_sum += loss.item() * len(y)
         seen += len(y)
-    return loss_sum, seen
+        if steps.bar is not None:
+            steps.bar.update(len(y) * run.world, loss=loss_sum / seen)
+        if _out_of_time(run, steps.deadline):
+            return loss_sum, seen, True
+    return loss_sum, seen, False
 
 
-def _epoch(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader) -> dict[str, Any]:
-    """Train one epoch, validate, count it towards early stopping; returns its history row."""
+def _epoch(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader, steps: _Steps) -> dict[str, Any]:
+    """Train one epoch (or until the budget is spent), validate, count it towards early stopping;
+    returns its history row."""
     loader = _epoch_loader(run, progress.epoch)
     t0 = time.monotonic()
-    loss_sum, seen = _train_steps(run, net, loader)
+    loss_sum, seen, progress.out_of_time = _train_steps(run, net, loader, steps)
     train_s = time.monotonic() - t0
     progress.epoch += 1
+    if progress.out_of_time:
+        log.info("stage %d: time budget of %g min spent after %d of %d samples of epoch %d: validating it and stopping",
+                 run.stage, run.cfg.max_minutes, seen * run.world, run.samples, progress.epoch)
     probs, val_loss = _evaluate(net.model, val_loader, run.device, run.amp)
     val_auroc = auroc(run.val_ds.targets, probs)
     improved = progress.record(val_auroc, net.model)
     row = {"epoch": progress.epoch, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_auroc": val_auroc,
            "lr": net.schedule.get_last_lr()[0], "train_images_per_s": seen * run.world / train_s,
-           "epoch_s": time.monotonic() - t0}
+           "samples": seen * run.world, "epoch_s": time.monotonic() - t0}
     progress.history.append(row)
-    log.info("stage %d epoch %d/%d: loss %.4f, val loss %.4f, val AUROC %s%s, %.1f img/s", run.stage, progress.epoch,
-             run.cfg.epochs, row["train_loss"], val_loss, "n/a" if val_auroc is None else f"{val_auroc:.4f}",
-             " (best)" if improved else "", row["train_images_per_s"])
+    # the form the demo console relays (lines starting "epoch "); the rest of the row is in MLflow and history.json
+    log.info("epoch %d/%d: loss %.3f, val AUROC %s, %.0f img/s", progress.epoch, run.cfg.epochs, row["train_loss"],
+             "n/a" if val_auroc is None else f"{val_auroc:.3f}", row["train_images_per_s"])
+    log.debug("stage %d epoch %d: val loss %.4f%s", run.stage, progress.epoch, val_loss, " (best so far)" if improved else "")
     return row
 
 
@@ -498,6 +573,9 @@ def _finish(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader, t
         "val": val,
         "best_epoch": int(np.argmax([h["val_auroc"] if h["val_auroc"] is not None else -1 for h in progress.history])) + 1,
         "epochs_run": progress.epoch,
+        # the time budget ended training (the last epoch may be partial: its "samples" in the history)
+        "out_of_time": progress.out_of_time,
+        "threads": torch.get_num_threads(),  # what the img/s in the history ran on
         "train": to_dict(cfg),
         "data": data,
         "package_version": package_version(),
