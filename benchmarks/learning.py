@@ -41,6 +41,7 @@ from pe_triage import schema as S
 from pe_triage.artifact import load_model
 from pe_triage.config import (
     Config,
+    EvalConfig,
     LoaderConfig,
     ModelConfig,
     PreprocessConfig,
@@ -52,14 +53,13 @@ from pe_triage.config import (
 from pe_triage.dataset import WindowsDataset
 from pe_triage.dicom import Pseudonymizer, load_key
 from pe_triage.evaluation.evaluate import lesion_masks, slice_boxes
-from pe_triage.evaluation.gradcam import grad_cam, peak_on_lesion
+from pe_triage.evaluation.gradcam import pointing_game
 from pe_triage.ingest import ingest_site
 from pe_triage.preprocess import preprocess
 from pe_triage.splits import split_dataset
 from pe_triage.stats import auroc
 from pe_triage.synth import generate_cohort
 from pe_triage.training.train import train
-from pe_triage.windows import uint8_to_centred
 
 #: PE lesion area bins (model-input pixels the clot touches): below ~8 px a segmental clot is a dot or less
 PE_AREA_BINS = ((0.0, 8.0), (8.0, 30.0), (30.0, float("inf")))
@@ -84,32 +84,33 @@ def prepare(work: Path, synth: SynthConfig, pre: PreprocessConfig) -> None:
 
 
 def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfig,
-                    pointing: int = 100) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+                    ev: EvalConfig = EvalConfig()) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """The stage's validation slices (as the trainer selects them) with lesion kind and lesion area
     (model-input pixels the lesion touches, as the evaluation's Grad-CAM check sees it), the model's
-    probabilities for them, and the pointing game on up to ``pointing`` true positives at the
-    stage's threshold (Grad-CAM peak within 8 px of the lesion the label is about)."""
+    probabilities for them, and the localisation: the evaluation's pointing game (its tolerance and
+    Grad-CAM level) on up to ``ev.gradcam_localisation`` true positives at the stage's threshold."""
     model = load_model(model_dir)
     windows, truth = str(work / "windows"), str(work / "cohort" / "truth")
     with WindowsDataset(windows, str(work / "splits.parquet"), split="val", stage=stage,
-                        windows_used=model.meta.window_names, config=loader) as ds:
-        prob = model.predict_proba(np.asarray(ds.array))
+                        windows_used=model.meta.window_names, config=loader, context=model.meta.model.context) as ds:
+        prob = model.predict_proba(ds.inputs(slice(None)))
         boxes = slice_boxes(windows, ds.index)
         masks = lesion_masks(truth, boxes, ds.shape[-1])
-        frame = ds.index.assign(source_hmac=boxes[S.SOURCE_HMAC])
+        frame = ds.index.assign(**{S.SOURCE_HMAC: boxes[S.SOURCE_HMAC]})
         positive = np.flatnonzero((np.asarray(ds.targets) == 1) & (prob >= model.meta.threshold))
         rows = [int(frame.index[i]) for i in positive if int(frame.index[i]) in masks and masks[int(frame.index[i])].any()]
-        rows = sorted(np.random.default_rng(0).permutation(rows)[:pointing].tolist())
+        measured = sorted(np.random.default_rng(0).permutation(rows)[: ev.gradcam_localisation].tolist())
         position = {int(r): i for i, r in enumerate(frame.index)}
-        hits = []
-        for r in rows:
-            x = torch.from_numpy(uint8_to_centred(np.asarray(ds.array[position[r]])[None]))
-            hits.append(any(peak_on_lesion(c, masks[r], 8.0) for c in grad_cam(model.model, x)[0]))
+        game = pointing_game(model.model, ds.inputs([position[r] for r in measured]), [masks[r] for r in measured],
+                             tolerance=ev.gradcam_pointing_tolerance_px, layer=ev.gradcam_layer)
     frame["lesion_px"] = [float(masks[i].sum()) if i in masks else 0.0 for i in frame.index]
     kinds = pads.dataset(sorted(Path(truth).glob("*.parquet")), format="parquet").to_table(
         columns=[S.SOURCE_HMAC, S.T_LESION]).to_pandas()
-    game = {"true_positives": len(hits), "peak_on_lesion_rate": float(np.mean(hits)) if hits else None}
-    return frame.merge(kinds, on=S.SOURCE_HMAC, how="left", validate="one_to_one"), prob, game
+    localisation = {"true_positives": len(rows), "measured": game.slices, "peak_on_lesion": game.hits,
+                    "peak_on_lesion_rate": game.rate, "blank_maps": game.blank,
+                    "mean_inside_fraction": game.mean_inside_fraction, "layer": ev.gradcam_layer,
+                    "tolerance_px": ev.gradcam_pointing_tolerance_px}
+    return frame.merge(kinds, on=S.SOURCE_HMAC, how="left", validate="one_to_one"), prob, localisation
 
 
 def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def run_stage(stage: int, work: Path, config: Config) -> dict[str, Any]:
     meta = train(str(work / "windows"), str(work / "splits.parquet"), str(out), stage=stage, config=config)
     seconds = time.monotonic() - t0
     history = json.loads((out / "history.json").read_text())
-    frame, prob, game = val_predictions(stage, work, out, config.loader)
+    frame, prob, localisation = val_predictions(stage, work, out, config.loader, config.evaluate)
     per_epoch = config.train.samples_per_epoch or 0
     return {
         "val_auroc": meta["val"]["auroc"], "best_epoch": meta["best_epoch"], "train_seconds": round(seconds, 1),
@@ -150,7 +151,7 @@ def run_stage(stage: int, work: Path, config: Config) -> dict[str, Any]:
         "history": [{"epoch": h["epoch"], "samples": per_epoch * h["epoch"], "val_auroc": h["val_auroc"],
                      "train_loss": round(h["train_loss"], 4), "images_per_s": round(h["train_images_per_s"], 1)} for h in history],
         "val_breakdown": breakdown(stage, frame, prob),
-        "val_pointing_game": game,
+        "localisation": localisation,
     }
 
 
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=0.125)
     ap.add_argument("--min-channels", type=int, default=16)
     ap.add_argument("--fusion", default="stacked")
+    ap.add_argument("--context", type=int, default=0, help="neighbouring slices on each side (model.context)")
     ap.add_argument("--pooling", default="avg")
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers")
@@ -195,7 +197,8 @@ def main() -> None:
     prepare_s = time.monotonic() - t0
     epochs = max(1, a.samples // a.epoch_samples)
     config = Config(
-        model=ModelConfig(arch=a.arch, width=a.width, min_channels=a.min_channels, fusion=a.fusion, pooling=a.pooling),
+        model=ModelConfig(arch=a.arch, width=a.width, min_channels=a.min_channels, fusion=a.fusion, pooling=a.pooling,
+                          context=a.context),
         loader=LoaderConfig(cache_dir=str(a.work / "cache")),
         train=TrainConfig(windows=windows, epochs=epochs, batch_size=a.batch, lr=a.lr, samples_per_epoch=a.epoch_samples,
                           patience=0, warmup_epochs=min(1.0, epochs / 10), device=a.device, seed=a.train_seed,

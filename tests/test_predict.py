@@ -36,10 +36,10 @@ DATA = {"windows_digest": "wd-1", "splits_digest": "sd-1", "fold": "default", "s
 
 
 def stage_model(out: Path, stage: int, *, windows: tuple[str, ...] | None = None, threshold: float = 0.5, seed: int = 0,
-                preprocess: PreprocessConfig = PRE, data: dict | None = None) -> Path:
+                preprocess: PreprocessConfig = PRE, data: dict | None = None, context: int = 0) -> Path:
     """A tiny randomly initialised stage model artifact, as the trainer writes it."""
     torch.manual_seed(seed * 10 + stage)
-    model_config = ModelConfig(arch="cbam_drn_d_22", width=0.125)
+    model_config = ModelConfig(arch="cbam_drn_d_22", width=0.125, context=context)
     names = windows or STAGE_WINDOWS[stage]
     defs = [w.to_dict() for w in resolve_windows(PreprocessConfig(windows=names))]
     meta = {
@@ -211,3 +211,43 @@ def test_an_inconsistent_pair_is_refused(trained: tuple, tmp_path: Path) -> None
     other_lung = [{"name": "lung", "lo": -1000.0, "hi": 1600.0}, {"name": "mediastinal", "lo": 40.0, "hi": 400.0}]
     with pytest.raises(PredictError, match="window 'lung' differs"):
         Triage.load(s1, edited(s2, tmp_path / "lung", windows=other_lung))
+
+
+def test_a_2_5d_pair_reads_each_slice_with_its_neighbours_in_any_input_order(cohort: Path, tmp_path: Path) -> None:
+    """Stage 1 with one neighbour on each side, stage 2 with two: the DICOM path and shuffled HU rows
+    both give what the models return on the windows stacked along z by slice_index, ends replicated."""
+    pair = stage_model(tmp_path / "s1", 1, context=1), stage_model(tmp_path / "s2", 2, context=2)
+    triage = Triage.load(*pair)
+    frame, _ = triage.predict_dicom(str(study_dir(cohort)))
+    ref, slices = reference_2_5d(pair, study_dir(cohort), tmp_path / "ref")
+    assert list(frame["slice_index"]) == list(ref["slice_index"])
+    np.testing.assert_allclose(frame["p_disease"], ref["p1"], atol=1e-5)
+    np.testing.assert_allclose(frame["p_pe"], ref["p2"], atol=1e-5)
+    flat = reference(tuple(stage_model(tmp_path / f"flat{s}", s) for s in (1, 2)), study_dir(cohort), tmp_path / "flat")[0]
+    assert not np.allclose(ref["p1"], flat["p1"], atol=1e-3)  # the neighbours do reach the model
+    rows = pads.dataset(slices, format="parquet", partitioning="hive").to_table().to_pandas()
+    rows = rows.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    out = triage.predict_slices(rows.drop(columns=[S.HU]).assign(
+        hu=[S.decode_hu(r[S.HU], r[S.ROWS], r[S.COLS]).astype("<i2").tobytes() for r in rows.to_dict("records")]))
+    by_index = ref.set_index("slice_index")
+    np.testing.assert_allclose(out["p_disease"], by_index.loc[out["slice_index"], "p1"], atol=1e-5)
+    np.testing.assert_allclose(out["p_pe"], by_index.loc[out["slice_index"], "p2"], atol=1e-5)
+
+
+def reference_2_5d(stage_pair: tuple[Path, Path], dicom: Path, work: Path) -> tuple[pd.DataFrame, Path]:
+    """:func:`reference` for 2.5-D models: each slice's windows and its neighbours', window-major."""
+    slices = work / "slices"
+    ingest_site("site-a", str(dicom), str(slices), pseudo=pseudo("site-a"), config=IngestConfig(workers=1))
+    out = {}
+    for stage, path in enumerate(stage_pair, start=1):
+        model = load_model(path)
+        windows = work / f"windows-{stage}"
+        preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.meta.window_names), workers=1))
+        table = pads.dataset(windows, format="parquet", partitioning="hive").to_table().sort_by(S.SLICE_INDEX)
+        stack = S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS)))
+        k, n = model.meta.model.context, len(stack)
+        rows = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
+        x = np.stack([stack[r] for r in rows]).transpose(0, 2, 1, 3, 4).reshape(n, -1, *stack.shape[-2:])
+        out[S.SLICE_INDEX] = table[S.SLICE_INDEX].to_numpy()
+        out[f"p{stage}"] = model.predict_proba(x)
+    return pd.DataFrame(out), slices

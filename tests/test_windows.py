@@ -9,7 +9,15 @@ import re
 import numpy as np
 import pytest
 
-from pe_triage.windows import PRESETS, Window, uint8_to_centred, window_channels, window_to_uint8
+from pe_triage.windows import (
+    PRESETS,
+    Window,
+    context_stack,
+    neighbour_rows,
+    uint8_to_centred,
+    window_channels,
+    window_to_uint8,
+)
 
 
 def test_study_windows_and_clinical_presets() -> None:
@@ -64,3 +72,32 @@ def test_channels_are_picked_by_name_in_the_order_wanted() -> None:
 def test_the_channel_picker_names_what_is_missing_or_differs(wanted: list[str | Window], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         window_channels([PRESETS["vascular"], PRESETS["lung"]], wanted)
+
+
+# ------------------------------------------------------------------------------------ z-context
+def test_neighbours_stay_in_their_series_in_z_order_and_replicate_the_ends() -> None:
+    series = np.array(["b", "a", "a", "b", "a", "c"])
+    position = np.array([7, 2, 0, 3, 1, 5])  # a: rows 2, 4, 1 along z; b: rows 3, 0; c: row 5
+    rows = neighbour_rows(series, position, 1)
+    assert rows.tolist() == [[3, 0, 0], [4, 1, 1], [2, 2, 4], [3, 3, 0], [2, 4, 1], [5, 5, 5]]
+    wide = neighbour_rows(series, position, 2)
+    assert wide[4].tolist() == [2, 2, 4, 1, 1] and wide[:, 1:4].tolist() == rows.tolist()
+    assert neighbour_rows(series, position, 0).tolist() == [[i] for i in range(6)]
+
+
+def test_context_stack_is_window_major_and_picks_channels_before_stacking() -> None:
+    stack = np.zeros((3, 2, 1, 1), np.uint8)
+    stack[:, 0, 0, 0], stack[:, 1, 0, 0] = [10, 11, 12], [20, 21, 22]  # window 0 / window 1 of slices 0..2
+    rows = np.array([[0, 1, 2], [1, 2, 2]])
+    assert context_stack(stack, rows)[:, :, 0, 0].tolist() == [[10, 11, 12, 20, 21, 22], [11, 12, 12, 21, 22, 22]]
+    assert context_stack(stack, rows, [1])[:, :, 0, 0].tolist() == [[20, 21, 22], [21, 22, 22]]
+    assert context_stack(stack, rows[:, 1:2], [1, 0])[:, :, 0, 0].tolist() == [[21, 11], [22, 12]]
+
+
+def test_bad_context_requests_are_named() -> None:
+    with pytest.raises(ValueError, match="context must be >= 0"):
+        neighbour_rows(np.array(["a"]), np.array([0]), -1)
+    with pytest.raises(ValueError, match="equal 1-D shapes"):
+        neighbour_rows(np.array(["a", "b"]), np.array([0]), 1)
+    with pytest.raises(ValueError, match=r"rows must be \[N, slices\]"):
+        context_stack(np.zeros((2, 1, 1, 1), np.uint8), np.array([0, 1]))

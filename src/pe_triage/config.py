@@ -269,6 +269,18 @@ class ModelConfig(_Choices):
     pooling: Pooling = "avg"
     #: one logit: P(disease) in stage 1, P(PE) in stage 2
     num_outputs: int = 1
+    #: neighbouring slices on each side fed with each slice (2.5-D input, ``windows.neighbour_rows``):
+    #: each window's branch takes ``2 * context + 1`` channels. 0 is the study's single-slice model
+    context: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.context <= 8:
+            raise ConfigError(f"model.context {self.context}: expected 0..8 neighbouring slices on each side")
+
+    @property
+    def slices_per_window(self) -> int:
+        return 2 * self.context + 1
 
 
 @dataclass(frozen=True)
@@ -338,6 +350,13 @@ class EvalConfig(_Choices):
     #: pointing game: a map's peak counts as on the lesion within this many model-input pixels (one
     #: cell of the output-stride-8 feature map the heat map is upsampled from)
     gradcam_pointing_tolerance_px: float = 8.0
+    #: the level of each branch Grad-CAM weighs: "output", "penultimate" (the level feeding the
+    #: output: DRN layer7, ResNet layer3, plain conv6) or a level name (``gradcam.branch_levels``).
+    #: Pointing game on every test true positive of three cbam_drn_d_54 (width 0.125, stacked, 128 px,
+    #: conspicuous) models, layer5/6/7/8: stage 1 (789) 15/13/32/30%, stage 2 (377) 25/28/18/20%,
+    #: stage 2 (406) 33/18/22/14%; penultimate has the best pooled rate (26%, output 24%) and the best
+    #: worst stage (20%). No level puts the peak on the lesion for most true positives
+    gradcam_layer: str = "penultimate"
     #: true positives per stage whose Grad-CAM is measured against the lesion (pointing game, mass
     #: inside) when the lesion masks are known: a handful of overlays shows, a hundred measure
     gradcam_localisation: int = 100
@@ -412,11 +431,32 @@ class RegistryConfig:
     lock_expiry_s: float = 600.0
     #: how often a waiter re-reads the lock: two tag reads a second is nothing for the server
     lock_poll_s: float = 0.5
+    #: where the package wheel a version bundles is cached per (package version, source digest):
+    #: building it takes seconds, a registration of unchanged code reuses it. Per user, like pip's cache
+    wheel_cache: str = "~/.cache/pe-triage/wheels"
 
     def __post_init__(self) -> None:
         if not 0 < self.lock_poll_s <= self.lock_wait_s < self.lock_expiry_s:
             raise ConfigError(f"registry: need 0 < lock_poll_s <= lock_wait_s < lock_expiry_s, got {self.lock_poll_s}, "
                               f"{self.lock_wait_s}, {self.lock_expiry_s}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serving a registered model to callers over the network (the pyfunc's ``dicom_path`` input;
+    ``pe_triage.predict.allowed_input``)."""
+
+    #: absolute local folders and ``s3://bucket/prefix`` URIs a request may name as DICOM input,
+    #: checked after resolving symlinks. Empty by default: a caller must not make the server read its
+    #: own files, so a server reads only what the request carries until the operator names where
+    #: exports land. ``pe-triage predict`` on the command line is the operator's own and is not limited
+    allowed_prefixes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.allowed_prefixes
+               if not (p.startswith("/") or (p.startswith("s3://") and p[5:6] not in ("", "/")))]
+        if bad:
+            raise ConfigError(f"serve.allowed_prefixes: {bad} are neither absolute local paths nor s3://bucket[/prefix]")
 
 
 @dataclass(frozen=True)
@@ -431,6 +471,7 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     operating_point: OperatingPointConfig = field(default_factory=OperatingPointConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

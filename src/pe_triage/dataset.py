@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 
 from pe_triage import schema as S
 from pe_triage.config import LoaderConfig
-from pe_triage.windows import Window, uint8_to_centred, window_channels
+from pe_triage.windows import Window, context_stack, neighbour_rows, uint8_to_centred, window_channels
 
 #: per-slice keys kept as ``WindowsDataset.index`` (evaluation groups slices by patient and series)
 INDEX_COLUMNS = [S.SITE, S.PATIENT_ID, S.SERIES_UID, S.SLICE_INDEX, S.LABEL]
@@ -46,6 +46,8 @@ NO_TARGET = -1
 _KNOWN_LABELS = pa.array([label.value for label in S.Label])
 _INDETERMINATE = S.Label.INDETERMINATE.value
 _KEY_SEP = "\x1f"
+#: key column marking the rows of the materialised slices that are items (the rest: neighbours only)
+_ITEM = "_item"
 
 
 @dataclass(frozen=True)
@@ -110,15 +112,18 @@ def _pixel_centres(n: int) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1
 
 
-def augment(x: torch.Tensor, config: LoaderConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(x: torch.Tensor, config: LoaderConfig, generator: torch.Generator | None = None, *,
+            slices_per_window: int = 1) -> torch.Tensor:
     """Light, anatomy-preserving augmentation of one centred image ``[C, H, W]`` in [-1, 1].
 
     One affine resample (shift up to ``max_shift`` of the side, zoom within ``1 ± max_scale``) with
     the window minimum (-1, air) filling what enters from outside; per-window contrast and brightness
     change up to ``intensity_jitter`` (small window level/width differences between scanners);
-    horizontal flip only when ``config.hflip`` (the chest is not left-right symmetric).
+    horizontal flip only when ``config.hflip`` (the chest is not left-right symmetric). The
+    ``slices_per_window`` channels of one window (2.5-D input) get the same change.
     """
-    channels, height, width = x.shape
+    _, height, width = x.shape
+    channels = x.shape[0] // slices_per_window
     u = torch.rand(4 + 2 * channels, generator=generator) * 2 - 1
     zoom, shift_x, shift_y, flip = u[:4].tolist()
     if config.max_shift or config.max_scale:
@@ -129,8 +134,8 @@ def augment(x: torch.Tensor, config: LoaderConfig, generator: torch.Generator | 
         grid = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width)], dim=-1).unsqueeze(0)
         x = F.grid_sample((x + 1).unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] - 1
     jitter = config.intensity_jitter
-    contrast = (1 + jitter * u[4 : 4 + channels]).view(-1, 1, 1)
-    brightness = (jitter * u[4 + channels :]).view(-1, 1, 1)
+    contrast = (1 + jitter * u[4 : 4 + channels]).repeat_interleave(slices_per_window).view(-1, 1, 1)
+    brightness = (jitter * u[4 + channels :]).repeat_interleave(slices_per_window).view(-1, 1, 1)
     x = (x * contrast + brightness).clamp_(-1, 1)
     if config.hflip and flip > 0:
         x = x.flip(-1)
@@ -146,6 +151,10 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     ``keep_indeterminate`` (evaluation: a patient's decision reads all its slices), which adds them
     with target ``NO_TARGET``. ``windows_used`` picks and orders the channels by window name (e.g.
     ``["vascular", "lung"]`` for DWL).
+
+    ``context`` > 0 gives each item its neighbouring slices (``windows.neighbour_rows``): every slice
+    of the split's patients is materialised once, whatever its label, and an item's input is
+    gathered from its series' rows (``rows``), not stored again per item.
 
     Construction materialises the selection into a memmap under ``config.cache_dir`` (default: the
     system temp folder), in a folder of its own that :meth:`close`, the context manager exit or
@@ -164,13 +173,14 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         config: LoaderConfig = LoaderConfig(),
         train: bool = False,
         keep_indeterminate: bool = False,
+        context: int = 0,
     ) -> None:
         if stage not in S.STAGES:
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
         if split not in S.SPLITS:
             raise ValueError(f"split must be one of {list(S.SPLITS)}, got {split!r}")
         self.split, self.stage, self.fold, self.config, self.train = split, stage, fold, config, train
-        self.keep_indeterminate = keep_indeterminate
+        self.keep_indeterminate, self.context = keep_indeterminate, context
         #: indeterminate slices of the split's patients that were left out (0 with keep_indeterminate)
         self.excluded_indeterminate = 0
         files = sorted(pads.dataset(windows, format="parquet", partitioning="hive").files)
@@ -180,15 +190,22 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         channels = window_channels(defs, windows_used)
         self.windows: tuple[Window, ...] = tuple(defs[c] for c in channels)
         self.window_names: tuple[str, ...] = tuple(w.name for w in self.windows)
-        if not keys.num_rows:
+        if not pc.sum(keys[_ITEM]).as_py():
             raise ValueError(
                 f"no slices for split {split!r} of fold {fold!r}, stage {stage} "
                 f"(labels {list(S.STAGES[stage].labels)}) in {windows!r}"
             )
-        self.index: pd.DataFrame = keys.to_pandas()
+        pooled = keys.drop_columns([_ITEM]).to_pandas()
+        items = keys[_ITEM].to_numpy(zero_copy_only=False)
+        series = (pooled[S.SITE] + _KEY_SEP + pooled[S.SERIES_UID]).to_numpy()
+        #: per item, the materialised rows of its input: itself and its neighbours ``[N, 2 * context + 1]``
+        self.rows: np.ndarray = neighbour_rows(series, pooled[S.SLICE_INDEX].to_numpy(), context)[items]
+        self.index: pd.DataFrame = pooled[items].reset_index(drop=True)
         self.targets: np.ndarray = _targets(self.index[S.LABEL].to_numpy(), stage)
         self.index[TARGET] = self.targets
-        self.shape: tuple[int, int, int, int] = (keys.num_rows, len(channels), shape[1], shape[2])
+        self.stored_shape: tuple[int, int, int, int] = (keys.num_rows, len(channels), shape[1], shape[2])
+        #: one item's input stack: ``[N, windows x (2 * context + 1), H, W]``
+        self.shape: tuple[int, int, int, int] = (len(self.index), len(channels) * (2 * context + 1), shape[1], shape[2])
         if config.cache_dir:
             os.makedirs(config.cache_dir, exist_ok=True)
         self.cache_folder = tempfile.mkdtemp(prefix="pe-triage-windows-", dir=config.cache_dir)
@@ -222,10 +239,11 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 raise ValueError(f"{path}: unknown label(s) {sorted(set(pc.filter(keys[S.LABEL], unknown).to_pylist()))}")
             patient = pc.binary_join_element_wise(keys[S.SITE], keys[S.PATIENT_ID], _KEY_SEP)
             in_split = pc.is_in(patient, value_set=patients)
-            mask = pc.and_(pc.is_in(keys[S.LABEL], value_set=labels), in_split)
+            item = pc.and_(pc.is_in(keys[S.LABEL], value_set=labels), in_split)
             if not self.keep_indeterminate:
                 left_out = pc.and_(in_split, pc.equal(keys[S.LABEL], _INDETERMINATE))
                 self.excluded_indeterminate += pc.sum(left_out).as_py() or 0
+            mask = in_split if self.context else item
             selected = mask.to_numpy(zero_copy_only=False)
             if not selected.any():
                 continue
@@ -239,8 +257,10 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                     batch_rows=int(max(bounds[i + 1] - bounds[i] for i in groups)),
                 )
             )
-            key_tables.append(keys.filter(mask))
-        return defs, shape, selections, pa.concat_tables(key_tables) if key_tables else keys.slice(0, 0)
+            key_tables.append(keys.append_column(_ITEM, pc.fill_null(item, False)).filter(mask))
+        if not key_tables:
+            return defs, shape, selections, keys.slice(0, 0).append_column(_ITEM, pa.array([], pa.bool_()))
+        return defs, shape, selections, pa.concat_tables(key_tables)
 
     def _materialise(self, selections: list[_FileSelection], channels: list[int]) -> None:
         """Decode the selected row groups into the memmap, files in parallel threads.
@@ -248,7 +268,7 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         Decoding the list-encoded tensor column dominates (pyarrow releases the GIL), so threads
         scale it with the cores; each file writes its own precomputed range of the memmap.
         """
-        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=self.shape)
+        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8, shape=self.stored_shape)
         ends = np.cumsum([int(sel.mask.sum()) for sel in selections])
         ranges = [out[end - int(sel.mask.sum()) : end] for sel, end in zip(selections, ends, strict=True)]
         with ThreadPoolExecutor(max_workers=min(len(selections), os.cpu_count() or 1)) as pool:
@@ -263,7 +283,8 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     @property
     def array(self) -> np.ndarray:
-        """The stored window bytes ``[N, C, H, W]`` (read-only memmap, opened lazily in each process)."""
+        """The materialised window bytes ``[P, C, H, W]`` (read-only memmap, opened lazily in each
+        process): the items' own slices, and with ``context`` their neighbours too (see ``rows``)."""
         if self._closed:
             raise RuntimeError("WindowsDataset is closed")
         if self._array is None:
@@ -273,10 +294,21 @@ class WindowsDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def inputs(self, items: slice | Sequence[int] | np.ndarray, channels: Sequence[int] | None = None,
+               context: int | None = None) -> np.ndarray:
+        """uint8 model inputs ``[n, len(channels) x (2 * context + 1), H, W]`` of ``items``: the chosen
+        channels (default: all) of each slice and of its ``context`` (default: the dataset's, at most
+        it) neighbours on each side."""
+        context = self.context if context is None else context
+        if not 0 <= context <= self.context:
+            raise ValueError(f"context {context}: this dataset holds 0..{self.context} neighbouring slices")
+        rows = self.rows[items, self.context - context : self.context + context + 1]
+        return context_stack(self.array, rows, channels)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(uint8_to_centred(self.array[i]))
+        x = torch.from_numpy(uint8_to_centred(self.inputs([i])[0]))
         if self.train and self.config.augment:
-            x = augment(x, self.config)
+            x = augment(x, self.config, slices_per_window=2 * self.context + 1)
         return x, torch.tensor(self.targets[i], dtype=torch.int64)
 
     def class_counts(self) -> dict[int, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import tempfile
 from collections import Counter
@@ -42,7 +43,7 @@ from pe_triage.ingest import ingest_site
 from pe_triage.lung_crop import NoBodyError
 from pe_triage.preprocess import preprocess, resolve_windows, series_box, too_small, window_slice
 from pe_triage.storage import location
-from pe_triage.windows import Window, window_channels
+from pe_triage.windows import Window, context_stack, neighbour_rows, window_channels
 
 FORMAT = "pe-triage-triage/1"
 #: HU input: int16 little-endian, row-major (what ``array.astype("<i2").tobytes()`` gives)
@@ -61,6 +62,40 @@ _EXECUTION_ONLY = ("workers", "row_group_slices", "zstd_level")
 
 class PredictError(ValueError):
     """The models or the input cannot be used; the message says why (and holds no PHI)."""
+
+
+class InputNotAllowed(PredictError):
+    """An input named by path or URI lies outside the allowed input prefixes (``serve.allowed_prefixes``)."""
+
+
+def _canonical(source: str) -> str | None:
+    """A local path with every symlink resolved, or an ``s3://bucket/key`` URI as given; None for
+    anything else (another scheme, an S3 key with empty, ``.`` or ``..`` segments)."""
+    if source.startswith("s3://"):
+        bucket, _, key = source.removeprefix("s3://").partition("/")
+        segments = key.rstrip("/").split("/") if key.rstrip("/") else []
+        if not bucket or any(s in ("", ".", "..") for s in segments):
+            return None
+        return "/".join(["s3:/", bucket, *segments])
+    if "://" in source or "\0" in source:
+        return None
+    return os.path.realpath(os.path.abspath(source))
+
+
+def allowed_input(source: str, prefixes: Sequence[str]) -> str:
+    """``source`` as it is to be read (a local path with its symlinks resolved) when it lies under one
+    of ``prefixes``, else :class:`InputNotAllowed`. A server names where it may read, so a request
+    cannot make it walk its own files; the message does not echo the path (it may name a patient)."""
+    if not prefixes:
+        raise InputNotAllowed("inputs named by path or URI are not accepted here (no allowed input prefixes are "
+                              "configured, serve.allowed_prefixes): send the DICOM files or HU slices in the request")
+    target = _canonical(source)
+    for prefix in prefixes:
+        root = _canonical(prefix)
+        if target is not None and root is not None and (target == root or target.startswith(root.rstrip("/") + "/")):
+            return target
+    raise InputNotAllowed(f"an input path or URI is outside the {len(prefixes)} allowed input prefix(es) "
+                          "(serve.allowed_prefixes; symlinks are resolved first): refused")
 
 
 @dataclass(frozen=True)
@@ -143,8 +178,11 @@ class Triage:
         return cls.load(stage1, stage2, rule=DecisionRule(**stored["rule"]))
 
     # ---------------------------------------------------------------------------- scoring
-    def score(self, stack: np.ndarray, windows: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 window stacks ``[N, C, H, W]`` (channels = ``windows``) -> (p_disease, p_pe)."""
+    def score(self, stack: np.ndarray, windows: Sequence[Window], series: np.ndarray,
+              position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 window stacks ``[N, C, H, W]`` (channels = ``windows``) of slices of ``series`` (a key
+        per slice) at ``position`` along z -> (p_disease, p_pe); a 2.5-D model reads each slice with
+        its neighbours in its series (``windows.neighbour_rows``)."""
         if len(stack) == 0:
             return np.empty(0, np.float32), np.empty(0, np.float32)
         probs = []
@@ -153,7 +191,8 @@ class Triage:
                 channels = window_channels(windows, model.meta.windows)
             except ValueError as e:
                 raise PredictError(f"stage {model.meta.stage} model: {e}") from None
-            probs.append(model.predict_proba(stack[:, channels]))
+            rows = neighbour_rows(series, position, model.meta.model.context)
+            probs.append(model.predict_proba(context_stack(stack, rows, channels)))
         return probs[0], probs[1]
 
     def _per_slice(self, keys: pd.DataFrame, p_disease: np.ndarray, p_pe: np.ndarray) -> pd.DataFrame:
@@ -199,18 +238,23 @@ class Triage:
                     continue
                 kept[i] = True
         p_disease, p_pe = np.full(len(frame), np.nan), np.full(len(frame), np.nan)
-        p_disease[kept], p_pe[kept] = self.score(stack[kept], windows)
+        series = (frame[S.STUDY_UID].astype(str) + "\x1f" + frame[S.SERIES_UID].astype(str)).to_numpy()
+        p_disease[kept], p_pe[kept] = self.score(stack[kept], windows, series[kept], frame[S.SLICE_INDEX].to_numpy()[kept])
         return self._per_slice(frame, p_disease, p_pe)
 
-    def predict_dicom(self, sources: str | Sequence[str], *,
-                      ingest: IngestConfig = IngestConfig()) -> tuple[pd.DataFrame, dict[str, Any]]:
+    def predict_dicom(self, sources: str | Sequence[str], *, ingest: IngestConfig = IngestConfig(),
+                      allowed_prefixes: Sequence[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
         """DICOM files or folders (local or ``s3://``) -> (per-slice frame, input summary).
 
+        ``allowed_prefixes``: where a source may lie (:func:`allowed_input`; a server passes
+        ``serve.allowed_prefixes``); None reads any path, for the operator's own command line.
         Several studies give one decision each. Raises :class:`PredictError` when nothing in the
         input is a usable CT slice."""
         sources = [sources] if isinstance(sources, str) else list(sources)
         if not sources:
             raise PredictError("no DICOM input given")
+        if allowed_prefixes is not None:
+            sources = [allowed_input(s, allowed_prefixes) for s in sources]
         with tempfile.TemporaryDirectory(prefix="pe-triage-predict-") as tmp:
             root = Path(tmp)
             pseudo = Pseudonymizer(secrets.token_bytes(32), _SITE)  # unlinkable: the key dies with the call
@@ -229,7 +273,8 @@ class Triage:
             keys, stack, windows = _read_windows(sorted((root / "windows").glob(f"{S.SITE}=*/*.parquet")))
         if not len(keys):
             raise PredictError(f"no slice of the input could be scored (skipped: {summary['slices_skipped']})")
-        keys[S.P_DISEASE], keys[S.P_PE] = self.score(stack, windows)
+        series = (keys[S.STUDY_UID].astype(str) + "\x1f" + keys[S.SERIES_UID].astype(str)).to_numpy()
+        keys[S.P_DISEASE], keys[S.P_PE] = self.score(stack, windows, series, keys[S.SLICE_INDEX].to_numpy())
         slices = _ordinal_ids(keys)
         return self._per_slice(slices, slices[S.P_DISEASE].to_numpy(), slices[S.P_PE].to_numpy()), summary
 

@@ -106,3 +106,50 @@ def uint8_to_centred(stored: np.ndarray) -> np.ndarray:
     out *= np.float32(2.0 / 255.0)
     out -= np.float32(1.0)
     return out
+
+
+def neighbour_rows(series: np.ndarray, position: np.ndarray, context: int) -> np.ndarray:
+    """Rows ``[N, 2 * context + 1]``: for each slice, itself and its ``context`` nearest slices on each
+    side along z within its own series (``series`` any per-row key, ``position`` the order along z).
+
+    A clot is a filling defect that persists along a vessel over several slices, a nodule is a ball:
+    one slice cannot tell them apart, its neighbours can. At a series' ends the end slice stands in
+    for the missing neighbours (replicate padding: no fabricated anatomy, no zeros the model never
+    sees inside a series). Neighbours are the series' own adjacent slices, at its own spacing.
+    """
+    if context < 0:
+        raise ValueError(f"context must be >= 0 slices on each side, got {context}")
+    series, position = np.asarray(series), np.asarray(position)
+    if series.shape != position.shape or series.ndim != 1:
+        raise ValueError(f"series {series.shape} and position {position.shape} must be equal 1-D shapes")
+    n = len(series)
+    if context == 0 or n == 0:
+        return np.arange(n, dtype=np.int64)[:, None]
+    _, series_id = np.unique(series, return_inverse=True)
+    order = np.lexsort((position, series_id))  # rows by series, then along z
+    sorted_series = series_id[order]
+    starts = np.searchsorted(sorted_series, sorted_series, side="left")
+    ends = np.searchsorted(sorted_series, sorted_series, side="right") - 1
+    offsets = np.arange(-context, context + 1)
+    at = np.clip(np.arange(n)[:, None] + offsets[None, :], starts[:, None], ends[:, None])
+    out = np.empty((n, len(offsets)), np.int64)
+    out[order] = order[at]
+    return out
+
+
+def context_stack(stack: np.ndarray, rows: np.ndarray, channels: Sequence[int] | None = None) -> np.ndarray:
+    """uint8 ``[P, C, H, W]`` slices and ``rows`` ``[N, D]`` (from :func:`neighbour_rows`) -> the model
+    input ``[N, C' * D, H, W]`` of the ``channels`` chosen (default: all), window-major: all D slices of
+    the first window, then of the next (a branch per window keeps its window's slices together)."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2:
+        raise ValueError(f"rows must be [N, slices], got shape {rows.shape}")
+    n, depth = rows.shape
+    gathered = np.asarray(stack[rows.reshape(-1)])
+    if channels is not None:
+        gathered = gathered[:, list(channels)]
+    if depth == 1:
+        return gathered
+    _, c, height, width = gathered.shape
+    gathered = gathered.reshape(n, depth, c, height, width)
+    return np.ascontiguousarray(gathered.transpose(0, 2, 1, 3, 4)).reshape(n, c * depth, height, width)

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from factories import train_toy_pair, write_splits, write_windows
+from factories import train_toy_pair, write_splits, write_toy_cohort, write_windows
 
 import pe_triage.evaluation.evaluate as ev
 from pe_triage.artifact import load_model
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, TrainConfig
+from pe_triage.dataset import WindowsDataset
 from pe_triage.evaluation import SUMMARY_KEYS
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate, predict_split
 from pe_triage.progress import MODE_ENV as PROGRESS_ENV
+from pe_triage.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,26 @@ def test_truth_keyed_with_another_key_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="no evaluated slice is in this truth"):
         lesion_masks(str(tmp_path), boxes, 8)
     assert list(lesion_masks(str(tmp_path), boxes.assign(**{S.SOURCE_HMAC: ["a" * 64]}), 8)) == [0]
+
+
+def test_a_2_5d_stage_beside_a_2d_one_is_scored_on_its_neighbours_and_drawn(tmp_path: Path) -> None:
+    """Stage 1 reads one neighbour on each side, stage 2 one slice: each gets its own input from the
+    one dataset the evaluation opens (the widest context), and the overlays show the slice itself."""
+    config = Config(
+        model=ModelConfig(arch="cbam_drn_d_22", width=0.125),
+        loader=LoaderConfig(cache_dir=str(tmp_path / "cache"), augment=False),
+        train=TrainConfig(windows=("vascular", "lung"), epochs=1, batch_size=8, lr=3e-3, num_workers=0, samples_per_epoch=16,
+                          patience=0),
+        evaluate=EvalConfig(bootstrap=50, gradcam_per_category=1),
+    )
+    windows, splits = write_toy_cohort(tmp_path, 32)
+    train(windows, splits, str(tmp_path / "s1"), stage=1, config=replace(config, model=replace(config.model, context=1)))
+    train(windows, splits, str(tmp_path / "s2"), stage=2, config=config)
+    evaluate(str(tmp_path / "s1"), str(tmp_path / "s2"), windows, splits, str(tmp_path / "eval"), config=config)
+    pred = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    assert len(pred) == 20 and list((tmp_path / "eval" / "gradcam").glob("stage1-*.png"))
+    with WindowsDataset(windows, splits, split="test", stage=1, windows_used=["vascular", "lung"], config=config.loader,
+                        keep_indeterminate=True, context=1) as ds:
+        s1, s2 = load_model(tmp_path / "s1"), load_model(tmp_path / "s2")
+        np.testing.assert_allclose(pred["p_disease"], s1.predict_proba(ds.inputs(slice(None))), atol=1e-5)
+        np.testing.assert_allclose(pred["p_pe"], s2.predict_proba(ds.inputs(slice(None), context=0)), atol=1e-5)

@@ -108,5 +108,28 @@ def test_mistakes_are_named() -> None:
     with pytest.raises(ConfigError, match="ModelConfig.pooling: 'sum' is not one of"):
         ModelConfig(arch="drn_d_22", width=0.125, pooling="sum")  # type: ignore[arg-type]
     model = build_model(ModelConfig(arch="drn_d_22", width=0.125), n_windows=2)
-    with pytest.raises(ValueError, match="input has 3 windows, the model was built for 2"):
+    with pytest.raises(ValueError, match="input has 3 channels, the model was built for 2 window"):
         model(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(("fusion", "first_filters"), [("branches", 3), ("shared", 3), ("stacked", 6)])
+def test_context_gives_each_window_branch_its_slices(fusion: str, first_filters: int) -> None:
+    model = build_model(ModelConfig(arch="cbam_drn_d_22", width=0.125, fusion=fusion, context=1), n_windows=2)
+    assert model.slices_per_window == 3 and model.n_windows == 2
+    assert model.branches[0].layer0[0].in_channels == first_filters
+    x = torch.randn(2, 6, 32, 32)
+    assert model(x).shape == (2, 1)
+    if fusion == "branches":  # window 1's branch reads channels 3..5 (window-major), not 1..3
+        seen = []
+        hook = model.branches[1].register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))
+        model(x)
+        hook.remove()
+        assert torch.equal(seen[0], x[:, 3:6])
+    with pytest.raises(ValueError, match="input has 2 channels, the model was built for 2 window"):
+        model(torch.randn(1, 2, 32, 32))
+
+
+def test_context_is_bounded() -> None:
+    with pytest.raises(ConfigError, match="model.context -1"):
+        ModelConfig(context=-1)
+    assert ModelConfig(context=2).slices_per_window == 5

@@ -252,6 +252,7 @@ def test_champion_by_alias_predicts_like_the_in_memory_models(mlflow_server: str
     pd.testing.assert_frame_equal(got, expected)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("PE_TRIAGE_ALLOWED_PREFIXES", str(study))  # the pyfunc reads paths only under these
     model = mlflow.pyfunc.load_model(champion)
     via_pyfunc = model.predict(pd.DataFrame({"dicom_path": [str(study)]}))
     np.testing.assert_allclose(via_pyfunc["p_disease"], expected["p_disease"], atol=1e-6)
@@ -274,7 +275,8 @@ def test_champion_loads_in_a_fresh_process(mlflow_server: str, champion: str, ex
         f"out = mlflow.pyfunc.load_model({champion!r}).predict(pd.DataFrame({{'dicom_path': [{str(study)!r}]}}))\n"
         "print(json.dumps(out['p_disease'].tolist()))\n"
     )
-    env = {"MLFLOW_TRACKING_URI": mlflow_server, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PE_TRIAGE_ALLOWED_PREFIXES": str(study)}
     done = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

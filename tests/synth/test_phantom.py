@@ -164,6 +164,27 @@ def test_other_disease_kinds_and_densities() -> None:
     assert seen
 
 
+def test_lung_lesions_leave_the_contrast_in_the_vessels_they_engulf() -> None:
+    """A contrast-filled artery stays bright through a consolidation or past a nodule (the CT
+    angiogram sign); only a clot empties a lumen. A lesion painted over a vessel would draw a filling
+    defect with no clot: PE's own sign, labelled "other"."""
+    rng = np.random.default_rng(21)  # four consolidations and three nodules, no effusion
+    normal = draw_anatomy(rng, female=True)
+    z = _series(normal)
+    sick = add_other_disease(normal, rng, z, 8, pixel_mm=4.0)
+    assert not sick.effusions  # an effusion does fill the lung it compresses, vessels included
+    grid = make_grid(normal, SIZE, (2.0 * max(normal.body_a) + 30.0) / SIZE)
+    engulfed = 0
+    for zi in z:
+        clean, s = render_slice(normal, grid, zi), render_slice(sick, grid, zi)
+        vessel = clean.tissue == Tissue.LUNG_VESSEL
+        solid = np.isin(s.kind, [1, 3])  # consolidation, nodule (OTHER_KINDS order, 1-based)
+        engulfed += int((vessel & ndimage.binary_dilation(solid, iterations=2)).sum())
+        assert np.array_equal(s.tissue[vessel], clean.tissue[vessel]), "a vessel's lumen was painted over"
+        assert np.array_equal(s.hu[vessel], clean.hu[vessel])
+    assert engulfed > 20, "no lesion reached a vessel: the test shows nothing"
+
+
 def test_scanner_noise_has_the_requested_deviation() -> None:
     flat = np.zeros((128, 128), np.float32)
     noisy = scanner(flat, np.random.default_rng(0), 18.0, spacing=0.7)

@@ -97,6 +97,43 @@ def test_a_small_cbamdrn_learns_the_toy_task_and_writes_a_complete_artifact(toy:
     assert (checkpoint_dir_for(tmp_path / "model") / CHECKPOINT).is_file()
 
 
+def _tube_or_ball_cohort(root: Path) -> tuple[str, str]:
+    """Stage 2 that one slice cannot decide: every lesion slice shows the same bright square with a
+    dark hole. In PE patients it persists over 6 slices (a clot along a vessel), in the others each
+    one stands alone between clear slices (a ball). 12 train, 24 val patients of 12 slices (many
+    patients: one slice's model scores at chance, and chance varies less over many)."""
+    rng = np.random.default_rng(3)
+    series, images, assignment = {}, {}, {}
+    for p in range(36):
+        pe = p % 2 == 0
+        labels: list[str | None] = ["wnl"] * 12
+        lesion = list(range(3, 9)) if pe else [2, 6, 10]
+        stack = rng.integers(60, 100, (12, 3, SIZE, SIZE), dtype=np.uint8)
+        y, x = rng.integers(4, SIZE - 12, 2)
+        for z in lesion:
+            labels[z] = "pe" if pe else "other"
+            stack[z, 0, y : y + 8, x : x + 8] = 230
+            stack[z, 0, y + 2 : y + 6, x + 2 : x + 6] = 20
+        key = ("site-a", f"p{p}")
+        series[key], images[key], assignment[key] = labels, stack, "train" if p < 12 else "val"
+    write_windows(root / "windows", series, size=SIZE, images=images)
+    return str(root / "windows"), str(write_splits(root / "splits.parquet", assignment))
+
+
+def test_neighbouring_slices_tell_a_clot_from_a_ball_where_one_slice_cannot(tmp_path: Path) -> None:
+    windows, splits = _tube_or_ball_cohort(tmp_path)
+    auroc = {}
+    for context in (0, 1):
+        config = replace(_config(tmp_path, epochs=8), model=ModelConfig(arch="cbam_drn_d_22", width=0.125, context=context))
+        meta = train(windows, splits, str(tmp_path / f"m{context}"), stage=2, config=config)
+        auroc[context] = meta["val"]["auroc"]
+    assert auroc[1] >= 0.95, auroc  # separable from the neighbours (1.0 on 1 and 2 threads, seeds 0-2)
+    assert auroc[0] <= 0.85, auroc  # the same pixels in both classes: chance, whatever it learnt
+    loaded = load_model(tmp_path / "m1")
+    assert loaded.meta.model.context == 1 and loaded.model.slices_per_window == 3
+    assert loaded.predict_proba(np.zeros((2, 6, SIZE, SIZE), np.uint8)).shape == (2,)
+
+
 def test_bad_input_is_named_before_training(toy: tuple[str, str], tmp_path: Path) -> None:
     windows, splits = toy
     out = str(tmp_path / "m")
@@ -185,6 +222,33 @@ def test_a_spent_time_budget_ends_the_epoch_where_it_is_validated_checkpointed_a
     assert meta["val"]["auroc"] == history[0]["val_auroc"]  # the selected model is the validated one
     assert torch.load(checkpoint_dir_for(out) / CHECKPOINT, weights_only=True)["epoch"] == 1
     assert "time budget of 0.5 min spent after 24 of 48 samples of epoch 1" in caplog.text
+
+
+def test_the_budget_keeps_back_the_time_of_the_closing_validation(
+        toy: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A validation that takes 50 s of a 180 s budget (the clock moves 1 s per reading): training stops
+    early enough for its last epoch's validation to end within the budget, and the threshold is
+    set on that validation's probabilities rather than on a second pass."""
+    windows, splits = toy
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    validate, validations = train_module._evaluate, []
+
+    def slow_validation(*args: object, **kw: object) -> tuple[np.ndarray, float]:
+        now[0] += 50.0
+        validations.append(now[0])
+        return validate(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "_clock", clock)
+    monkeypatch.setattr(train_module, "_evaluate", slow_validation)
+    meta = train(windows, splits, str(tmp_path / "m"), stage=1, config=_config(tmp_path, epochs=10, max_minutes=3))
+    assert meta["out_of_time"] is True and 2 <= meta["epochs_run"] < 10
+    assert len(validations) == meta["epochs_run"], "the best epoch was validated a second time"
+    assert now[0] <= 180 + 1, f"the budget ended at {now[0]:.0f} s of 180"
 
 
 def test_each_epoch_logs_one_summary_line_and_the_samples_show_progress(

@@ -33,11 +33,13 @@ from pe_triage.artifact import StageModel, load_model
 from pe_triage.config import Config
 from pe_triage.dataset import WindowsDataset
 from pe_triage.evaluation.gradcam import (
+    cam_level,
     grad_cam,
     gradcam_samples,
     inside_fraction,
     overlay_png,
     peak_on_lesion,
+    pointing_game,
 )
 from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary, proportion
 from pe_triage.evaluation.report import write_loso_report, write_report
@@ -91,7 +93,7 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
     for stage, model in models.items():
         sample = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold,
                                  per_category=config.evaluate.gradcam_per_category, seed=config.evaluate.seed)
-        cams = _cams(model, ds, [int(i) for i in sample["index"]], channels[stage], batch)
+        cams = _cams(model, ds, [int(i) for i in sample["index"]], channels[stage], batch, config.evaluate.gradcam_layer)
         for n, (row, (_, image, cam)) in enumerate(zip(sample.itertuples(index=False), cams, strict=True)):
             mask = None if masks is None else masks.get(int(row.index))
             lesion = mask if mask is not None and mask.any() else None
@@ -106,6 +108,16 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
     return items
 
 
+def _check_gradcam_layer(models: dict[int, StageModel], layer: str) -> None:
+    """A Grad-CAM level a backbone lacks fails before the scoring, not minutes later."""
+    for stage, model in models.items():
+        for branch in model.model.branches:
+            try:
+                cam_level(branch, layer)
+            except ValueError as e:
+                raise EvaluationError(f"stage {stage} model, evaluate.gradcam_layer: {e}") from None
+
+
 def _open_split(models: dict[int, StageModel], windows: str, splits: str, split: str, fold: str,
                 config: Config) -> WindowsDataset:
     """Every slice of ``split`` (indeterminate ones included) with the windows both models read."""
@@ -113,9 +125,10 @@ def _open_split(models: dict[int, StageModel], windows: str, splits: str, split:
         if model.meta.stage != stage:
             raise EvaluationError(f"--stage{stage} model is a stage {model.meta.stage} model")
     names = list(dict.fromkeys(models[1].meta.window_names + models[2].meta.window_names))
+    context = max(model.meta.model.context for model in models.values())
     try:
         return WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader,
-                              keep_indeterminate=True)
+                              keep_indeterminate=True, context=context)
     except ValueError as e:
         raise EvaluationError(str(e)) from None
 
@@ -125,12 +138,12 @@ def batch_images(config: Config, shape: tuple[int, ...]) -> int:
     return max(1, config.evaluate.batch_pixels // (shape[-2] * shape[-1]))
 
 
-def _score_rows(models: dict[int, StageModel], array: np.ndarray, channels: dict[int, list[int]], batch: int,
+def _score_rows(models: dict[int, StageModel], ds: WindowsDataset, channels: dict[int, list[int]], batch: int,
                 rows: tuple[int, int]) -> dict[int, np.ndarray]:
-    """Both stages' probabilities for rows ``[start, stop)`` of ``array``, on the calling thread alone."""
+    """Both stages' probabilities for items ``[start, stop)`` of ``ds``, on the calling thread alone."""
     with torch_threads(1):
-        stack = np.asarray(array[rows[0] : rows[1]])
-        return {n: model.predict_proba(stack[:, channels[n]], batch_size=batch) for n, model in models.items()}
+        return {n: model.predict_proba(ds.inputs(slice(*rows), channels[n], model.meta.model.context), batch_size=batch)
+                for n, model in models.items()}
 
 
 def _score(models: dict[int, StageModel], ds: WindowsDataset, desc: str,
@@ -153,7 +166,7 @@ def _score(models: dict[int, StageModel], ds: WindowsDataset, desc: str,
     batch = batch_images(config, ds.shape)
     chunks = [(start, min(start + SCORE_CHUNK, len(ds))) for start in range(0, len(ds), SCORE_CHUNK)]
     probs = {n: np.empty(len(ds), np.float32) for n in channels}
-    score = functools.partial(_score_rows, models, ds.array, channels, batch)
+    score = functools.partial(_score_rows, models, ds, channels, batch)
     with progress(len(ds), desc, unit="slice", logger=log) as bar, ThreadPoolExecutor(cpu_share()) as pool:
         for (start, stop), part in zip(chunks, pool.map(score, chunks), strict=True):
             for n, p in part.items():
@@ -172,14 +185,16 @@ def predict_split(models: dict[int, StageModel], windows: str, splits: str, *, s
 
 
 def _cams(model: StageModel, ds: WindowsDataset, rows: list[int], channels: list[int],
-          batch: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+          batch: int, layer: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(row, its window stack, its Grad-CAM maps) for ``rows`` of ``ds``, a batch at a time on one
-    thread (as ``_score``)."""
+    thread (as ``_score``); the stack shown is the slice itself, without the neighbours a 2.5-D model
+    also reads."""
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        images = np.stack([np.asarray(ds.array[i])[channels] for i in chunk])
+        images = ds.inputs(chunk, channels, 0)
+        inputs = ds.inputs(chunk, channels, model.meta.model.context)
         with torch_threads(1):
-            cams = grad_cam(model.model, torch.from_numpy(uint8_to_centred(images)))
+            cams = grad_cam(model.model, torch.from_numpy(uint8_to_centred(inputs)), layer=layer)
         yield from zip(chunk, images, cams, strict=True)
 
 
@@ -194,17 +209,17 @@ def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]],
         tp = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold,
                              per_category=ev.gradcam_localisation, seed=ev.seed).query("category == 'tp'")
         rows = [int(i) for i in tp["index"] if int(i) in masks and masks[int(i)].any()]
-        hits, inside, area, blank = [], [], [], 0
-        for i, _, cam in _cams(model, ds, rows, channels[stage], batch_images(config, ds.shape)):
-            blank += int(not cam.any())
-            hits.append(any(peak_on_lesion(c, masks[i], ev.gradcam_pointing_tolerance_px) for c in cam))
-            inside.append(max(inside_fraction(c, masks[i]) or 0.0 for c in cam))
-            area.append(float(masks[i].mean()))
-        out[f"stage{stage}"] = {"true_positives": int(len(tp)), "peak_on_lesion": proportion(sum(hits), len(hits), ev.confidence),
-                                "blank_maps": blank,  # no positive evidence anywhere: counted as a miss
-                                "mean_inside_fraction": float(np.mean(inside)) if inside else None,
+        with torch_threads(1):
+            game = pointing_game(model.model, ds.inputs(rows, channels[stage], model.meta.model.context),
+                                 [masks[i] for i in rows], tolerance=ev.gradcam_pointing_tolerance_px,
+                                 layer=ev.gradcam_layer, batch=batch_images(config, ds.shape))
+        area = [float(masks[i].mean()) for i in rows]
+        out[f"stage{stage}"] = {"true_positives": int(len(tp)),
+                                "peak_on_lesion": proportion(game.hits, game.slices, ev.confidence),
+                                "blank_maps": game.blank,  # no positive evidence anywhere: counted as a miss
+                                "mean_inside_fraction": game.mean_inside_fraction,
                                 "mean_lesion_area_fraction": float(np.mean(area)) if area else None,
-                                "tolerance_px": ev.gradcam_pointing_tolerance_px}
+                                "tolerance_px": ev.gradcam_pointing_tolerance_px, "layer": ev.gradcam_layer}
     return out
 
 
@@ -224,6 +239,7 @@ def evaluate(
     """Evaluate the stage models on ``split`` of ``fold``; write metrics.json, report.md, report.html,
     plots and Grad-CAM overlays to ``out``; return the metrics."""
     models = {1: load_model(stage1), 2: load_model(stage2)}
+    _check_gradcam_layer(models, config.evaluate.gradcam_layer)
     out_dir = Path(out)
     with _open_split(models, windows, splits, split, fold, config) as ds:
         pred, channels = _score(models, ds, f"evaluate {split}", config)

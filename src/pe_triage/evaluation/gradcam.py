@@ -5,12 +5,16 @@ inside the lesion mask of the synthetic cohort (or of a radiologist's outline). 
 lesion's share of the image (what a map spread evenly would score): a map from an output-stride-8
 network is coarse, so a small lesion holds little mass even when the map points at it.
 ``peak_on_lesion`` is the pointing game (Zhang et al., ECCV 2016): is the map's maximum on the
-lesion, within a tolerance of about one feature-map cell?
+lesion, within a tolerance of about one feature-map cell? ``pointing_game`` plays it over many slices.
+
+Where in the branch the map is taken (``EvalConfig.gradcam_layer``) changes how well it points: see
+that setting for the measurement behind its default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +24,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pe_triage.models.plain import PlainCNN
 from pe_triage.schema import LABEL, STAGES
+from pe_triage.windows import uint8_to_centred
 
 CATEGORIES = ("tp", "fp", "fn")
+#: level names every backbone answers to: its output, and the level that feeds the output
+GENERIC_LEVELS = ("output", "penultimate")
 
 
-def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0) -> np.ndarray:
-    """Heat maps [N, n_windows, H, W] (float32, each map scaled to [0, 1]) for ``x`` [N, n_windows, H, W].
+def branch_levels(branch: nn.Module) -> dict[str, nn.Module]:
+    """A backbone's levels by name, in the order they run: a ``PlainCNN``'s conv-BN-ReLU layers
+    (conv1..conv7), any other backbone's child modules (DRN: layer0..layer8; ResNet: stem,
+    layer1..layer4). A level's output is what Grad-CAM can weigh."""
+    if isinstance(branch, PlainCNN):
+        return {f"conv{i + 1}": m for i, m in enumerate(m for m in branch.body if isinstance(m, nn.ReLU))}
+    return dict(branch.named_children())
 
-    One map per window branch of a ``MultiWindowNet`` (a ``stacked`` model's single branch sees every
-    window, so its one map is repeated for each): the branch's output feature maps weighted by
-    the spatial mean of the logit's gradient, ReLU, bilinear upsampling to the input size. The model
-    runs in eval mode (batch statistics would mix the samples); its training flag, parameters,
-    ``requires_grad`` flags and ``.grad`` are left as they were. A map with no positive evidence is 0.
+
+def cam_level(branch: nn.Module, layer: str) -> nn.Module:
+    """The module of ``branch`` whose output is level ``layer``: ``"output"`` (the branch itself),
+    ``"penultimate"`` (the level before the last) or a level of :func:`branch_levels`."""
+    if layer == "output":
+        return branch
+    levels = branch_levels(branch)
+    if layer == "penultimate" and len(levels) >= 2:
+        return list(levels.values())[-2]
+    if layer not in levels:
+        raise ValueError(f"Grad-CAM layer {layer!r}: a {type(branch).__name__} branch has levels {list(levels)} "
+                         f"(or {', '.join(GENERIC_LEVELS[:1 if len(levels) < 2 else 2])})")
+    return levels[layer]
+
+
+def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0, layer: str = "output") -> np.ndarray:
+    """Heat maps [N, n_windows, H, W] (float32, each map scaled to [0, 1]) for model input ``x`` [N, C, H, W].
+
+    One map per window of a ``MultiWindowNet``, whatever slices each window brings (a ``stacked``
+    model's single branch sees every window, so its one map is repeated for each): level ``layer``
+    of each branch (:func:`cam_level`) weighted by the spatial mean of the logit's gradient, ReLU,
+    bilinear upsampling to the input size. The model runs in eval mode (batch statistics would mix
+    the samples); its training flag, parameters, ``requires_grad`` flags and ``.grad`` are left as
+    they were. A map with no positive evidence is 0.
     """
     captured: list[Tensor] = []
-    handles = [b.register_forward_hook(lambda _m, _i, out: captured.append(out)) for b in model.branches]  # type: ignore[union-attr]
+    levels = {id(m): m for m in (cam_level(b, layer) for b in model.branches)}  # type: ignore[union-attr]
+    handles = [m.register_forward_hook(lambda _m, _i, out: captured.append(out)) for m in levels.values()]
     was_training = model.training
     model.eval()
     try:
@@ -53,10 +86,46 @@ def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0) -> np.ndarray:
         weights = grad.mean((2, 3), keepdim=True)
         cam = F.relu((weights * feat).sum(1, keepdim=True)).detach()
         maps.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False))
-    cams = torch.cat(maps, 1).float().expand(-1, x.shape[1], -1, -1)  # a stacked branch's one map, on every window
+    n_windows = int(model.n_windows)  # type: ignore[arg-type]
+    cams = torch.cat(maps, 1).float().expand(-1, n_windows, -1, -1)  # a stacked branch's one map, on every window
     peak = cams.amax((2, 3), keepdim=True)
     cams = torch.where(peak > 0, cams / peak.clamp_min(torch.finfo(cams.dtype).tiny), torch.zeros_like(cams))
     return cams.clamp_(0, 1).cpu().numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PointingGame:
+    """The pointing game over slices with a lesion: ``hits`` of ``slices`` had a map's peak on the
+    lesion; ``blank`` maps (no positive evidence anywhere) count as misses."""
+
+    hits: int
+    slices: int
+    blank: int
+    #: mean share of the map's mass inside the lesion (the best window's), None without slices
+    mean_inside_fraction: float | None
+
+    @property
+    def rate(self) -> float | None:
+        return self.hits / self.slices if self.slices else None
+
+
+def pointing_game(model: nn.Module, images: np.ndarray, masks: Sequence[np.ndarray], *, tolerance: float,
+                  layer: str = "output", batch: int = 4) -> PointingGame:
+    """Grad-CAM (level ``layer``) of uint8 model inputs ``images`` [N, C, H, W] against their lesion
+    masks [H, W]: a hit when any window's map peaks within ``tolerance`` pixels of the lesion.
+    ``batch`` images a pass bounds the memory. Slices with an empty mask cannot be judged: an error."""
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images and {len(masks)} masks")
+    if any(not np.any(m) for m in masks):
+        raise ValueError("an empty lesion mask: the pointing game needs a lesion on every slice")
+    hits, blank, inside = 0, 0, []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(uint8_to_centred(np.asarray(images[start : start + batch])))
+        for cam, mask in zip(grad_cam(model, x, layer=layer), masks[start : start + batch], strict=True):
+            blank += int(not cam.any())
+            hits += any(peak_on_lesion(c, mask, tolerance) for c in cam)
+            inside.append(max(inside_fraction(c, mask) or 0.0 for c in cam))
+    return PointingGame(hits, len(masks), blank, float(np.mean(inside)) if inside else None)
 
 
 def _checked(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

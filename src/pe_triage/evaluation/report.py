@@ -378,9 +378,11 @@ def _document(metrics: dict[str, Any], images: list[Image], gradcam: list[dict[s
 
 
 def _localisation_table(loc: dict[str, Any]) -> Table:
-    tolerance = next(iter(loc.values()))["tolerance_px"]
-    return Table(f"Grad-CAM on the lesion over a seeded sample of true positives: map peak on the lesion (pointing game, "
-                 f"within {tolerance:g} px) and mass inside the mask vs the lesion's share of the image",
+    first = next(iter(loc.values()))
+    layer = first.get("layer", "output")  # evaluations before the setting took the branch output
+    return Table(f"Grad-CAM (branch level: {layer}) on the lesion over a seeded sample of true positives: map peak on "
+                 f"the lesion (pointing game, within {first['tolerance_px']:g} px) and mass inside the mask vs the "
+                 "lesion's share of the image",
                  ["Stage", "True positives", "Peak on lesion", "Blank maps (misses)", "Mean inside fraction", "Lesion area"],
                  [[stage.replace("stage", "Stage "), str(v["true_positives"]), format_proportion(v["peak_on_lesion"], ci=True),
                    str(v["blank_maps"]), _rate(v["mean_inside_fraction"]), _rate(v["mean_lesion_area_fraction"])]

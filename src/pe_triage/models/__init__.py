@@ -36,7 +36,8 @@ def build_model(config: ModelConfig, n_windows: int) -> MultiWindowNet:
     def backbone(in_channels: int) -> nn.Module:
         return builder(in_channels=in_channels, width=config.width, min_channels=config.min_channels)
 
-    return MultiWindowNet(backbone, n_windows, num_outputs=config.num_outputs, fusion=config.fusion, pooling=config.pooling)
+    return MultiWindowNet(backbone, n_windows, num_outputs=config.num_outputs, fusion=config.fusion, pooling=config.pooling,
+                          slices_per_window=config.slices_per_window)
 
 
 def parameter_count(model: nn.Module) -> int:

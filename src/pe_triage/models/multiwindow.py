@@ -14,26 +14,30 @@ from pe_triage.config import Fusion, Pooling
 
 
 class MultiWindowNet(nn.Module):
-    """[B, n_windows, H, W] -> [B, num_outputs] logits.
+    """[B, n_windows * slices_per_window, H, W] -> [B, num_outputs] logits.
 
     ``fusion="branches"`` (the study): each window gets its own branch, since the windows show
     different tissue. ``"shared"`` applies one branch to every window (fewer parameters).
     ``"stacked"`` feeds the windows to one branch as input channels: its first filters see a pixel
     in every window at once (clot: dark in the vascular window, grey in the PE window) at the cost of
     one branch instead of ``n_windows``. ``backbone(in_channels)`` builds one branch.
+
+    ``slices_per_window`` > 1 is 2.5-D input (``windows.context_stack``): each window brings the slice
+    and its neighbours, window-major, and a window's branch takes all of its slices as channels.
     """
 
     def __init__(self, backbone: Callable[[int], nn.Module], n_windows: int, *, num_outputs: int = 1,
-                 fusion: Fusion = "branches", pooling: Pooling = "avg") -> None:
+                 fusion: Fusion = "branches", pooling: Pooling = "avg", slices_per_window: int = 1) -> None:
         super().__init__()
-        if n_windows < 1:
-            raise ValueError("a model needs at least one window")
+        if n_windows < 1 or slices_per_window < 1:
+            raise ValueError(f"a model needs at least one window and one slice, got {n_windows} and {slices_per_window}")
         self.n_windows = n_windows
+        self.slices_per_window = slices_per_window
         self.fusion = fusion
         self.pooling = pooling
         stacked = fusion == "stacked"
         count = n_windows if fusion == "branches" else 1
-        self.branches = nn.ModuleList([backbone(n_windows if stacked else 1) for _ in range(count)])
+        self.branches = nn.ModuleList([backbone(slices_per_window * (n_windows if stacked else 1)) for _ in range(count)])
         outputs = 1 if stacked else n_windows
         # every backbone has a plain int ``out_channels``; nn.Module types its attributes as Tensor | Module
         width = cast(int, self.branches[0].out_channels)
@@ -42,11 +46,13 @@ class MultiWindowNet(nn.Module):
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Feature maps, one per branch application (what Grad-CAM looks at)."""
-        if x.shape[1] != self.n_windows:
-            raise ValueError(f"input has {x.shape[1]} windows, the model was built for {self.n_windows}")
+        d = self.slices_per_window
+        if x.shape[1] != self.n_windows * d:
+            raise ValueError(f"input has {x.shape[1]} channels, the model was built for {self.n_windows} window(s) "
+                             f"x {d} slice(s)")
         if self.fusion == "stacked":
             return [self.branches[0](x)]
-        return [self.branches[0 if self.fusion == "shared" else i](x[:, i : i + 1]) for i in range(self.n_windows)]
+        return [self.branches[0 if self.fusion == "shared" else i](x[:, i * d : (i + 1) * d]) for i in range(self.n_windows)]
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = [p for f in self.features(x) for p in global_pool(f, self.pooling)]

@@ -90,7 +90,8 @@ def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
 
     model_uri = args.model or f"models:/{config.registry.model_name}@champion"
     triage, version = load_registered(model_uri, uri=args.tracking_uri, config=config.registry)
-    per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest)
+    # the operator's own files, read with their own rights: serve.allowed_prefixes fences network callers
+    per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest, allowed_prefixes=None)
     report = triage_report(per_slice, triage, model=model_uri, input_summary=summary)
     report["model_version"] = version
     if args.out:

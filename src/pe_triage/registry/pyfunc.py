@@ -4,9 +4,12 @@ The pyfunc owns its weights: the two stage artifact folders (state dicts + metad
 triage configuration travel as pyfunc artifacts and are rebuilt by :class:`pe_triage.predict.Triage`,
 so any batch size works (MLflow's torch.export format would pin the example's). Nothing is pickled:
 the model is logged as "models from code" (:mod:`pe_triage.registry.model_code`, which takes the
-class from the installed package), so loading needs the ``pe-triage`` package installed (pinned in
-the model's requirements) and runs no code from the artifact store. :func:`load_triage` does not
-even run that file: it reads the artifacts that ``MLmodel`` names.
+class from the installed package), so loading needs the ``pe-triage`` package installed and runs no
+code from the artifact store. The version is self-contained (:mod:`pe_triage.registry.bundle`): the
+package's wheel is an artifact, and ``requirements.txt`` names it by its path in the model folder
+(install from there: ``cd model && pip install -r requirements.txt``) next to exact pins of every
+other dependency. :func:`load_triage` does not even run the code file: it reads the artifacts that
+``MLmodel`` names.
 
 Input (a DataFrame, one of two forms; the signature marks every column optional):
 
@@ -15,26 +18,31 @@ Input (a DataFrame, one of two forms; the signature marks every column optional)
   ``pixel_spacing_row_mm``, ``pixel_spacing_col_mm`` and ``hu`` (int16 little-endian bytes,
   row-major) or ``hu_planes`` (a ``slices`` dataset row as stored).
 
-Output: one row per slice, :data:`pe_triage.predict.OUTPUT_COLUMNS` (see that module).
+Output: one row per slice, :data:`pe_triage.predict.OUTPUT_COLUMNS` (see that module). A refused
+input raises an ``MlflowException`` (INVALID_PARAMETER_VALUE, HTTP 400 from MLflow's scoring server)
+whose message is the :class:`PredictError`'s. ``dicom_path`` is read only under the prefixes in
+:data:`ALLOWED_PREFIXES_ENV` (``serve.allowed_prefixes``; none by default).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema
 
-from pe_triage import __version__
 from pe_triage import schema as S
+from pe_triage.config import RegistryConfig, ServeConfig
 from pe_triage.predict import (
     DICOM_PATH,
     FLAGGED,
@@ -44,8 +52,15 @@ from pe_triage.predict import (
     PredictError,
     Triage,
 )
+from pe_triage.registry.bundle import package_wheel, pinned_requirements
+from pe_triage.registry.errors import RegistryError
 
-STAGE1, STAGE2, TRIAGE_CONFIG = "stage1", "stage2", "triage"
+STAGE1, STAGE2, TRIAGE_CONFIG, WHEEL = "stage1", "stage2", "triage", "package_wheel"
+#: comma-separated ``serve.allowed_prefixes`` of a process that serves this pyfunc (``mlflow models
+#: serve`` reads no pe-triage configuration file)
+ALLOWED_PREFIXES_ENV = "PE_TRIAGE_ALLOWED_PREFIXES"
+#: the model folder's sub-folder where MLflow copies the artifacts (the wheel is named relative to it)
+ARTIFACTS_DIR = "artifacts"
 #: the models-from-code file a version records (copied into the model folder under this name)
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 
@@ -80,36 +95,67 @@ class PeTriageModel(PythonModel):
     object (``unwrap_python_model().triage``) for callers that want more than the DataFrame."""
 
     triage: Triage
+    serve: ServeConfig
 
     def load_context(self, context: PythonModelContext) -> None:
         a = context.artifacts
         self.triage = Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG])
+        prefixes = [p.strip() for p in os.environ.get(ALLOWED_PREFIXES_ENV, "").split(",") if p.strip()]
+        self.serve = ServeConfig(allowed_prefixes=tuple(prefixes))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if DICOM_PATH in model_input.columns and model_input[DICOM_PATH].notna().any():
-            if model_input[DICOM_PATH].isna().any():
-                raise PredictError(f"give either {DICOM_PATH!r} on every row or slice rows, not both")
-            return self.triage.predict_dicom(model_input[DICOM_PATH].tolist())[0]
-        return self.triage.predict_slices(model_input)
+        try:
+            if DICOM_PATH in model_input.columns and model_input[DICOM_PATH].notna().any():
+                if model_input[DICOM_PATH].isna().any():
+                    raise PredictError(f"give either {DICOM_PATH!r} on every row or slice rows, not both")
+                paths = model_input[DICOM_PATH].tolist()
+                return self.triage.predict_dicom(paths, allowed_prefixes=self.serve.allowed_prefixes)[0]
+            return self.triage.predict_slices(model_input)
+        except PredictError as e:
+            # MLflow's scoring server answers an MlflowException with its code and message (400 here);
+            # any other exception becomes a generic error with the message buried in a stack trace
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        except FileNotFoundError:
+            raise MlflowException.invalid_parameter_value(f"a {DICOM_PATH} names no file, folder or prefix") from None
 
 
-def save_composite(path: str | Path, stage1: str | Path, stage2: str | Path, triage: Triage) -> Path:
-    """Write the pyfunc model folder at ``path``: the stage folders ``stage1`` / ``stage2``, the
-    configuration of ``triage`` (loaded from those folders, which checked that the pair agrees) and
-    the models-from-code file, no pickle."""
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # no input example on purpose: an example would have to be a study; the signature says it all
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+def input_example(size: int = 96) -> pd.DataFrame:
+    """One synthetic slice in the HU form (no patient data): a water-dense body with two lungs in air,
+    enough for the crop to find a body, so MLflow's check of the example runs the whole model."""
+    yy, xx = np.mgrid[:size, :size] / size
+    hu = np.full((size, size), -1000, np.int16)
+    hu[((xx - 0.5) / 0.45) ** 2 + ((yy - 0.5) / 0.35) ** 2 < 1] = 40
+    for cx in (0.32, 0.68):
+        hu[((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.22) ** 2 < 1] = -850
+    return pd.DataFrame({S.STUDY_UID: ["study-1"], S.SERIES_UID: ["series-1"], S.SLICE_INDEX: [0], S.ROWS: [size],
+                         S.COLS: [size], S.PIXEL_SPACING_ROW: [4.0], S.PIXEL_SPACING_COL: [4.0],
+                         HU_INPUT: [hu.astype("<i2").tobytes()]})
+
+
+def save_composite(path: str | Path, stage1: str | Path, stage2: str | Path, triage: Triage, *,
+                   wheel: str | Path | None = None) -> Path:
+    """Write the self-contained pyfunc model folder at ``path``: the stage folders ``stage1`` /
+    ``stage2``, the configuration of ``triage`` (loaded from those folders, which checked that the
+    pair agrees), the models-from-code file (no pickle), the package ``wheel`` (default: built for the
+    running code, :func:`~pe_triage.registry.bundle.package_wheel`), exact requirements naming it, an
+    input example and the signature."""
+    wheel = Path(wheel) if wheel is not None else package_wheel(RegistryConfig().wheel_cache)
+    with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "triage.json"
         config.write_text(json.dumps(triage.config(), indent=2))
         mlflow.pyfunc.save_model(
             str(path),
             python_model=str(MODEL_CODE),
-            artifacts={STAGE1: str(stage1), STAGE2: str(stage2), TRIAGE_CONFIG: str(config)},
+            artifacts={STAGE1: str(stage1), STAGE2: str(stage2), TRIAGE_CONFIG: str(config), WHEEL: str(wheel)},
             signature=SIGNATURE,
-            pip_requirements=[f"pe-triage=={__version__}"],
+            input_example=input_example(),
+            # the wheel by its path in the model folder, never by name: a name would resolve on a public index
+            pip_requirements=[f"{ARTIFACTS_DIR}/{wheel.name}", *pinned_requirements(wheel)],
             metadata={"pe_triage_format": triage.config()["format"]},
         )
+    if not (Path(path) / ARTIFACTS_DIR / wheel.name).is_file():
+        # the requirement names this path: an MLflow that lays out artifacts otherwise must fail here
+        raise RegistryError(f"MLflow did not store the package wheel as {ARTIFACTS_DIR}/{wheel.name}")
     return Path(path)
 
 

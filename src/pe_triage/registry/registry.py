@@ -257,9 +257,10 @@ def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConf
     run_tags = {"step": "register", "registered_model": name, "git_commit": git_commit(), "package_version": __version__}
     with tempfile.TemporaryDirectory() as tmp, start_run(experiment=config.experiment, run_name=f"register-{name}",
                                                           tags=run_tags, uri=client.tracking_uri) as tracker:
+        from pe_triage.registry.bundle import package_wheel
         from pe_triage.registry.pyfunc import save_composite
 
-        model_dir = save_composite(Path(tmp) / MODEL_DIR, stage1, stage2, triage)
+        model_dir = save_composite(Path(tmp) / MODEL_DIR, stage1, stage2, triage, wheel=package_wheel(config.wheel_cache))
         (model_dir / CARD_FILE).write_text(card)
         (Path(tmp) / CARD_FILE).write_text(card)
         tracker.log_params({"triage": triage.config(), "stage1": {"arch": triage.stage1.meta.model.arch},

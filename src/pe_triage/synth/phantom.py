@@ -634,10 +634,15 @@ def _ribs(p: _Painter, an: Anatomy, u: float) -> None:
             p.ellipse(x, y, 32.0 * s * kk, 2.2 * s, an.hu_cortex * 0.6, Tissue.BONE, ang)
 
 
+#: the tissues each lesion kind replaces. Parenchymal lesions leave the vessels: a contrast-filled
+#: artery stays bright through a consolidation or past a nodule (the CT angiogram sign), and a
+#: lesion painted over a lumen would draw a filling defect without a clot, PE's own sign under an
+#: "other" label (stage 2's most confident false positives were such slices). Pleural fluid
+#: compresses the lung, vessels and airways included.
 _OVER = {
-    "consolidation": (Tissue.LUNG, Tissue.LUNG_VESSEL),
+    "consolidation": (Tissue.LUNG,),
     "ggo": (Tissue.LUNG,),
-    "nodule": (Tissue.LUNG, Tissue.LUNG_VESSEL),
+    "nodule": (Tissue.LUNG,),
     "effusion": (Tissue.LUNG, Tissue.LUNG_VESSEL, Tissue.AIRWAY, Tissue.OTHER_LESION),
 }
 
@@ -685,7 +690,7 @@ def _lesions(p: _Painter, an: Anatomy, z: float, u: float) -> None:
 
 
 def _paint_lesion(p: _Painter, w: Window, inside: Array, hu: float | Array, kind: str) -> None:
-    """Paint a lesion over the tissues it can replace (ground glass leaves the vessels visible)."""
+    """Paint a lesion over the tissues it can replace (``_OVER``: only pleural fluid covers vessels)."""
     inside &= np.isin(p.tissue[w], _OVER[kind])
     p.paint(w, inside, hu, Tissue.OTHER_LESION)
     np.copyto(p.kind[w], np.uint8(OTHER_KINDS.index(kind) + 1), where=inside)

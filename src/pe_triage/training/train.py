@@ -266,9 +266,11 @@ def train(
 
     loader_cfg = config.loader
     try:
+        context = config.model.context
         train_ds = WindowsDataset(windows, splits, split="train", stage=stage, windows_used=cfg.windows, fold=fold,
-                                  config=loader_cfg, train=True)
-        val_ds = WindowsDataset(windows, splits, split="val", stage=stage, windows_used=cfg.windows, fold=fold, config=loader_cfg)
+                                  config=loader_cfg, train=True, context=context)
+        val_ds = WindowsDataset(windows, splits, split="val", stage=stage, windows_used=cfg.windows, fold=fold, config=loader_cfg,
+                                context=context)
     except ValueError as e:
         raise TrainingError(str(e)) from None
     with train_ds, val_ds:
@@ -372,13 +374,19 @@ class _Progress:
     run_id: str | None = None
     #: this process spent ``train.max_minutes`` (not checkpointed: a resumed run has a budget of its own)
     out_of_time: bool = False
+    #: the best epoch's validation probabilities: the threshold is set on them without validating again
+    best_probs: np.ndarray | None = None
+    #: how long the last validation took (``_clock`` seconds): what the time budget keeps for the next
+    val_seconds: float | None = None
 
-    def record(self, val_auroc: float | None, model: nn.Module) -> bool:
-        """Count an epoch's validation AUROC; keep a copy of the weights when it is the best so far."""
+    def record(self, val_auroc: float | None, model: nn.Module, probs: np.ndarray) -> bool:
+        """Count an epoch's validation AUROC; keep a copy of the weights (and their validation
+        probabilities) when it is the best so far."""
         score = -math.inf if val_auroc is None else val_auroc
         if score > self.best:
             self.best, self.stale = score, 0
             self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.best_probs = probs.copy()
             return True
         self.stale += 1
         return False
@@ -410,7 +418,9 @@ def _resume(run: _Run, net: _Net, state: dict[str, Any] | None) -> _Progress:
     net.model.load_state_dict(state["model"])
     net.optimizer.load_state_dict(state["optimizer"])
     net.schedule.load_state_dict(state["schedule"])
-    progress = _Progress(state["epoch"], state["best"], state["best_state"], state["stale"], state["history"], state["run_id"])
+    best_probs = state.get("best_probs")
+    progress = _Progress(state["epoch"], state["best"], state["best_state"], state["stale"], state["history"], state["run_id"],
+                         best_probs=None if best_probs is None else best_probs.numpy())
     log.info("stage %d: resuming after epoch %d (best val AUROC %.4f)", run.stage, progress.epoch, progress.best)
     return progress
 
@@ -428,6 +438,7 @@ def _save_checkpoint(run: _Run, net: _Net, progress: _Progress, run_id: str | No
         torch.save({"identity": run.identity, "model": net.model.state_dict(), "optimizer": net.optimizer.state_dict(),
                     "schedule": net.schedule.state_dict(), "epoch": progress.epoch, "best": float(progress.best),
                     "best_state": progress.best_state, "stale": progress.stale,
+                    "best_probs": None if progress.best_probs is None else torch.from_numpy(progress.best_probs),
                     "history": json.loads(json.dumps(progress.history)), "run_id": run_id}, tmp)
 
 
@@ -453,8 +464,8 @@ def _fit(run: _Run, state: dict[str, Any] | None, tracking_uri: str | None, data
                  len(run.train_ds), len(run.val_ds), run.train_ds.excluded_indeterminate, run.val_ds.excluded_indeterminate,
                  run.config.model.arch, run.device, parameter_count(net.model))
         with shown as bar:
-            while _keep_going(run, progress):
-                row = _epoch(run, net, progress, val_loader, _Steps(deadline, bar))
+            while _keep_going(run, progress, deadline):
+                row = _epoch(run, net, progress, val_loader, _Steps(deadline, bar, progress.val_seconds))
                 if run.rank == 0:
                     tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=progress.epoch)
                     _save_checkpoint(run, net, progress, tracker.run_id)
@@ -463,10 +474,17 @@ def _fit(run: _Run, state: dict[str, Any] | None, tracking_uri: str | None, data
         return _finish(run, net, progress, val_loader, tracker, data)
 
 
-def _keep_going(run: _Run, progress: _Progress) -> bool:
-    """Another epoch, unless every epoch ran, patience ran out, or the time budget is spent."""
+def _keep_going(run: _Run, progress: _Progress, deadline: float | None) -> bool:
+    """Another epoch, unless every epoch ran, patience ran out, or the time budget is spent (what is
+    left of it would not cover the new epoch's validation)."""
     cfg = run.cfg
-    return not (progress.out_of_time or progress.epoch >= cfg.epochs or (cfg.patience and progress.stale >= cfg.patience))
+    if progress.out_of_time or progress.epoch >= cfg.epochs or (cfg.patience and progress.stale >= cfg.patience):
+        return False
+    if progress.val_seconds is not None and _out_of_time(run, deadline, progress.val_seconds):
+        log.info("stage %d: time budget of %g min spent after epoch %d", run.stage, cfg.max_minutes, progress.epoch)
+        progress.out_of_time = True
+        return False
+    return True
 
 
 def _epoch_loader(run: _Run, epoch: int) -> DataLoader:
@@ -483,15 +501,18 @@ def _epoch_loader(run: _Run, epoch: int) -> DataLoader:
 @dataclass(frozen=True)
 class _Steps:
     """What the steps of an epoch answer to besides the data: the time budget's end (``_clock`` time,
-    None: no budget) and the progress bar (None on ranks other than 0)."""
+    None: no budget), the progress bar (None on ranks other than 0) and how long the last validation
+    took (None before the first)."""
 
     deadline: float | None
     bar: Bar | None
+    val_seconds: float | None
 
 
-def _out_of_time(run: _Run, deadline: float | None) -> bool:
-    """Whether the budget is spent; over several ranks, whether any rank's is (they stop at the same step)."""
-    spent = deadline is not None and _clock() >= deadline
+def _out_of_time(run: _Run, deadline: float | None, reserve: float = 0.0) -> bool:
+    """Whether the budget is spent, ``reserve`` seconds (the closing validation) kept back; over several
+    ranks, whether any rank's is (they stop at the same step)."""
+    spent = deadline is not None and _clock() + reserve >= deadline
     if deadline is not None and run.world > 1:
         flag = torch.tensor([float(spent)], device=run.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -505,7 +526,7 @@ def _train_steps(run: _Run, net: _Net, loader: DataLoader, steps: _Steps) -> tup
     device = run.device
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
     net.net.train()
-    loss_sum, seen = 0.0, 0
+    loss_sum, seen, t0 = 0.0, 0, time.monotonic()
     for x, y in loader:
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True).float()
@@ -520,7 +541,11 @@ def _train_steps(run: _Run, net: _Net, loader: DataLoader, steps: _Steps) -> tup
         seen += len(y)
         if steps.bar is not None:
             steps.bar.update(len(y) * run.world, loss=loss_sum / seen)
-        if _out_of_time(run, steps.deadline):
+        # before the first validation its time is estimated from training's: a validation image costs
+        # about half a training image on CPU (benchmarks/evaluate.py and train.py: 80-180 against 60 img/s)
+        reserve = steps.val_seconds if steps.val_seconds is not None else (
+            len(run.val_ds) * (time.monotonic() - t0) / (2 * seen))
+        if _out_of_time(run, steps.deadline, reserve):
             return loss_sum, seen, True
     return loss_sum, seen, False
 
@@ -536,9 +561,11 @@ def _epoch(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader, st
     if progress.out_of_time:
         log.info("stage %d: time budget of %g min spent after %d of %d samples of epoch %d: validating it and stopping",
                  run.stage, run.cfg.max_minutes, seen * run.world, run.samples, progress.epoch)
+    started = _clock()
     probs, val_loss = _evaluate(net.model, val_loader, run.device, run.amp)
+    progress.val_seconds = _clock() - started
     val_auroc = auroc(run.val_ds.targets, probs)
-    improved = progress.record(val_auroc, net.model)
+    improved = progress.record(val_auroc, net.model, probs)
     row = {"epoch": progress.epoch, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_auroc": val_auroc,
            "lr": net.schedule.get_last_lr()[0], "train_images_per_s": seen * run.world / train_s,
            "samples": seen * run.world, "epoch_s": time.monotonic() - t0}
@@ -557,7 +584,8 @@ def _finish(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader, t
     if progress.best_state is None:
         raise TrainingError(f"stage {stage}: validation AUROC was never defined; no model selected")
     model.load_state_dict(progress.best_state)
-    probs, _ = _evaluate(model, val_loader, run.device, run.amp)
+    # validated when it was the best epoch (a checkpoint of an older version did not keep them)
+    probs = progress.best_probs if progress.best_probs is not None else _evaluate(model, val_loader, run.device, run.amp)[0]
     threshold = threshold_for_sensitivity(probs, val_ds.targets, cfg.target_sensitivity)
     val = {"auroc": auroc(val_ds.targets, probs), **binary_rates(probs, val_ds.targets, threshold),
            "slices": len(val_ds), "positives": int(val_ds.targets.sum())}
