@@ -137,8 +137,10 @@ def breakdown(stage: int, frame: pd.DataFrame, prob: np.ndarray) -> dict[str, An
     return out
 
 
-def run_stage(stage: int, work: Path, config: Config) -> dict[str, Any]:
-    out = work / f"model-stage{stage}"
+def run_stage(stage: int, work: Path, config: Config, out: Path | None = None) -> dict[str, Any]:
+    """Train ``stage`` on the cohort in ``work`` (into ``out``, default ``work/model-stage<stage>``) and
+    measure it on validation."""
+    out = out or work / f"model-stage{stage}"
     t0 = time.monotonic()
     meta = train(str(work / "windows"), str(work / "splits.parquet"), str(out), stage=stage, config=config)
     seconds = time.monotonic() - t0
@@ -155,7 +157,7 @@ def run_stage(stage: int, work: Path, config: Config) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--sites", type=int, default=3)
@@ -184,29 +186,47 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/learning-<lesions>-<arch>-<input>px.json")
-    a = ap.parse_args()
-    windows = tuple(a.windows.split(","))
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    return ap
+
+
+def cohort(a: argparse.Namespace) -> tuple[SynthConfig, PreprocessConfig]:
+    """The cohort and preprocessing the arguments ask for, built in ``a.work`` (once)."""
     synth = SynthConfig(sites=a.sites, patients_per_site=a.patients_per_site, slices=a.slices, size=a.source_size,
                         seed=a.seed, pe_fraction=0.45, other_fraction=0.3, pe_extent_slices=(6, 16), write_tissue_maps=False,
                         lesions=a.lesions, pe_comorbid_fraction=a.comorbid)
-    pre = replace(PreprocessConfig(), size=a.input, windows=windows)
-    t0 = time.monotonic()
+    pre = replace(PreprocessConfig(), size=a.input, windows=tuple(a.windows.split(",")))
     prepare(a.work, synth, pre)
-    prepare_s = time.monotonic() - t0
+    return synth, pre
+
+
+def run_config(a: argparse.Namespace, *, context: int | None = None, seed: int | None = None) -> Config:
+    """The training configuration of the arguments (``context``/``seed`` override theirs)."""
     epochs = max(1, a.samples // a.epoch_samples)
-    config = Config(
+    return Config(
         model=ModelConfig(arch=a.arch, width=a.width, min_channels=a.min_channels, fusion=a.fusion, pooling=a.pooling,
-                          context=a.context),
+                          context=a.context if context is None else context),
         loader=LoaderConfig(cache_dir=str(a.work / "cache")),
-        train=TrainConfig(windows=windows, epochs=epochs, batch_size=a.batch, lr=a.lr, samples_per_epoch=a.epoch_samples,
-                          patience=0, warmup_epochs=min(1.0, epochs / 10), device=a.device, seed=a.train_seed,
-                          num_workers=a.workers),
+        train=TrainConfig(windows=tuple(a.windows.split(",")), epochs=epochs, batch_size=a.batch, lr=a.lr,
+                          samples_per_epoch=a.epoch_samples, patience=0, warmup_epochs=min(1.0, epochs / 10),
+                          device=a.device, seed=a.train_seed if seed is None else seed, num_workers=a.workers),
     )
+
+
+def machine() -> dict[str, Any]:
+    return {"machine": platform.machine(), "cpus": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.monotonic()
+    synth, _ = cohort(a)
+    prepare_s = time.monotonic() - t0
+    config = run_config(a)
     result = {
-        "benchmark": "learning", "machine": platform.machine(), "cpus": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__,
+        "benchmark": "learning", **machine(),
         "cohort": to_dict(synth), "preprocess_size": a.input, "prepare_seconds": round(prepare_s, 1),
         "model": to_dict(config.model), "train": to_dict(config.train),
         "stages": {f"stage{s}": run_stage(int(s), a.work, config) for s in a.stages.split(",")},
@@ -215,6 +235,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: {"val_auroc": v["val_auroc"], "train_seconds": v["train_seconds"]} for k, v in result["stages"].items()}, indent=2))
+    return result
 
 
 if __name__ == "__main__":
