@@ -81,7 +81,9 @@ def cfg() -> RegistryConfig:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("registry-models")
-    return str(stage_model(root / "stage1", 1, threshold=0.45)), str(stage_model(root / "stage2", 2, threshold=0.5))
+    # stage 1 reads a neighbouring slice on each side (2.5-D): the registry and every load path carry it
+    return (str(stage_model(root / "stage1", 1, threshold=0.45, context=1)),
+            str(stage_model(root / "stage2", 2, threshold=0.5)))
 
 
 @pytest.fixture(scope="module")
