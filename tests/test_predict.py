@@ -71,7 +71,8 @@ def study_dir(cohort: Path, patient: str = "P0001") -> Path:
 
 def reference(stage_pair: tuple[Path, Path], dicom: Path, work: Path) -> tuple[pd.DataFrame, Path]:
     """The training path, stage by stage: ingest, a windows dataset with the stage's own windows,
-    StageModel.predict_proba; (per-slice probabilities by slice_index, slices dataset)."""
+    each slice's windows with its neighbours' for a 2.5-D model (window-major, ends replicated, built
+    by hand), StageModel.predict_proba; (per-slice probabilities by slice_index, slices dataset)."""
     slices = work / "slices"
     ingest_site("site-a", str(dicom), str(slices), pseudo=pseudo("site-a"), config=IngestConfig(workers=1))
     out = {}
@@ -81,8 +82,11 @@ def reference(stage_pair: tuple[Path, Path], dicom: Path, work: Path) -> tuple[p
         preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.meta.window_names), workers=1))
         table = pads.dataset(windows, format="parquet", partitioning="hive").to_table().sort_by(S.SLICE_INDEX)
         stack = S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS)))
+        k, n = model.meta.model.context, len(stack)
+        rows = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
+        x = np.stack([stack[r] for r in rows]).transpose(0, 2, 1, 3, 4).reshape(n, -1, *stack.shape[-2:])
         out[S.SLICE_INDEX] = table[S.SLICE_INDEX].to_numpy()
-        out[f"p{stage}"] = model.predict_proba(stack)
+        out[f"p{stage}"] = model.predict_proba(x)
     return pd.DataFrame(out), slices
 
 
@@ -219,7 +223,7 @@ def test_a_2_5d_pair_reads_each_slice_with_its_neighbours_in_any_input_order(coh
     pair = stage_model(tmp_path / "s1", 1, context=1), stage_model(tmp_path / "s2", 2, context=2)
     triage = Triage.load(*pair)
     frame, _ = triage.predict_dicom(str(study_dir(cohort)))
-    ref, slices = reference_2_5d(pair, study_dir(cohort), tmp_path / "ref")
+    ref, slices = reference(pair, study_dir(cohort), tmp_path / "ref")
     assert list(frame["slice_index"]) == list(ref["slice_index"])
     np.testing.assert_allclose(frame["p_disease"], ref["p1"], atol=1e-5)
     np.testing.assert_allclose(frame["p_pe"], ref["p2"], atol=1e-5)
@@ -233,21 +237,3 @@ def test_a_2_5d_pair_reads_each_slice_with_its_neighbours_in_any_input_order(coh
     np.testing.assert_allclose(out["p_disease"], by_index.loc[out["slice_index"], "p1"], atol=1e-5)
     np.testing.assert_allclose(out["p_pe"], by_index.loc[out["slice_index"], "p2"], atol=1e-5)
 
-
-def reference_2_5d(stage_pair: tuple[Path, Path], dicom: Path, work: Path) -> tuple[pd.DataFrame, Path]:
-    """:func:`reference` for 2.5-D models: each slice's windows and its neighbours', window-major."""
-    slices = work / "slices"
-    ingest_site("site-a", str(dicom), str(slices), pseudo=pseudo("site-a"), config=IngestConfig(workers=1))
-    out = {}
-    for stage, path in enumerate(stage_pair, start=1):
-        model = load_model(path)
-        windows = work / f"windows-{stage}"
-        preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.meta.window_names), workers=1))
-        table = pads.dataset(windows, format="parquet", partitioning="hive").to_table().sort_by(S.SLICE_INDEX)
-        stack = S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS)))
-        k, n = model.meta.model.context, len(stack)
-        rows = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
-        x = np.stack([stack[r] for r in rows]).transpose(0, 2, 1, 3, 4).reshape(n, -1, *stack.shape[-2:])
-        out[S.SLICE_INDEX] = table[S.SLICE_INDEX].to_numpy()
-        out[f"p{stage}"] = model.predict_proba(x)
-    return pd.DataFrame(out), slices
