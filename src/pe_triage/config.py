@@ -451,8 +451,31 @@ class ServeConfig:
     #: own files, so a server reads only what the request carries until the operator names where
     #: exports land. ``pe-triage predict`` on the command line is the operator's own and is not limited
     allowed_prefixes: tuple[str, ...] = ()
+    #: ``pe-triage serve``'s TCP port (``--port`` overrides): MLflow's scoring-server default, so a
+    #: client or probe written for ``mlflow models serve`` finds it
+    port: int = 8080
+    #: largest request body in MiB (413 above it): a 600-slice 512x512 uncompressed study is ~315 MB,
+    #: so one whole study fits with room for DICOM headers; memory per request stays bounded
+    max_body_mb: int = 512
+    #: most slices in one request (DICOM files of a multipart request, rows of an HU request; 413
+    #: above it): a CT-PA series has 200-700 slices at 0.6-1.5 mm; more means several studies at once
+    max_slices: int = 1000
+    #: requests in progress at once, upload included (a refused one is refused before its body is
+    #: read); others get 503 + Retry-After (the server, not the caller, is busy: a proxy retries 503
+    #: on another replica). 1: one study's triage already uses every core
+    max_concurrency: int = 1
+    #: the Retry-After of a 503 (busy, or no model loaded yet): about one study's triage time on 2 CPU
+    #: cores (issue 18's goal is p50 < 10 s for 300 slices)
+    retry_after_s: int = 10
+    #: seconds between checks of the served alias (a moved champion is loaded within this); SIGHUP
+    #: checks at once. 30 s: a registry call per replica per half minute is negligible load
+    reload_poll_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if min(self.max_body_mb, self.max_slices, self.max_concurrency) < 1 or self.reload_poll_s <= 0:
+            raise ConfigError("serve: max_body_mb, max_slices and max_concurrency must be >= 1, reload_poll_s > 0")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port: {self.port} is not a TCP port")
         bad = [p for p in self.allowed_prefixes
                if not (p.startswith("/") or (p.startswith("s3://") and p[5:6] not in ("", "/")))]
         if bad:

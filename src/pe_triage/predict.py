@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
 
 from pe_triage import schema as S
 from pe_triage.artifact import ModelMeta, StageModel, load_model
@@ -98,6 +100,11 @@ def allowed_input(source: str, prefixes: Sequence[str]) -> str:
                           "(serve.allowed_prefixes; symlinks are resolved first): refused")
 
 
+def default_device() -> str:
+    """``cuda`` when PyTorch sees a GPU, else ``cpu``: where a loaded :class:`Triage` should score."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class DecisionRule:
     """The per-patient rule (``EvalConfig.patient_rule`` and ``k``) applied to each study."""
@@ -151,6 +158,15 @@ class Triage:
     stage2: StageModel
     rule: DecisionRule
     preprocess: PreprocessConfig
+    #: where both stages score (:meth:`to`); loading is always on CPU, the weights' own device
+    device: str = "cpu"
+
+    def to(self, device: str) -> Triage:
+        """Both stage models moved to ``device`` (``cuda`` on a GPU server), scoring there; returns self."""
+        for stage in (self.stage1, self.stage2):
+            stage.model.to(device)
+        self.device = device
+        return self
 
     @classmethod
     def load(cls, stage1: str | Path, stage2: str | Path, *, rule: DecisionRule = DecisionRule()) -> Triage:
@@ -192,7 +208,7 @@ class Triage:
             except ValueError as e:
                 raise PredictError(f"stage {model.meta.stage} model: {e}") from None
             rows = neighbour_rows(series, position, model.meta.model.context)
-            probs.append(model.predict_proba(context_stack(stack, rows, channels)))
+            probs.append(model.predict_proba(context_stack(stack, rows, channels), device=self.device))
         return probs[0], probs[1]
 
     def _per_slice(self, keys: pd.DataFrame, p_disease: np.ndarray, p_pe: np.ndarray) -> pd.DataFrame:
@@ -243,11 +259,14 @@ class Triage:
         return self._per_slice(frame, p_disease, p_pe)
 
     def predict_dicom(self, sources: str | Sequence[str], *, ingest: IngestConfig = IngestConfig(),
-                      allowed_prefixes: Sequence[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+                      allowed_prefixes: Sequence[str] | None = None,
+                      timings: dict[str, float] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
         """DICOM files or folders (local or ``s3://``) -> (per-slice frame, input summary).
 
         ``allowed_prefixes``: where a source may lie (:func:`allowed_input`; a server passes
         ``serve.allowed_prefixes``); None reads any path, for the operator's own command line.
+        ``timings``, when given, gets the seconds of each step (``decode``: ingest; ``crop``: crop,
+        window and resize; ``model``: both stages), so a server can show where a request's time goes.
         Several studies give one decision each. Raises :class:`PredictError` when nothing in the
         input is a usable CT slice."""
         sources = [sources] if isinstance(sources, str) else list(sources)
@@ -255,6 +274,8 @@ class Triage:
             raise PredictError("no DICOM input given")
         if allowed_prefixes is not None:
             sources = [allowed_input(s, allowed_prefixes) for s in sources]
+        timings = {} if timings is None else timings
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="pe-triage-predict-") as tmp:
             root = Path(tmp)
             pseudo = Pseudonymizer(secrets.token_bytes(32), _SITE)  # unlinkable: the key dies with the call
@@ -268,13 +289,16 @@ class Triage:
             if not list((root / "slices").glob(f"{S.SITE}=*/*.parquet")):
                 raise PredictError(f"no CT slices in the input: {files['seen']} file(s) seen, "
                                    f"{files['quarantined']} quarantined ({dict(reasons) or 'none'})")
+            timings["decode"] = time.perf_counter() - start
             report = preprocess(str(root / "slices"), str(root / "windows"), config=self.preprocess)
             summary["slices_skipped"] = dict(Counter(s["reason"] for s in report["slices_skipped"]))
             keys, stack, windows = _read_windows(sorted((root / "windows").glob(f"{S.SITE}=*/*.parquet")))
         if not len(keys):
             raise PredictError(f"no slice of the input could be scored (skipped: {summary['slices_skipped']})")
         series = (keys[S.STUDY_UID].astype(str) + "\x1f" + keys[S.SERIES_UID].astype(str)).to_numpy()
+        timings["crop"] = time.perf_counter() - start - timings["decode"]
         keys[S.P_DISEASE], keys[S.P_PE] = self.score(stack, windows, series, keys[S.SLICE_INDEX].to_numpy())
+        timings["model"] = time.perf_counter() - start - timings["decode"] - timings["crop"]
         slices = _ordinal_ids(keys)
         return self._per_slice(slices, slices[S.P_DISEASE].to_numpy(), slices[S.P_PE].to_numpy()), summary
 

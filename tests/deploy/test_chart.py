@@ -115,8 +115,10 @@ CREATED_SECRETS = {
 }
 MINIMAL = {"mlflow": {"enabled": False}, "schedule": {"enabled": False}, "networkPolicy": {"enabled": False}}
 AUTH_OFF = {"mlflow": {"auth": {"enabled": False, "allowUnauthenticated": True}}}
+#: the triage service (tests/deploy/test_chart_inference.py has its own scenarios)
+INFERENCE = {"inference": {"enabled": True, "replicas": 2}}
 SCENARIOS = {"default": None, "external-db": EXTERNAL_DB, "gpu-multiuser-auth": GPU,
-             "created-secrets": CREATED_SECRETS, "minimal": MINIMAL, "auth-off": AUTH_OFF}
+             "created-secrets": CREATED_SECRETS, "minimal": MINIMAL, "auth-off": AUTH_OFF, "inference": INFERENCE}
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

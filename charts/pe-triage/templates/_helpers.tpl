@@ -173,3 +173,190 @@ Include with (dict "ctx" $ "name" SECRET "key" KEY "length" N); lookup is empty 
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+
+{{/* ---- the triage service (inference) ---- */}}
+
+{{- define "pe-triage.inference.fullname" -}}
+{{ include "pe-triage.fullname" . | trunc 53 | trimSuffix "-" }}-inference
+{{- end }}
+
+{{/* The pod label the inference NetworkPolicy admits (callers of the triage service). */}}
+{{- define "pe-triage.inference.clientLabel" -}}
+pe-triage.io/triage-client
+{{- end }}
+
+{{- define "pe-triage.inference.serviceAccountName" -}}
+{{- if .Values.inference.serviceAccount.create }}
+{{- default (include "pe-triage.inference.fullname" .) .Values.inference.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.inference.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* models:/<name>@<alias>; the name defaults to config.registry.model_name, then the package's. */}}
+{{- define "pe-triage.inference.modelUri" -}}
+{{- $name := .Values.inference.model.name | default (dig "registry" "model_name" "" .Values.config) | default "pe-triage" }}
+{{- printf "models:/%s@%s" $name .Values.inference.model.alias }}
+{{- end }}
+
+{{/* MLflow URL of the inference pods: inference.trackingUri, else this chart's server. */}}
+{{- define "pe-triage.inference.trackingUri" -}}
+{{- if .Values.inference.trackingUri }}
+{{- .Values.inference.trackingUri }}
+{{- else if .Values.mlflow.enabled }}
+{{- include "pe-triage.mlflow.url" . }}
+{{- else }}
+{{- fail "inference.enabled needs inference.trackingUri when mlflow.enabled is false" }}
+{{- end }}
+{{- end }}
+
+{{/* config.serve.allowed_prefixes, comma-separated (PE_TRIAGE_ALLOWED_PREFIXES). */}}
+{{- define "pe-triage.inference.allowedPrefixes" -}}
+{{- dig "serve" "allowed_prefixes" (list) .Values.config | join "," }}
+{{- end }}
+
+{{/* "true" when the pods read the object store themselves: no artifact proxy, or s3:// inputs. */}}
+{{- define "pe-triage.inference.needsS3" -}}
+{{- $proxied := and .Values.mlflow.enabled .Values.mlflow.auth.enabled (not .Values.inference.trackingUri) }}
+{{- $s3Inputs := false }}
+{{- range include "pe-triage.inference.allowedPrefixes" . | splitList "," }}
+{{- if hasPrefix "s3://" . }}{{ $s3Inputs = true }}{{ end }}
+{{- end }}
+{{- if or (not $proxied) $s3Inputs }}true{{ end }}
+{{- end }}
+
+{{/* The serving container of the Deployment and of the KServe predictor. Include with
+(dict "ctx" $ "name" NAME "portName" PORT_NAME "probePort" PORT "startup" BOOL). */}}
+{{- define "pe-triage.inference.container" -}}
+{{- $ := .ctx }}
+{{- $inf := $.Values.inference }}
+{{- $resources := deepCopy $inf.resources }}
+{{- if gt (int $inf.gpu.count) 0 }}
+{{- $_ := set $resources "limits" (merge (dict $.Values.gpu.resource (int $inf.gpu.count)) (default dict $resources.limits)) }}
+{{- end }}
+- name: {{ .name }}
+  image: {{ ternary (include "pe-triage.cudaImage" $) (include "pe-triage.image" $) (gt (int $inf.gpu.count) 0) | quote }}
+  imagePullPolicy: {{ $.Values.image.pullPolicy }}
+  command: ["pe-triage", "serve"]
+  args:
+    - --model
+    - {{ include "pe-triage.inference.modelUri" $ | quote }}
+    - --host
+    - 0.0.0.0
+    - --port
+    - "8080"
+    - --config
+    - /etc/pe-triage/config.yaml
+  env:
+    - name: HOME
+      value: /home/pe
+    - name: TMPDIR
+      value: /tmp
+    - name: MLFLOW_TRACKING_URI
+      value: {{ include "pe-triage.inference.trackingUri" $ | quote }}
+    {{- with include "pe-triage.inference.mlflowSecret" $ | fromYaml }}
+    - name: MLFLOW_TRACKING_USERNAME
+      valueFrom:
+        secretKeyRef: {name: {{ .name }}, key: {{ .usernameKey }}}
+    - name: MLFLOW_TRACKING_PASSWORD
+      valueFrom:
+        secretKeyRef: {name: {{ .name }}, key: {{ .passwordKey }}}
+    {{- end }}
+    - name: PE_TRIAGE_ALLOWED_PREFIXES
+      value: {{ include "pe-triage.inference.allowedPrefixes" $ | quote }}
+    {{- if include "pe-triage.inference.needsS3" $ }}
+    {{- with include "pe-triage.s3Env" $ | trim }}
+    {{- . | nindent 4 }}
+    {{- end }}
+    {{- end }}
+  ports:
+    - name: {{ .portName }}
+      containerPort: 8080
+      protocol: TCP
+  {{- if .startup }}
+  # Loading downloads the model version and warms it (a minute or more): no liveness kill meanwhile.
+  startupProbe:
+    httpGet: {path: /health, port: {{ .probePort }}}
+    periodSeconds: 10
+    failureThreshold: {{ div $inf.startupSeconds 10 | max 1 }}
+  {{- end }}
+  # Ready only once the model is loaded and warmed; alive as long as the process answers.
+  readinessProbe:
+    httpGet: {path: /health, port: {{ .probePort }}}
+    periodSeconds: 10
+    timeoutSeconds: 5
+  livenessProbe:
+    httpGet: {path: /ping, port: {{ .probePort }}}
+    periodSeconds: 20
+    timeoutSeconds: 5
+  securityContext:
+    {{- toYaml $.Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $resources | nindent 4 }}
+  volumeMounts:
+    - name: config
+      mountPath: /etc/pe-triage
+      readOnly: true
+    - name: tmp
+      mountPath: /tmp
+    - name: cache
+      mountPath: /home/pe/.cache
+{{- end }}
+
+{{/* The Secret with the MLflow credentials of the inference pods, as YAML {name, usernameKey,
+passwordKey}; empty when there is none (an MLflow without auth). */}}
+{{- define "pe-triage.inference.mlflowSecret" -}}
+{{- $inf := .Values.inference }}
+{{- if $inf.existingSecret }}
+{{- dict "name" $inf.existingSecret "usernameKey" $inf.usernameKey "passwordKey" $inf.passwordKey | toYaml }}
+{{- else if include "pe-triage.inference.createsUser" . }}
+{{- dict "name" (include "pe-triage.inference.userSecretName" .) "usernameKey" $inf.usernameKey "passwordKey" $inf.passwordKey | toYaml }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the chart makes the inference pods' MLflow user (and its Secret): the service is on,
+uses this chart's MLflow with auth, and no Secret is named. */}}
+{{- define "pe-triage.inference.createsUser" -}}
+{{- $inf := .Values.inference }}
+{{- if and $inf.enabled .Values.mlflow.enabled .Values.mlflow.auth.enabled (not $inf.existingSecret) (not $inf.trackingUri) }}true{{ end }}
+{{- end }}
+
+{{- define "pe-triage.inference.userSecretName" -}}
+{{ include "pe-triage.mlflow.fullname" . }}-inference
+{{- end }}
+
+{{/* Pod-level fields shared by the Deployment and the KServe predictor. */}}
+{{- define "pe-triage.inference.podSpec" -}}
+{{- $inf := .Values.inference }}
+serviceAccountName: {{ include "pe-triage.inference.serviceAccountName" . }}
+automountServiceAccountToken: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+volumes:
+  - name: config
+    configMap:
+      name: {{ include "pe-triage.fullname" . }}-config
+  - name: tmp
+    emptyDir: {sizeLimit: {{ $inf.tmpSizeLimit }}}
+  - name: cache
+    emptyDir: {sizeLimit: {{ $inf.cacheSizeLimit }}}
+{{- $gpu := gt (int $inf.gpu.count) 0 }}
+{{- with merge (dict) $inf.nodeSelector (ternary $inf.gpu.nodeSelector (dict) $gpu) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with concat $inf.tolerations (ternary $inf.gpu.tolerations (list) $gpu) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $inf.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

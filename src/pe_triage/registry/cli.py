@@ -1,4 +1,4 @@
-"""``pe-triage register | promote | rollback | predict``: the registry sub-commands.
+"""``pe-triage register | promote | rollback | predict | serve``: the registry sub-commands.
 
 :func:`add_commands` adds them to the main parser. Exit codes: 0 done (a promotion that changes
 nothing included), 1 promotion refused (the message names the failed gates) or a conflict (another
@@ -85,11 +85,12 @@ def _rollback(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
 
 
 def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
-    from pe_triage.predict import triage_report
+    from pe_triage.predict import default_device, triage_report
     from pe_triage.registry.registry import load_registered
 
     model_uri = args.model or f"models:/{config.registry.model_name}@champion"
     triage, version = load_registered(model_uri, uri=args.tracking_uri, config=config.registry)
+    triage.to(default_device())
     # the operator's own files, read with their own rights: serve.allowed_prefixes fences network callers
     per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest, allowed_prefixes=None)
     report = triage_report(per_slice, triage, model=model_uri, input_summary=summary)
@@ -99,6 +100,20 @@ def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
         Path(args.out).write_text(json.dumps(report, indent=2))
         return 0, [{k: s[k] for k in ("study", "triage", "slices", "flagged_slices")} for s in report["studies"]]
     return 0, report
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the service until SIGINT/SIGTERM (it logs and returns 2 only when it cannot start)."""
+    from pe_triage.registry.serve_http import run
+
+    try:
+        config = load_config(args.config)
+        model_uri = args.model or f"models:/{config.registry.model_name}@champion"
+        run(model_uri, config, host=args.host, port=args.port, tracking_uri=args.tracking_uri, device=args.device)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
 
 
 PREDICT_DESCRIPTION = """Triage DICOM studies with a registered model (default: the champion).
@@ -112,7 +127,7 @@ gets one line per study (study, triage, slices, flagged slices). Nothing else is
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``register``, ``promote``, ``rollback`` and ``predict`` to the ``pe-triage`` parser."""
+    """Add ``register``, ``promote``, ``rollback``, ``predict`` and ``serve`` to the ``pe-triage`` parser."""
     p = subparsers.add_parser("register", help="register a stage 1 + stage 2 pair as a new composite version (challenger)",
                               epilog="example:\n  pe-triage register --stage1 models/stage1-cal --stage2 models/stage2-cal "
                                      "--metrics evaluation \\\n      --tracking-uri http://127.0.0.1:5000")
@@ -148,3 +163,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write the full JSON report here (default: print it)")
     _common(p)
     p.set_defaults(func=_guarded(_predict))
+
+    p = subparsers.add_parser("serve", help="serve a registered model over HTTP (reloaded when its alias moves)",
+                              description="HTTP triage service: GET /ping, /health, /version; POST /invocations "
+                                          "(MLflow scoring protocol), POST /v1/triage (DICOM files). Limits and the "
+                                          "alias poll period: section 'serve' of --config.",
+                              epilog="example:\n  pe-triage serve --model models:/pe-triage@champion --port 8080 "
+                                     "--tracking-uri http://127.0.0.1:5000")
+    p.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion) or a local model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8080)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the model runs (default: cuda when available)")
+    _common(p)
+    p.set_defaults(func=_serve)

@@ -9,7 +9,7 @@ code from the artifact store. The version is self-contained (:mod:`pe_triage.reg
 package's wheel is an artifact, and ``requirements.txt`` names it by its path in the model folder
 (install from there: ``cd model && pip install -r requirements.txt``) next to exact pins of every
 other dependency. :func:`load_triage` does not even run the code file: it reads the artifacts that
-``MLmodel`` names.
+``MLmodel`` names. A loaded model scores on the GPU when PyTorch sees one.
 
 Input (a DataFrame, one of two forms; the signature marks every column optional):
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from pe_triage.predict import (
     TRIAGE,
     PredictError,
     Triage,
+    default_device,
 )
 from pe_triage.registry.bundle import package_wheel, pinned_requirements
 from pe_triage.registry.errors import RegistryError
@@ -99,24 +101,30 @@ class PeTriageModel(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         a = context.artifacts
-        self.triage = Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG])
+        self.triage = Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG]).to(default_device())
         prefixes = [p.strip() for p in os.environ.get(ALLOWED_PREFIXES_ENV, "").split(",") if p.strip()]
         self.serve = ServeConfig(allowed_prefixes=tuple(prefixes))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         try:
-            if DICOM_PATH in model_input.columns and model_input[DICOM_PATH].notna().any():
-                if model_input[DICOM_PATH].isna().any():
-                    raise PredictError(f"give either {DICOM_PATH!r} on every row or slice rows, not both")
-                paths = model_input[DICOM_PATH].tolist()
-                return self.triage.predict_dicom(paths, allowed_prefixes=self.serve.allowed_prefixes)[0]
-            return self.triage.predict_slices(model_input)
+            return predict_frame(self.triage, model_input, self.serve.allowed_prefixes)
         except PredictError as e:
             # MLflow's scoring server answers an MlflowException with its code and message (400 here);
             # any other exception becomes a generic error with the message buried in a stack trace
             raise MlflowException.invalid_parameter_value(str(e)) from None
+
+
+def predict_frame(triage: Triage, model_input: pd.DataFrame, allowed_prefixes: Sequence[str]) -> pd.DataFrame:
+    """The pyfunc's input (``dicom_path`` rows, read only under ``allowed_prefixes``, or HU slice
+    rows) -> one row per slice; shared by the pyfunc and ``pe-triage serve``'s ``/invocations``."""
+    if DICOM_PATH in model_input.columns and model_input[DICOM_PATH].notna().any():
+        if model_input[DICOM_PATH].isna().any():
+            raise PredictError(f"give either {DICOM_PATH!r} on every row or slice rows, not both")
+        try:
+            return triage.predict_dicom(model_input[DICOM_PATH].tolist(), allowed_prefixes=allowed_prefixes)[0]
         except FileNotFoundError:
-            raise MlflowException.invalid_parameter_value(f"a {DICOM_PATH} names no file, folder or prefix") from None
+            raise PredictError(f"a {DICOM_PATH} names no file, folder or prefix") from None
+    return triage.predict_slices(model_input)
 
 
 def input_example(size: int = 96) -> pd.DataFrame:
