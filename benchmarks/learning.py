@@ -53,7 +53,7 @@ from pe_triage.config import (
 from pe_triage.dataset import WindowsDataset
 from pe_triage.dicom import Pseudonymizer, load_key
 from pe_triage.evaluation.evaluate import lesion_masks, slice_boxes
-from pe_triage.evaluation.gradcam import pointing_game
+from pe_triage.evaluation.gradcam import Attribution, pointing_game
 from pe_triage.ingest import ingest_site
 from pe_triage.preprocess import preprocess
 from pe_triage.splits import split_dataset
@@ -86,9 +86,9 @@ def prepare(work: Path, synth: SynthConfig, pre: PreprocessConfig) -> None:
 def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfig,
                     ev: EvalConfig = EvalConfig()) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
     """The stage's validation slices (as the trainer selects them) with lesion kind and lesion area
-    (model-input pixels the lesion touches, as the evaluation's Grad-CAM check sees it), the model's
+    (model-input pixels the lesion touches, as the evaluation's evidence-map check sees it), the model's
     probabilities for them, and the localisation: the evaluation's pointing game (its tolerance and
-    Grad-CAM level) on up to ``ev.gradcam_localisation`` true positives at the stage's threshold."""
+    attribution method) on up to ``ev.gradcam_localisation`` true positives at the stage's threshold."""
     model = load_model(model_dir)
     windows, truth = str(work / "windows"), str(work / "cohort" / "truth")
     with WindowsDataset(windows, str(work / "splits.parquet"), split="val", stage=stage,
@@ -102,13 +102,13 @@ def val_predictions(stage: int, work: Path, model_dir: Path, loader: LoaderConfi
         measured = sorted(np.random.default_rng(0).permutation(rows)[: ev.gradcam_localisation].tolist())
         position = {int(r): i for i, r in enumerate(frame.index)}
         game = pointing_game(model.model, ds.inputs([position[r] for r in measured]), [masks[r] for r in measured],
-                             tolerance=ev.gradcam_pointing_tolerance_px, layer=ev.gradcam_layer)
+                             tolerance=ev.gradcam_pointing_tolerance_px, attribution=Attribution.of(ev))
     frame["lesion_px"] = [float(masks[i].sum()) if i in masks else 0.0 for i in frame.index]
     kinds = pads.dataset(sorted(Path(truth).glob("*.parquet")), format="parquet").to_table(
         columns=[S.SOURCE_HMAC, S.T_LESION]).to_pandas()
     localisation = {"true_positives": len(rows), "measured": game.slices, "peak_on_lesion": game.hits,
                     "peak_on_lesion_rate": game.rate, "blank_maps": game.blank,
-                    "mean_inside_fraction": game.mean_inside_fraction, "layer": ev.gradcam_layer,
+                    "mean_inside_fraction": game.mean_inside_fraction, "method": Attribution.of(ev).label,
                     "tolerance_px": ev.gradcam_pointing_tolerance_px}
     return frame.merge(kinds, on=S.SOURCE_HMAC, how="left", validate="one_to_one"), prob, localisation
 

@@ -15,16 +15,17 @@ from kfp.dsl import (
 
 
 def train(windows: Input[Dataset], splits: Input[Dataset], stage: int, config: str, tracking_uri: str, model: Output[Model]):
-    """Train stage 1 (WNL vs disease) or stage 2 (PE vs other) into a model artifact folder. Resumes
-    from the checkpoint beside the artifact when a retry finds one."""
-    from pe_triage.config import parse_config
+    """Train stage 1 (WNL vs disease) or stage 2 (PE vs other) into a model artifact folder: in this
+    process, or one DDP rank per GPU under torchrun where the pod has several (``launch``). Resumes
+    from its checkpoint when a retry finds one: on the pod's checkpoint volume when it has one (a
+    retried pod starts on an empty filesystem), else beside the artifact."""
     from pe_triage.logs import setup_logging
-    from pe_triage.training.train import train
+    from pe_triage.training.launch import train_step
 
     setup_logging()
 
-    cfg = parse_config(config)
-    meta = train(windows.path, splits.path, model.path, stage=stage, config=cfg, resume=True, tracking_uri=tracking_uri or None)
+    meta = train_step(windows.path, splits.path, model.path, stage=stage, config=config, tracking_uri=tracking_uri,
+                      inputs=(windows.uri, splits.uri))
     model.metadata.update(stage=stage, threshold=meta["threshold"], best_epoch=meta["best_epoch"],
                           mlflow_run_id=meta.get("mlflow_run_id") or "", **{f"val_{k}": v for k, v in meta["val"].items()})
 

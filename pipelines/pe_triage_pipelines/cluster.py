@@ -1,5 +1,13 @@
 """What a task needs from the cluster: images, secrets as environment variables, GPUs for training,
-CPU and memory requests, retries.
+CPU and memory requests, retries, timeouts, shared memory and the training checkpoints' volume.
+
+Multi-GPU training is one pod: the train step starts one DDP rank per GPU of its pod under torchrun
+(``pe_triage.training.launch``). More than one node (a PyTorchJob of the Kubeflow Trainer) is left
+out of the pipeline on purpose: a node's GPUs (up to 8) are ample for these small 2-D slice models,
+while a PyTorchJob needs the training operator, RBAC for the pipeline's service account to create
+and watch custom resources, a step that only waits on it, and storage shared across nodes; none of
+it can be tested without a cluster. The CLI runs under a
+multi-node torchrun (``--nnodes``, a rendezvous endpoint) for whoever needs it outside the pipeline.
 
 All of it is a compile-time :class:`ClusterOptions` (defaults below, or the ``cluster.yaml`` the Helm
 chart writes into its ConfigMap), never read from the environment at import, and no secret value
@@ -17,6 +25,7 @@ from kfp.dsl import PipelineTask
 from pe_triage_components.images import CPU_IMAGE, CUDA_IMAGE
 
 from pe_triage.dicom import KEY_ENV
+from pe_triage.training.launch import CHECKPOINT_ROOT_ENV, PROCESSES_ENV
 
 #: the pod label the Helm chart's NetworkPolicy admits to MLflow (charts/pe-triage, networkPolicy)
 MLFLOW_CLIENT_LABEL = "pe-triage.io/mlflow-client"
@@ -47,7 +56,7 @@ class ClusterOptions:
     #: plain (non-secret) environment of every task, e.g. AWS_ENDPOINT_URL of an S3-compatible store
     env: Mapping[str, str] = field(default_factory=dict)
     accelerator: str = "nvidia.com/gpu"
-    #: GPUs per training step (training uses every GPU of its pod with DistributedDataParallel)
+    #: GPUs per training step: one DistributedDataParallel rank per GPU under torchrun (0: train on CPU)
     gpus: int = 1
     gpu_node_selector: Mapping[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     gpu_tolerations: tuple[Mapping[str, Any], ...] = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
@@ -62,12 +71,24 @@ class ClusterOptions:
     backoff_max: str = "10m"
     #: sites ingested at the same time by the onboarding ParallelFor
     parallel_sites: int = 4
+    #: /dev/shm of every step, a memory-backed emptyDir (the container default of 64 MB is less than
+    #: two loader workers keep in flight: a bus error). 4 GiB: 8 workers x 4 prefetched batches of 32
+    #: two-window 256 px float slices are 2 GiB per rank; it counts against the pod's memory only when used
+    shm_size: str = "4Gi"
+    #: PersistentVolumeClaim for training checkpoints, so a retried pod resumes (None: checkpoints beside
+    #: the artifact, lost with the pod). ReadWriteMany when the two stages may train on different nodes
+    checkpoint_claim: str | None = None
+    checkpoint_mount: str = "/checkpoints"
+    #: limits per step: 48 h of training (a full cohort at full size is hours to a day), 12 h for the
+    #: others (evaluating a full test split on a CPU pod takes hours)
+    train_timeout_s: int = 48 * 3600
+    io_timeout_s: int = 12 * 3600
 
     @classmethod
     def from_cluster_config(cls, cfg: Mapping[str, Any]) -> ClusterOptions:
-        """Options from the Helm chart's ``cluster.yaml`` (keys: images, gpu, secrets, s3)."""
+        """Options from the Helm chart's ``cluster.yaml`` (keys: images, gpu, secrets, s3, pods)."""
         images, gpu, secrets, s3 = (cfg.get(k) or {} for k in ("images", "gpu", "secrets", "s3"))
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = _pod_options(cfg.get("pods") or {})
         if images:
             kw.update(cpu_image=images.get("cpu", CPU_IMAGE), cuda_image=images.get("cuda", CUDA_IMAGE))
         if gpu:
@@ -88,6 +109,15 @@ class ClusterOptions:
         return cls(**kw)
 
 
+def _pod_options(pods: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``pods`` section of ``cluster.yaml``: shared memory, checkpoint volume, timeouts, retries."""
+    checkpoints, timeouts = pods.get("checkpoints") or {}, pods.get("timeouts") or {}
+    kw = {"shm_size": pods.get("shmSize"), "retries": pods.get("retries"), "checkpoint_claim": checkpoints.get("claimName"),
+          "checkpoint_mount": checkpoints.get("mountPath"), "train_timeout_s": timeouts.get("trainSeconds"),
+          "io_timeout_s": timeouts.get("ioSeconds")}
+    return {k: v for k, v in kw.items() if v not in (None, "")}  # absent or empty: the default
+
+
 def _secrets(task: PipelineTask, options: ClusterOptions, *, pseudonym_key: bool) -> PipelineTask:
     """Credentials as environment variables, and the label that lets the pod reach MLflow."""
     kubernetes.add_pod_label(task, MLFLOW_CLIENT_LABEL, "true")
@@ -97,6 +127,12 @@ def _secrets(task: PipelineTask, options: ClusterOptions, *, pseudonym_key: bool
     for name, value in options.env.items():
         task.set_env_variable(name, value)
     return task
+
+
+def _pod(task: PipelineTask, options: ClusterOptions, timeout_s: int) -> PipelineTask:
+    """Shared memory for loader workers and the step's time limit."""
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=options.shm_size)
+    return kubernetes.set_timeout(task, timeout_s)
 
 
 def _retry(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
@@ -110,18 +146,26 @@ def io_step(task: PipelineTask, options: ClusterOptions, *, cache: bool = True, 
     source folder, the store, the registry)."""
     task.set_cpu_request(options.data_cpu).set_memory_request(options.data_memory)
     task.set_caching_options(cache)
+    _pod(task, options, options.io_timeout_s)
     return _secrets(_retry(task, options), options, pseudonym_key=pseudonym_key)
 
 
 def gpu_step(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
-    """A training step: GPUs on a GPU node (selector + tolerations), CPU and memory for the loader;
-    retried, since a preempted step resumes from its checkpoint."""
-    task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.gpus)
+    """A training step: GPUs on a GPU node (selector + tolerations), one DDP rank per GPU, CPU and
+    memory for the loader; retried, since a preempted step resumes from its checkpoint (on the
+    checkpoint volume, where one is configured). ``gpus`` 0: a CPU pod on any node, one process."""
+    if options.gpus > 0:
+        task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.gpus)
+        for key, value in options.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, key, value)
+        for toleration in options.gpu_tolerations:
+            kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator"),
+                                      value=toleration.get("value"), effect=toleration.get("effect"),
+                                      toleration_seconds=toleration.get("tolerationSeconds"))
     task.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
-    for key, value in options.gpu_node_selector.items():
-        kubernetes.add_node_selector(task, key, value)
-    for toleration in options.gpu_tolerations:
-        kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator"),
-                                  value=toleration.get("value"), effect=toleration.get("effect"),
-                                  toleration_seconds=toleration.get("tolerationSeconds"))
+    task.set_env_variable(PROCESSES_ENV, str(max(1, options.gpus)))
+    if options.checkpoint_claim:
+        kubernetes.mount_pvc(task, pvc_name=options.checkpoint_claim, mount_path=options.checkpoint_mount)
+        task.set_env_variable(CHECKPOINT_ROOT_ENV, options.checkpoint_mount)
+    _pod(task, options, options.train_timeout_s)
     return _secrets(_retry(task, options), options, pseudonym_key=False)

@@ -110,8 +110,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.windows_used:
         config = replace(config, train=replace(config.train, windows=tuple(args.windows_used.split(","))))
     meta = train(args.windows, args.splits, args.out, stage=args.stage, config=config, fold=args.fold,
-                 resume=args.resume, tracking_uri=args.tracking_uri)
-    print(json.dumps({k: meta[k] for k in ("stage", "threshold", "val", "best_epoch", "epochs_run", "mlflow_run_id")}, indent=2))
+                 resume=args.resume, tracking_uri=args.tracking_uri, checkpoint_dir=args.checkpoint_dir)
+    if meta:  # under torchrun, rank 0 reports (the other ranks get no summary)
+        print(json.dumps({k: meta[k] for k in ("stage", "threshold", "val", "best_epoch", "epochs_run", "mlflow_run_id")},
+                         indent=2))
     return 0
 
 
@@ -228,7 +230,8 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="model artifact folder")
     p.add_argument("--fold", default="default", help="fold of the splits file (a site name for leave-one-site-out)")
     p.add_argument("--windows-used", help="comma-separated window names, overriding train.windows (e.g. vascular,lung)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint beside --out, if any")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint (in --checkpoint-dir), if any")
+    p.add_argument("--checkpoint-dir", help="checkpoint folder (default: beside --out), e.g. on a volume that outlives the pod")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--config", help="YAML configuration (sections model, train, loader, registry)")
     p.set_defaults(func=_train)

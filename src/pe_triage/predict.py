@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
@@ -40,12 +41,13 @@ from pe_triage import schema as S
 from pe_triage.artifact import ModelMeta, StageModel, load_model
 from pe_triage.config import EvalConfig, IngestConfig, PatientRule, PreprocessConfig, WindowConfig, from_dict
 from pe_triage.dicom import Pseudonymizer
+from pe_triage.evaluation.gradcam import Attribution
 from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_decisions
 from pe_triage.ingest import ingest_site
-from pe_triage.lung_crop import NoBodyError
+from pe_triage.lung_crop import Box, NoBodyError
 from pe_triage.preprocess import preprocess, resolve_windows, series_box, too_small, window_slice
 from pe_triage.storage import location
-from pe_triage.windows import Window, context_stack, neighbour_rows, window_channels
+from pe_triage.windows import Window, context_stack, neighbour_rows, uint8_to_centred, window_channels
 
 FORMAT = "pe-triage-triage/1"
 #: HU input: int16 little-endian, row-major (what ``array.astype("<i2").tobytes()`` gives)
@@ -58,6 +60,8 @@ SLICE_INPUT_COLUMNS = [*KEY_COLUMNS, S.ROWS, S.COLS, S.PIXEL_SPACING_ROW, S.PIXE
 OUTPUT_COLUMNS = [*KEY_COLUMNS, S.P_DISEASE, S.P_PE, TRIAGE, FLAGGED, STUDY_TRIAGE]
 _SITE = "predict"  # the temporary dataset's site name (never in the output)
 _CONTENT = "_content"  # a hash of each slice's windows: orders studies whatever the random key
+_ROW = "_row"  # a slice's row in the window stack, through the reordering of the output
+_CROP = [S.CROP_Y0, S.CROP_Y1, S.CROP_X0, S.CROP_X1]
 #: preprocess settings that only change how a run executes
 _EXECUTION_ONLY = ("workers", "row_group_slices", "zstd_level")
 
@@ -150,6 +154,53 @@ def _hu(row: Any, hu_column: str) -> np.ndarray:
     return hu.reshape(rows, cols)
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a DICOM call scored, kept (no copy) so that an evidence map (:meth:`Triage.evidence`) is
+    drawn on the very input the probabilities came from. Arrays are in stack order; ``rows`` maps the
+    output frame's rows to it."""
+
+    stack: np.ndarray  # uint8 [N, C, size, size]: each slice's windows, as preprocess wrote them
+    windows: list[Window]  # the channels of ``stack``
+    series: np.ndarray  # [N] a series key per slice (neighbours of a 2.5-D model come from its own series)
+    position: np.ndarray  # [N] slice_index: the order along z
+    boxes: np.ndarray  # int [N, 4]: the crop box (y0, y1, x0, x1; half-open, source pixels)
+    rows: np.ndarray  # [N] output row i is stack row rows[i]
+
+
+@dataclass(frozen=True)
+class ScoredDicom:
+    """:meth:`Triage.score_dicom`'s answer: the per-slice frame, the input summary and the inputs."""
+
+    frame: pd.DataFrame
+    summary: dict[str, Any]
+    inputs: ModelInputs
+
+
+def _stage_input(model: StageModel, stack: np.ndarray, windows: Sequence[Window], series: np.ndarray,
+                 position: np.ndarray, which: Sequence[int] | None = None) -> np.ndarray:
+    """The uint8 model input of a stage: its windows, with its neighbours for a 2.5-D model (of the
+    rows ``which``, default all)."""
+    try:
+        channels = window_channels(windows, model.meta.windows)
+    except ValueError as e:
+        raise PredictError(f"stage {model.meta.stage} model: {e}") from None
+    rows = neighbour_rows(series, position, model.meta.model.context)
+    return context_stack(stack, rows if which is None else rows[list(which)], channels)
+
+
+def to_source(heat: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """A map over the model input (the crop resized to a square) -> a map over the source slice
+    ``shape``: resized back to the crop box and placed there, zero outside (the inverse of
+    ``lung_crop.crop_resize``)."""
+    y0, y1, x0, x1 = (int(v) for v in box)
+    if not (0 <= y0 < y1 <= shape[0] and 0 <= x0 < x1 <= shape[1]):
+        raise PredictError(f"crop box {(y0, y1, x0, x1)} does not fit a {shape[0]}x{shape[1]} source slice")
+    out = np.zeros(shape, np.float32)
+    out[y0:y1, x0:x1] = cv2.resize(np.asarray(heat, np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0, 1)
+
+
 @dataclass
 class Triage:
     """A consistent pair of stage models, the preprocessing they need and the per-patient rule."""
@@ -201,15 +252,24 @@ class Triage:
         its neighbours in its series (``windows.neighbour_rows``)."""
         if len(stack) == 0:
             return np.empty(0, np.float32), np.empty(0, np.float32)
-        probs = []
-        for model in (self.stage1, self.stage2):
-            try:
-                channels = window_channels(windows, model.meta.windows)
-            except ValueError as e:
-                raise PredictError(f"stage {model.meta.stage} model: {e}") from None
-            rows = neighbour_rows(series, position, model.meta.model.context)
-            probs.append(model.predict_proba(context_stack(stack, rows, channels), device=self.device))
+        probs = [model.predict_proba(_stage_input(model, stack, windows, series, position), device=self.device)
+                 for model in (self.stage1, self.stage2)]
         return probs[0], probs[1]
+
+    def evidence(self, inputs: ModelInputs, row: int, *, stage: int, shape: tuple[int, int],
+                 attribution: Attribution = Attribution()) -> np.ndarray:
+        """Where stage ``stage``'s model found its evidence on output row ``row`` of
+        :meth:`score_dicom`: float32 [rows, cols] over the source slice of ``shape``, in [0, 1]
+        (zero outside the crop box; all zero without positive evidence). The windows' maps are
+        averaged: one map a reader can put on one picture of the slice."""
+        if stage not in (1, 2):
+            raise PredictError(f"stage must be 1 or 2, got {stage}")
+        model = self.stage1 if stage == 1 else self.stage2
+        at = int(inputs.rows[row])
+        x = _stage_input(model, inputs.stack, inputs.windows, inputs.series, inputs.position, [at])
+        maps = attribution.maps(model.model, torch.from_numpy(uint8_to_centred(x)).to(self.device))[0]
+        heat = to_source(maps.mean(0), Box(*(int(v) for v in inputs.boxes[at])), shape)
+        return heat / heat.max() if heat.max() > 0 else heat  # its peak at 1 again after the averaging and resizing
 
     def _per_slice(self, keys: pd.DataFrame, p_disease: np.ndarray, p_pe: np.ndarray) -> pd.DataFrame:
         """Keys + probabilities (NaN: skipped) -> the output frame, with the per-study decision."""
@@ -261,7 +321,16 @@ class Triage:
     def predict_dicom(self, sources: str | Sequence[str], *, ingest: IngestConfig = IngestConfig(),
                       allowed_prefixes: Sequence[str] | None = None,
                       timings: dict[str, float] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """DICOM files or folders (local or ``s3://``) -> (per-slice frame, input summary).
+        """DICOM files or folders (local or ``s3://``) -> (per-slice frame, input summary): :meth:`score_dicom`
+        without the model inputs."""
+        scored = self.score_dicom(sources, ingest=ingest, allowed_prefixes=allowed_prefixes, timings=timings)
+        return scored.frame, scored.summary
+
+    def score_dicom(self, sources: str | Sequence[str], *, ingest: IngestConfig = IngestConfig(),
+                    allowed_prefixes: Sequence[str] | None = None,
+                    timings: dict[str, float] | None = None) -> ScoredDicom:
+        """DICOM files or folders (local or ``s3://``) -> per-slice frame, input summary and the model
+        inputs (for :meth:`evidence`).
 
         ``allowed_prefixes``: where a source may lie (:func:`allowed_input`; a server passes
         ``serve.allowed_prefixes``); None reads any path, for the operator's own command line.
@@ -299,8 +368,12 @@ class Triage:
         timings["crop"] = time.perf_counter() - start - timings["decode"]
         keys[S.P_DISEASE], keys[S.P_PE] = self.score(stack, windows, series, keys[S.SLICE_INDEX].to_numpy())
         timings["model"] = time.perf_counter() - start - timings["decode"] - timings["crop"]
+        keys[_ROW] = np.arange(len(keys))
         slices = _ordinal_ids(keys)
-        return self._per_slice(slices, slices[S.P_DISEASE].to_numpy(), slices[S.P_PE].to_numpy()), summary
+        inputs = ModelInputs(stack, windows, series, keys[S.SLICE_INDEX].to_numpy(), keys[_CROP].to_numpy(np.int64),
+                             slices.pop(_ROW).to_numpy())
+        frame = self._per_slice(slices, slices[S.P_DISEASE].to_numpy(), slices[S.P_PE].to_numpy())
+        return ScoredDicom(frame, summary, inputs)
 
 
 def _read_windows(paths: Sequence[Path]) -> tuple[pd.DataFrame, np.ndarray, list[Window]]:
@@ -312,11 +385,11 @@ def _read_windows(paths: Sequence[Path]) -> tuple[pd.DataFrame, np.ndarray, list
         defs = json.loads((table.schema.metadata or {})[S.META_WINDOWS.encode()])
         windows = windows or [Window.from_dict(d) for d in defs]  # one run: same in every file
         stacks.append(S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS))))
-        frame = table.select(KEY_COLUMNS).to_pandas()
+        frame = table.select([*KEY_COLUMNS, *_CROP]).to_pandas()
         frame[_CONTENT] = [hashlib.sha256(s.tobytes()).hexdigest() for s in stacks[-1]]
         keys.append(frame)
     if not keys:
-        return pd.DataFrame(columns=[*KEY_COLUMNS, _CONTENT]), np.empty((0, 0, 0, 0), np.uint8), []
+        return pd.DataFrame(columns=[*KEY_COLUMNS, *_CROP, _CONTENT]), np.empty((0, 0, 0, 0), np.uint8), []
     return pd.concat(keys, ignore_index=True), np.concatenate(stacks), windows or []
 
 

@@ -397,7 +397,7 @@ INVALID = {
     "unknown config section": ({"config": {"trian": {"epochs": 3}}}, "invalid propertyName 'trian'"),
     "bad toleration": ({"gpu": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Maybe"}]}},
                        "/gpu/tolerations/0/operator"),
-    "zero gpus": ({"gpu": {"count": 0}}, "/gpu/count"),
+    "negative gpus": ({"gpu": {"count": -1}}, "/gpu/count"),  # 0 is valid: training on a CPU pod
     "auth off without saying so": ({"mlflow": {"auth": {"enabled": False}}}, "/mlflow/auth/allowUnauthenticated"),
     "client namespace not a name": ({"networkPolicy": {"clientNamespaces": ["Kubeflow User"]}},
                                     "/networkPolicy/clientNamespaces/0"),

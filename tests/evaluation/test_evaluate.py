@@ -115,7 +115,7 @@ def test_with_lesion_masks_the_localisation_of_true_positives_is_measured(
             hits, n = loc["peak_on_lesion"]["k"], loc["peak_on_lesion"]["n"]
             assert loc["true_positives"] > 0 and n == (loc["true_positives"] if fill else 0)
             assert hits == (n - loc["blank_maps"] if fill else 0)  # every map with a peak has it on an all-image lesion
-        assert "Grad-CAM localisation" in (tmp_path / f"eval-{fill}" / "report.md").read_text()
+        assert "Evidence-map localisation" in (tmp_path / f"eval-{fill}" / "report.md").read_text()
 
 
 def test_truth_keyed_with_another_key_is_a_clear_error(tmp_path: Path) -> None:

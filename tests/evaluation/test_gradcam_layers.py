@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, TrainConfig
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate
-from pe_triage.evaluation.gradcam import PointingGame, branch_levels, cam_level, grad_cam, pointing_game
+from pe_triage.evaluation.gradcam import (
+    Attribution,
+    PointingGame,
+    branch_levels,
+    cam_level,
+    grad_cam,
+    pointing_game,
+)
 from pe_triage.models import BACKBONES, MultiWindowNet, build_model
 
 SIZE = 32
@@ -75,13 +82,14 @@ def test_the_level_decides_where_the_map_points() -> None:
     """Known answer: the spot is on the left; the output level has it on the right."""
     images, masks = spots([(4, 0), (20, 0)])
     model = mirrored_model()
-    at_output = pointing_game(model, images, masks, tolerance=4, layer="output")
-    before = pointing_game(model, images, masks, tolerance=4, layer="penultimate")
+    at_output = pointing_game(model, images, masks, tolerance=4, attribution=Attribution("gradcam", layer="output"))
+    before = pointing_game(model, images, masks, tolerance=4, attribution=Attribution("gradcam", layer="penultimate"))
     assert (at_output.hits, at_output.slices, at_output.blank) == (0, 2, 0)
     assert at_output.mean_inside_fraction is not None and at_output.mean_inside_fraction < 0.05  # bilinear bleed only
     assert before.hits == 2 and before.rate == 1.0
     assert before.mean_inside_fraction is not None and before.mean_inside_fraction > 0.5 > 5 * masks[0].mean()
-    assert pointing_game(model, images, masks, tolerance=4, layer="bright") == before  # by its own name
+    by_name = pointing_game(model, images, masks, tolerance=4, attribution=Attribution("gradcam", layer="bright"))
+    assert by_name == before
 
 
 def test_pointing_game_counts_hits_misses_and_blank_maps() -> None:
@@ -89,7 +97,7 @@ def test_pointing_game_counts_hits_misses_and_blank_maps() -> None:
     masks[2] = np.roll(masks[2], 16, axis=1)  # the third lesion lies 16 px right of where the evidence is
     dark, dark_mask = spots([(0, 0)], value=0)  # no brightness anywhere: a blank map, a miss
     game = pointing_game(mirrored_model(), np.concatenate([images, dark]), [*masks, *dark_mask], tolerance=4,
-                         layer="penultimate", batch=2)
+                         attribution=Attribution("gradcam", layer="penultimate"), batch=2)
     assert (game.hits, game.slices, game.blank) == (2, 4, 1)
     assert game.rate == 0.5
     assert pointing_game(mirrored_model(), images[:0], [], tolerance=4) == PointingGame(0, 0, 0, None)
@@ -139,7 +147,7 @@ def test_evaluate_names_an_unknown_level_before_scoring(tmp_path: Path) -> None:
     config = Config(model=ModelConfig(arch="plain_cnn", width=0.25), loader=LoaderConfig(augment=False),
                     train=TrainConfig(windows=("vascular", "lung"), epochs=1, batch_size=8, num_workers=0,
                                       samples_per_epoch=16, patience=0),
-                    evaluate=EvalConfig(bootstrap=0, gradcam_per_category=1, gradcam_layer="layer7"))
+                    evaluate=EvalConfig(bootstrap=0, gradcam_per_category=1, attribution="gradcam", gradcam_layer="layer7"))
     windows, splits, stage1, stage2 = train_toy_pair(tmp_path, config)
     out = tmp_path / "eval"
     with pytest.raises(EvaluationError, match=r"stage 1 model, evaluate.gradcam_layer: .*'layer7'.*conv1"):

@@ -112,7 +112,7 @@ def test_markdown_has_the_study_tables(rendered) -> None:  # type: ignore[no-unt
     assert re.search(r"\d+\.\d% \(\d+/\d+\)", md)
     assert format_proportion(metrics["patient"]["pe"]["sensitivity"], ci=True) in md
     for heading in ("## Per slice", "## Per patient", "## Cascade (three classes)", "## Per site", "## Leave one site out",
-                    "## Plots", "## Grad-CAM"):
+                    "## Plots", "## Evidence maps"):
         assert heading + "\n" in md
     for row in ("| Stage 1: WNL vs disease |", "| Stage 2: other vs PE (true disease slices) |", "| Cascade: WNL / other / PE |",
                 "| True \\ predicted | WNL | Other disease | PE |", "WNL per-slice sensitivity", "| Mean ± SD |",

@@ -195,7 +195,8 @@ def test_cluster_config_of_the_helm_chart_sets_images_gpus_and_secret_names(tmp_
     container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
     assert container["image"] == "registry.example.org/pe-triage-cuda:9.9"
     assert container["resources"]["accelerator"]["resourceCount"] == "2"
-    assert {e["name"]: e["value"] for e in container["env"]} == {"AWS_ENDPOINT_URL": "http://minio:9000"}
+    assert {e["name"]: e["value"] for e in container["env"]} == {"AWS_ENDPOINT_URL": "http://minio:9000",
+                                                                  "PE_TRIAGE_TRAIN_PROCESSES": "2"}  # a DDP rank per GPU
     assert executors["exec-train"]["nodeSelector"] == {"labels": {"pool": "a100"}}
     assert executors["exec-train"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
                                                        "effect": "NoSchedule"}]

@@ -7,6 +7,7 @@ a fresh virtual environment, next to a squatted ``pe-triage`` on the package ind
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,13 @@ from test_registry import write_metrics
 
 from pe_triage import __version__
 from pe_triage.config import RegistryConfig
-from pe_triage.registry.bundle import package_wheel, pinned_requirements, runtime_closure, wheel_requirements
+from pe_triage.registry.bundle import (
+    CACHED_BUILDS,
+    package_wheel,
+    pinned_requirements,
+    runtime_closure,
+    wheel_requirements,
+)
 from pe_triage.registry.errors import IntegrityError, RegistryError
 from pe_triage.registry.integrity import MANIFEST_TAG, sha256_file
 from pe_triage.registry.registry import MODEL_DIR, load_registered, register
@@ -90,6 +97,19 @@ def test_the_wheel_is_built_once_per_source(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(RegistryError, match="registry.wheel_cache .* is not writable"):
         package_wheel(tmp_path / "a-file" / "cache")
+
+
+def test_the_cache_keeps_the_latest_builds_only(tmp_path: Path) -> None:
+    """Every source change builds a wheel; without pruning the cache grows with every edit."""
+    old = [tmp_path / f"{__version__}-{n:02d}" for n in range(CACHED_BUILDS + 2)]
+    for age, folder in enumerate(old):
+        folder.mkdir()
+        (folder / WHEEL).write_bytes(b"")
+        os.utime(folder, (1_000_000 + age, 1_000_000 + age))  # old[-1] the newest of them
+    (tmp_path / ".in-progress").mkdir()  # another process building: not ours to remove
+    fresh = package_wheel(tmp_path)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted([".in-progress", fresh.parent.name, *(f.name for f in old[-(CACHED_BUILDS - 1):])])
 
 
 def _squatter(index: Path) -> Path:

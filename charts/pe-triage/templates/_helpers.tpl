@@ -314,11 +314,11 @@ passwordKey}; empty when there is none (an MLflow without auth). */}}
 {{- end }}
 {{- end }}
 
-{{/* "true" when the chart makes the inference pods' MLflow user (and its Secret): the service is on,
-uses this chart's MLflow with auth, and no Secret is named. */}}
+{{/* "true" when the chart makes the inference pods' MLflow user (and its Secret): the service or
+the DICOM listener (which shares it) is on, uses this chart's MLflow with auth, and no Secret is named. */}}
 {{- define "pe-triage.inference.createsUser" -}}
 {{- $inf := .Values.inference }}
-{{- if and $inf.enabled .Values.mlflow.enabled .Values.mlflow.auth.enabled (not $inf.existingSecret) (not $inf.trackingUri) }}true{{ end }}
+{{- if and (or $inf.enabled .Values.listener.enabled) .Values.mlflow.enabled .Values.mlflow.auth.enabled (not $inf.existingSecret) (not $inf.trackingUri) }}true{{ end }}
 {{- end }}
 
 {{- define "pe-triage.inference.userSecretName" -}}
@@ -358,5 +358,14 @@ tolerations:
 {{- with $inf.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- /* The claim of the training checkpoints: the existing one, the chart's own, or "" (none). */}}
+{{- define "pe-triage.checkpointClaim" -}}
+{{- if .Values.pods.checkpoints.existingClaim }}
+{{- .Values.pods.checkpoints.existingClaim }}
+{{- else if .Values.pods.checkpoints.create }}
+{{- include "pe-triage.fullname" . }}-checkpoints
 {{- end }}
 {{- end }}

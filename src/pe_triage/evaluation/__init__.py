@@ -1,4 +1,4 @@
-"""Evaluation: metrics (per slice, per patient, cascade, per site), the report, Grad-CAM."""
+"""Evaluation: metrics (per slice, per patient, cascade, per site), the report, evidence maps (integrated gradients, Grad-CAM)."""
 
 from pe_triage.evaluation.gradcam import (
     grad_cam,

@@ -4,10 +4,10 @@ Both stages are applied to every slice of the split (stage 2's probability exist
 the cascade can be formed; its own table uses true disease slices, as the study reports it),
 indeterminate slices included: they feed their patient's decision, and the metrics decide what the
 slice tables make of them.
-Grad-CAM overlays are drawn for a seeded sample of true positives, false positives and false
-negatives of each stage; when the generator's ground truth is given (synthetic cohorts), the lesion
-mask is carried through the same crop and resize as the pixels and the fraction of Grad-CAM mass
-inside it is measured.
+Evidence-map overlays (``evaluate.attribution``) are drawn for a seeded sample of true positives,
+false positives and false negatives of each stage; when the generator's ground truth is given
+(synthetic cohorts), the lesion mask is carried through the same crop and resize as the pixels and
+the maps are measured against it (pointing game, mass inside).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pe_triage.artifact import StageModel, load_model
 from pe_triage.config import Config
 from pe_triage.dataset import WindowsDataset
 from pe_triage.evaluation.gradcam import (
+    Attribution,
     cam_level,
-    grad_cam,
     gradcam_samples,
     inside_fraction,
     overlay_png,
@@ -90,10 +90,11 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
     tolerance = config.evaluate.gradcam_pointing_tolerance_px
     folder.mkdir(parents=True, exist_ok=True)
     batch = batch_images(config, ds.shape)
+    attribution = Attribution.of(config.evaluate)
     for stage, model in models.items():
         sample = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold,
                                  per_category=config.evaluate.gradcam_per_category, seed=config.evaluate.seed)
-        cams = _cams(model, ds, [int(i) for i in sample["index"]], channels[stage], batch, config.evaluate.gradcam_layer)
+        cams = _cams(model, ds, [int(i) for i in sample["index"]], channels[stage], batch, attribution)
         for n, (row, (_, image, cam)) in enumerate(zip(sample.itertuples(index=False), cams, strict=True)):
             mask = None if masks is None else masks.get(int(row.index))
             lesion = mask if mask is not None and mask.any() else None
@@ -104,12 +105,16 @@ def _gradcam(models: dict[int, StageModel], channels: dict[int, list[int]], ds: 
                         caption=f"stage {stage} {row.category}: {row.site}, slice {row.slice_index}, label {row.label}")
             items.append({"stage": stage, "category": row.category, "png": str(path), "inside_fraction": fraction,
                           "lesion_area_fraction": float(lesion.mean()) if lesion is not None else None,
-                          "peak_on_lesion": on_lesion, "site": row.site, "slice_index": int(row.slice_index)})
+                          "peak_on_lesion": on_lesion, "site": row.site, "slice_index": int(row.slice_index),
+                          "method": attribution.label})
     return items
 
 
-def _check_gradcam_layer(models: dict[int, StageModel], layer: str) -> None:
+def _check_gradcam_layer(models: dict[int, StageModel], config: Config) -> None:
     """A Grad-CAM level a backbone lacks fails before the scoring, not minutes later."""
+    layer = config.evaluate.gradcam_layer
+    if config.evaluate.attribution != "gradcam":
+        return
     for stage, model in models.items():
         for branch in model.model.branches:
             try:
@@ -185,8 +190,8 @@ def predict_split(models: dict[int, StageModel], windows: str, splits: str, *, s
 
 
 def _cams(model: StageModel, ds: WindowsDataset, rows: list[int], channels: list[int],
-          batch: int, layer: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(row, its window stack, its Grad-CAM maps) for ``rows`` of ``ds``, a batch at a time on one
+          batch: int, attribution: Attribution) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(row, its window stack, its evidence maps) for ``rows`` of ``ds``, a batch at a time on one
     thread (as ``_score``); the stack shown is the slice itself, without the neighbours a 2.5-D model
     also reads."""
     for start in range(0, len(rows), batch):
@@ -194,16 +199,17 @@ def _cams(model: StageModel, ds: WindowsDataset, rows: list[int], channels: list
         images = ds.inputs(chunk, channels, 0)
         inputs = ds.inputs(chunk, channels, model.meta.model.context)
         with torch_threads(1):
-            cams = grad_cam(model.model, torch.from_numpy(uint8_to_centred(inputs)), layer=layer)
+            cams = attribution.maps(model.model, torch.from_numpy(uint8_to_centred(inputs)))
         yield from zip(chunk, images, cams, strict=True)
 
 
 def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]], ds: WindowsDataset, pred: pd.DataFrame,
                   masks: dict[int, np.ndarray], config: Config) -> dict[str, Any]:
-    """Grad-CAM of a seeded sample of each stage's true positives against their lesion masks: how often
+    """Evidence maps of a seeded sample of each stage's true positives against their lesion masks: how often
     the map's peak is on the lesion (with its Wilson interval; a blank map, no positive evidence
     anywhere, is a miss), and the mean mass inside it."""
     ev = config.evaluate
+    attribution = Attribution.of(ev)
     out = {}
     for stage, model in models.items():
         tp = gradcam_samples(pred.reset_index(), stage=stage, threshold=model.meta.threshold,
@@ -212,14 +218,14 @@ def _localisation(models: dict[int, StageModel], channels: dict[int, list[int]],
         with torch_threads(1):
             game = pointing_game(model.model, ds.inputs(rows, channels[stage], model.meta.model.context),
                                  [masks[i] for i in rows], tolerance=ev.gradcam_pointing_tolerance_px,
-                                 layer=ev.gradcam_layer, batch=batch_images(config, ds.shape))
+                                 attribution=attribution, batch=batch_images(config, ds.shape))
         area = [float(masks[i].mean()) for i in rows]
         out[f"stage{stage}"] = {"true_positives": int(len(tp)),
                                 "peak_on_lesion": proportion(game.hits, game.slices, ev.confidence),
                                 "blank_maps": game.blank,  # no positive evidence anywhere: counted as a miss
                                 "mean_inside_fraction": game.mean_inside_fraction,
                                 "mean_lesion_area_fraction": float(np.mean(area)) if area else None,
-                                "tolerance_px": ev.gradcam_pointing_tolerance_px, "layer": ev.gradcam_layer}
+                                "tolerance_px": ev.gradcam_pointing_tolerance_px, "method": attribution.label}
     return out
 
 
@@ -237,9 +243,9 @@ def evaluate(
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the stage models on ``split`` of ``fold``; write metrics.json, report.md, report.html,
-    plots and Grad-CAM overlays to ``out``; return the metrics."""
+    plots and evidence-map overlays to ``out``; return the metrics."""
     models = {1: load_model(stage1), 2: load_model(stage2)}
-    _check_gradcam_layer(models, config.evaluate.gradcam_layer)
+    _check_gradcam_layer(models, config)
     out_dir = Path(out)
     with _open_split(models, windows, splits, split, fold, config) as ds:
         pred, channels = _score(models, ds, f"evaluate {split}", config)

@@ -1,14 +1,16 @@
-"""Grad-CAM per window branch: the study used it to check that the model looks at the lesion.
+"""Evidence maps: where in a slice the model found what made it answer positive.
 
-``inside_fraction`` turns that check into a number: the share of the heat map's mass that falls
-inside the lesion mask of the synthetic cohort (or of a radiologist's outline). Read it against the
-lesion's share of the image (what a map spread evenly would score): a map from an output-stride-8
-network is coarse, so a small lesion holds little mass even when the map points at it.
-``peak_on_lesion`` is the pointing game (Zhang et al., ECCV 2016): is the map's maximum on the
-lesion, within a tolerance of about one feature-map cell? ``pointing_game`` plays it over many slices.
+Two methods (``EvalConfig.attribution``). Grad-CAM per window branch is what the study used to check
+that the model looks at the lesion. Integrated gradients (Sundararajan et al., ICML 2017) is the
+default: on this project's dilated, globally pooled backbone Grad-CAM draws the evidence where the
+network's late features hold it, which is often not where the lesion is, while occluding the lesion
+shows that the score does come from it (the measurement is at ``EvalConfig.attribution``).
 
-Where in the branch the map is taken (``EvalConfig.gradcam_layer``) changes how well it points: see
-that setting for the measurement behind its default.
+``inside_fraction`` turns the check into a number: the share of the map's mass that falls inside the
+lesion mask of the synthetic cohort (or of a radiologist's outline). Read it against the lesion's
+share of the image (what a map spread evenly would score). ``peak_on_lesion`` is the pointing game
+(Zhang et al., ECCV 2016): is the map's maximum on the lesion, within a tolerance of about one
+feature-map cell? ``pointing_game`` plays it over many slices.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pe_triage.config import AttributionMethod, EvalConfig
 from pe_triage.models.plain import PlainCNN
 from pe_triage.schema import LABEL, STAGES
 from pe_triage.windows import uint8_to_centred
@@ -93,6 +97,67 @@ def grad_cam(model: nn.Module, x: Tensor, *, output: int = 0, layer: str = "outp
     return cams.clamp_(0, 1).cpu().numpy().astype(np.float32)
 
 
+def integrated_gradients(model: nn.Module, x: Tensor, *, steps: int = 16, smooth_px: float = 2.0) -> np.ndarray:
+    """Evidence maps [N, n_windows, H, W] (float32, each scaled to [0, 1]) for model input ``x`` [N, C, H, W].
+
+    The input times the logit's gradient averaged along the straight path from a window-centre grey
+    image (zero after centring: no contrast anywhere) to ``x`` (``steps`` midpoints). Its positive
+    part (evidence for the positive class, as Grad-CAM's ReLU) is summed over the channels of each
+    window (its 2k+1 slices: channels are window-major) and blurred with a Gaussian of ``smooth_px``,
+    so a map is a region, not single pixels. Eval mode; the model's training flag, parameters and
+    ``.grad`` are left as they were. A map with no positive evidence is 0.
+    """
+    n_windows = int(model.n_windows)  # type: ignore[arg-type]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros_like(x)
+    try:
+        with torch.enable_grad():
+            for alpha in (torch.arange(steps, dtype=x.dtype) + 0.5) / steps:
+                point = (alpha * x.detach()).requires_grad_(True)
+                total += torch.autograd.grad(model(point)[:, 0].sum(), point)[0]
+    finally:
+        model.train(was_training)
+    evidence = (total / steps * x.detach()).clamp_min(0)
+    maps = evidence.reshape(len(x), n_windows, -1, *x.shape[-2:]).sum(2).float().cpu().numpy()
+    out = np.zeros_like(maps)
+    for i, j in np.ndindex(maps.shape[:2]):
+        m = cv2.GaussianBlur(maps[i, j], (0, 0), smooth_px) if smooth_px > 0 else maps[i, j]
+        if m.max() > 0:
+            out[i, j] = np.clip(m / m.max(), 0, 1)
+    return out
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """How an evidence map is drawn: ``method`` "integrated_gradients" (``steps``, ``smooth_px``) or
+    "gradcam" (at branch level ``layer``). See ``EvalConfig.attribution`` for the choice."""
+
+    method: AttributionMethod = "integrated_gradients"
+    layer: str = "penultimate"
+    steps: int = 16
+    smooth_px: float = 2.0
+
+    @classmethod
+    def of(cls, config: EvalConfig) -> Attribution:
+        return cls(config.attribution, config.gradcam_layer, config.attribution_steps, config.attribution_smooth_px)
+
+    @property
+    def label(self) -> str:
+        """What a report says drew the maps."""
+        if self.method == "gradcam":
+            return f"Grad-CAM (branch level {self.layer})"
+        return f"integrated gradients ({self.steps} steps, {self.smooth_px:g} px smoothing)"
+
+    def maps(self, model: nn.Module, x: Tensor) -> np.ndarray:
+        """Maps [N, n_windows, H, W] in [0, 1] for model input ``x`` [N, C, H, W]."""
+        if self.method == "gradcam":
+            return grad_cam(model, x, layer=self.layer)
+        if self.method == "integrated_gradients":
+            return integrated_gradients(model, x, steps=self.steps, smooth_px=self.smooth_px)
+        raise ValueError(f"unknown attribution method {self.method!r}: integrated_gradients or gradcam")
+
+
 @dataclass(frozen=True)
 class PointingGame:
     """The pointing game over slices with a lesion: ``hits`` of ``slices`` had a map's peak on the
@@ -110,9 +175,9 @@ class PointingGame:
 
 
 def pointing_game(model: nn.Module, images: np.ndarray, masks: Sequence[np.ndarray], *, tolerance: float,
-                  layer: str = "output", batch: int = 4) -> PointingGame:
-    """Grad-CAM (level ``layer``) of uint8 model inputs ``images`` [N, C, H, W] against their lesion
-    masks [H, W]: a hit when any window's map peaks within ``tolerance`` pixels of the lesion.
+                  attribution: Attribution = Attribution(), batch: int = 4) -> PointingGame:
+    """Evidence maps (``attribution``) of uint8 model inputs ``images`` [N, C, H, W] against their
+    lesion masks [H, W]: a hit when any window's map peaks within ``tolerance`` pixels of the lesion.
     ``batch`` images a pass bounds the memory. Slices with an empty mask cannot be judged: an error."""
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images and {len(masks)} masks")
@@ -121,7 +186,7 @@ def pointing_game(model: nn.Module, images: np.ndarray, masks: Sequence[np.ndarr
     hits, blank, inside = 0, 0, []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(uint8_to_centred(np.asarray(images[start : start + batch])))
-        for cam, mask in zip(grad_cam(model, x, layer=layer), masks[start : start + batch], strict=True):
+        for cam, mask in zip(attribution.maps(model, x), masks[start : start + batch], strict=True):
             blank += int(not cam.any())
             hits += any(peak_on_lesion(c, mask, tolerance) for c in cam)
             inside.append(max(inside_fraction(c, mask) or 0.0 for c in cam))

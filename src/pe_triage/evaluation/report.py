@@ -1,5 +1,5 @@
 """The evaluation report: ``metrics.json``, ``report.md`` (tables in the study's layout) and a
-self-contained ``report.html`` (same tables, PNG plots embedded as base64, Grad-CAM overlays).
+self-contained ``report.html`` (same tables, PNG plots embedded as base64, evidence-map overlays).
 
 Tables and plots are built once into a small document model and rendered twice (Markdown, HTML), so
 the two files never disagree. No patient identifiers are printed: sites and counts only. Plots use
@@ -334,8 +334,9 @@ def _synthetic_text(synthetic: dict[str, Any] | None) -> str:
 
 def _gradcam_section(items: list[dict[str, Any]], out_dir: Path) -> Section:
     summary = gradcam_summary(items)
-    table = Table("Grad-CAM on the lesion: mass inside the mask (vs the lesion's share of the image, what an even "
-                  "map would score) and the pointing game (map peak on the lesion)",
+    method = items[0].get("method", "Grad-CAM")
+    table = Table(f"Evidence maps ({method}) on the lesion: mass inside the mask (vs the lesion's share of the image, "
+                  "what an even map would score) and the pointing game (map peak on the lesion)",
                   ["Stage", "Category", "Overlays", "With mask", "Mean inside fraction", "Range", "Lesion area",
                    "Peak on lesion"],
                   [[stage.replace("stage", "Stage "), CATEGORY_NAMES[cat], str(v["overlays"]), str(v["with_mask"]),
@@ -358,7 +359,7 @@ def _gradcam_section(items: list[dict[str, Any]], out_dir: Path) -> Section:
                                     Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()))
             if images:
                 blocks.append(Section(f"Stage {stage}: {CATEGORY_NAMES[cat]}", images))
-    return Section("Grad-CAM", blocks)
+    return Section("Evidence maps", blocks)
 
 
 def _document(metrics: dict[str, Any], images: list[Image], gradcam: list[dict[str, Any]] | None,
@@ -371,7 +372,7 @@ def _document(metrics: dict[str, Any], images: list[Image], gradcam: list[dict[s
         doc.append(Section("Leave one site out", [_loso_table(metrics["leave_one_site_out"])]))
     doc.append(Section("Plots", images))
     if metrics.get("localisation"):
-        doc.append(Section("Grad-CAM localisation", [_localisation_table(metrics["localisation"])]))
+        doc.append(Section("Evidence-map localisation", [_localisation_table(metrics["localisation"])]))
     if gradcam:
         doc.append(_gradcam_section(gradcam, out_dir))
     return doc
@@ -379,8 +380,9 @@ def _document(metrics: dict[str, Any], images: list[Image], gradcam: list[dict[s
 
 def _localisation_table(loc: dict[str, Any]) -> Table:
     first = next(iter(loc.values()))
-    layer = first.get("layer", "output")  # evaluations before the setting took the branch output
-    return Table(f"Grad-CAM (branch level: {layer}) on the lesion over a seeded sample of true positives: map peak on "
+    # evaluations before the attribution setting drew Grad-CAM, first at the branch output, then at a set level
+    method = first.get("method") or f"Grad-CAM (branch level {first.get('layer', 'output')})"
+    return Table(f"Evidence maps ({method}) on the lesion over a seeded sample of true positives: map peak on "
                  f"the lesion (pointing game, within {first['tolerance_px']:g} px) and mass inside the mask vs the "
                  "lesion's share of the image",
                  ["Stage", "True positives", "Peak on lesion", "Blank maps (misses)", "Mean inside fraction", "Lesion area"],

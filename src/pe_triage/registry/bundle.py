@@ -32,6 +32,9 @@ DIST = "pe-triage"
 SOURCE_FILES = ("pyproject.toml", "README.md")
 SOURCE_DIRS = ("src", "components", "pipelines")
 _SKIP = ("__pycache__", ".egg-info", ".pyc")
+#: wheels kept in the cache (~280 KiB each): the last few source trees of a developer's checkout,
+#: so switching between branches does not rebuild, and the cache does not grow without bound
+CACHED_BUILDS = 8
 
 
 def wheel_requirements(wheel: str | Path) -> list[str]:
@@ -164,4 +167,14 @@ def package_wheel(cache_dir: str | Path) -> Path:
             raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
+    _prune(folder.parent, keep=CACHED_BUILDS)
     return sorted(folder.glob("*.whl"))[0]
+
+
+def _prune(cache: Path, *, keep: int) -> None:
+    """Keep the ``keep`` most recently built wheels: each source change of a checkout builds one, and
+    nothing else would ever remove them. In-progress builds (dot folders) are not touched."""
+    built = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in built[keep:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""``pe-triage register | promote | rollback | predict | serve``: the registry sub-commands.
+"""``pe-triage register | promote | rollback | predict | serve | listen``: the registry sub-commands.
 
 :func:`add_commands` adds them to the main parser. Exit codes: 0 done (a promotion that changes
 nothing included), 1 promotion refused (the message names the failed gates) or a conflict (another
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -85,21 +86,41 @@ def _rollback(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
 
 
 def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
-    from pe_triage.predict import default_device, triage_report
+    from pe_triage.predict import PredictError, default_device, triage_report
     from pe_triage.registry.registry import load_registered
 
+    if (args.study or args.stow) and not args.dicomweb:
+        raise PredictError("--study and --stow go with --dicomweb")
     model_uri = args.model or f"models:/{config.registry.model_name}@champion"
     triage, version = load_registered(model_uri, uri=args.tracking_uri, config=config.registry)
     triage.to(default_device())
-    # the operator's own files, read with their own rights: serve.allowed_prefixes fences network callers
-    per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest, allowed_prefixes=None)
-    report = triage_report(per_slice, triage, model=model_uri, input_summary=summary)
-    report["model_version"] = version
+    if args.dicomweb:
+        report = _predict_dicomweb(args, config, triage, model_uri, version)
+    else:
+        # the operator's own files, read with their own rights: serve.allowed_prefixes fences network callers
+        per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest, allowed_prefixes=None)
+        report = triage_report(per_slice, triage, model=model_uri, input_summary=summary)
+        report["model_version"] = version
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
         return 0, [{k: s[k] for k in ("study", "triage", "slices", "flagged_slices")} for s in report["studies"]]
     return 0, report
+
+
+def _predict_dicomweb(args: argparse.Namespace, config: Config, triage: Any, model_uri: str,
+                      version: int | None) -> dict[str, Any]:
+    """A study fetched over DICOMweb; with --stow its SR and key image stored back (pe_triage.pacs)."""
+    from pe_triage.evaluation.gradcam import Attribution
+    from pe_triage.pacs import PacsError, triage_dicomweb
+
+    if not args.study:
+        raise PacsError("--dicomweb needs --study STUDY_INSTANCE_UID")
+    result = triage_dicomweb(args.dicomweb, args.study, triage, model=model_uri,
+                             version="unregistered" if version is None else str(version),
+                             ingest=config.ingest, config=config.pacs, stow=args.stow,
+                             attribution=Attribution.of(config.evaluate))
+    return result.report
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -116,6 +137,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen(args: argparse.Namespace) -> int:
+    """Run the DICOM node until SIGINT/SIGTERM (it logs and returns 2 only when it cannot start).
+    The model is held as ``serve`` holds it: reloaded when its alias moves, or at once on SIGHUP."""
+    import signal
+    import threading
+
+    from pe_triage.pacs.listen import Model
+    from pe_triage.pacs.listen_scp import run_listener, sender
+    from pe_triage.registry.serve import ModelHolder
+
+    try:
+        config = load_config(args.config)
+        overrides = {k: v for k, v in (("port", args.port), ("spool", args.spool)) if v}
+        config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, **overrides))
+        sender(config)  # a node open to anyone, or with nowhere to send, stops here: before loading a model
+        model_uri = args.model or f"models:/{config.registry.model_name}@champion"
+        holder = ModelHolder(model_uri, tracking_uri=args.tracking_uri, registry=config.registry, device=args.device)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: holder.wake.set())
+        threading.Thread(target=holder.poll_forever, args=(stop, config.serve.reload_poll_s), daemon=True).start()
+
+        def model() -> Model | None:
+            served = holder.current
+            return None if served is None else Model(served.triage, served.name or "pe-triage",
+                                                     "unregistered" if served.version is None else str(served.version))
+
+        run_listener(model, config, host=args.host, stop=stop)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
 PREDICT_DESCRIPTION = """Triage DICOM studies with a registered model (default: the champion).
 
 Writes one JSON report: the model and its version, the decision rule and thresholds, a summary of
@@ -123,11 +179,14 @@ the input read, and per study
 its triage (wnl, other or pe), slice counts per class, the flagged slices and every slice's
 p_disease and p_pe. Studies and series are named study-1, series-1, ...: no patient names, UIDs or
 paths. Without --out the report goes to stdout; with --out it is written to that file and stdout
-gets one line per study (study, triage, slices, flagged slices). Nothing else is written."""
+gets one line per study (study, triage, slices, flagged slices). Nothing else is written, except
+with --dicomweb --stow: a DICOM SR and (for a PE-flagged study) a key image go back to that PACS,
+carrying the study's own patient/study identifiers (they wait in pacs.outbox if the PACS refuses).
+Credentials for the PACS: PE_TRIAGE_PACS_USER + PE_TRIAGE_PACS_PASSWORD, or PE_TRIAGE_PACS_TOKEN."""
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``register``, ``promote``, ``rollback``, ``predict`` and ``serve`` to the ``pe-triage`` parser."""
+    """Add ``register``, ``promote``, ``rollback``, ``predict``, ``serve`` and ``listen`` to the ``pe-triage`` parser."""
     p = subparsers.add_parser("register", help="register a stage 1 + stage 2 pair as a new composite version (challenger)",
                               epilog="example:\n  pe-triage register --stage1 models/stage1-cal --stage2 models/stage2-cal "
                                      "--metrics evaluation \\\n      --tracking-uri http://127.0.0.1:5000")
@@ -157,9 +216,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                               description=PREDICT_DESCRIPTION,
                               epilog="examples:\n  pe-triage predict --dicom exports/study-1 --tracking-uri http://127.0.0.1:5000\n"
                                      "  pe-triage predict --model models:/pe-triage/3 --dicom s3://exports/today/ "
-                                     "--out report.json")
+                                     "--out report.json\n"
+                                     "  pe-triage predict --dicomweb http://pacs:8042/dicom-web --study 1.2.840.1 --stow")
     p.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion) or a local model folder")
-    p.add_argument("--dicom", required=True, nargs="+", help="DICOM folder(s), file(s) or s3:// prefix(es)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dicom", nargs="+", help="DICOM folder(s), file(s) or s3:// prefix(es)")
+    source.add_argument("--dicomweb", metavar="URL", help="DICOMweb root of a PACS (QIDO/WADO-RS); with --study")
+    p.add_argument("--study", metavar="STUDY_UID", help="Study Instance UID to fetch with --dicomweb (never logged)")
+    p.add_argument("--stow", action="store_true", help="with --dicomweb: store the DICOM SR and key image back "
+                                                        "(STOW-RS; section 'pacs' of --config)")
     p.add_argument("--out", help="write the full JSON report here (default: print it)")
     _common(p)
     p.set_defaults(func=_guarded(_predict))
@@ -176,3 +241,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="where the model runs (default: cuda when available)")
     _common(p)
     p.set_defaults(func=_serve)
+
+    p = subparsers.add_parser("listen", help="a DICOM node: receive studies by C-STORE, triage, send the SR back",
+                              description="C-STORE SCP (section 'listen' of --config: AE title, port, allowed calling "
+                                          "AEs, quiet period, spool, destination). A study is triaged once no "
+                                          "instance of it came for listen.quiet_s; its SR and key image go back by "
+                                          "C-STORE or STOW-RS, once per model version; a failing study is retried, "
+                                          "then kept in <spool>/failed/ with its reason.",
+                              epilog="example:\n  pe-triage listen --model models:/pe-triage@champion --config site.yaml "
+                                     "--host 0.0.0.0 --tracking-uri http://127.0.0.1:5000")
+    p.add_argument("--model", help="model URI (default: models:/<registry.model_name>@champion) or a local model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, help="DICOM port (default: listen.port, 11112)")
+    p.add_argument("--spool", help="spool folder (default: listen.spool); persistent, so a restart resumes")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the model runs (default: cuda when available)")
+    _common(p)
+    p.set_defaults(func=_listen)

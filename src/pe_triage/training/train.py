@@ -7,9 +7,10 @@ resumed after a kill ends with exactly the weights of an uninterrupted run (on C
 not bitwise deterministic).
 
 On GPU: bf16 autocast, channels_last, pinned memory with non-blocking copies, loader workers, and
-DistributedDataParallel over every GPU of the node when launched with ``torchrun`` (each rank takes
-its share of the same seeded sample sequence; rank 0 alone writes checkpoints, the artifact and
-MLflow). The same code runs unchanged on CPU.
+DistributedDataParallel over every GPU of the node when launched with ``torchrun`` (NCCL; gloo
+between CPU processes): each rank takes an equal share of the same seeded sample sequence, the
+validation answer is rank 0's, the logged loss and throughput are over all ranks, and rank 0 alone
+writes checkpoints, the artifact and MLflow. The same code runs unchanged on CPU.
 """
 
 from __future__ import annotations
@@ -73,16 +74,20 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class _RankShare(Sampler[int]):
-    """Every rank draws the same seeded sequence and takes every ``world``-th index from ``rank``."""
+    """Every rank draws the same seeded sequence and takes every ``world``-th index from ``rank``; the
+    sequence is topped up from its start to a multiple of ``world``, so every rank takes as many
+    batches (one rank's extra batch would leave it waiting in an all-reduce the others never join)."""
 
     def __init__(self, base: Sampler[int], rank: int, world: int) -> None:
         self.base, self.rank, self.world = base, rank, world
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(self.base)[self.rank :: self.world])
+        drawn, needed = list(self.base), len(self) * self.world
+        drawn = (drawn * -(-needed // max(1, len(drawn))))[:needed]
+        return iter(drawn[self.rank :: self.world])
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.base), self.world))  # type: ignore[arg-type]
+        return -(-len(self.base) // self.world)  # type: ignore[arg-type]
 
 
 class _Shuffle(Sampler[int]):
@@ -149,12 +154,18 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun, its process group joined: NCCL between GPUs, gloo
+    between CPU processes (also on a GPU node told ``train.device: cpu``); (0, 1, device) otherwise."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1:
+        log.info("rank %d of %d on %s (%s)", rank, world, device, dist.get_backend())
+    return rank, world, device
 
 
 def checkpoint_dir_for(out: str | Path) -> Path:
@@ -246,14 +257,13 @@ def train(
     ``resume`` continues from the last checkpoint when one exists (an absent one starts afresh; a
     checkpoint of another stage, architecture, window set or dataset, one without its identity
     sidecar, or one holding more than tensors and plain values is an error). Returns the summary also
-    stored in the artifact's metadata.
+    stored in the artifact's metadata; under ``torchrun``, on rank 0 only (the others return ``{}``).
     """
     cfg = config.train
     check_train_config(cfg)
     if stage not in S.STAGES:
         raise TrainingError(f"stage must be 1 or 2, got {stage!r}")
-    rank, world, local_rank = _distributed()
-    device = _device(cfg, local_rank)
+    rank, world, device = _distributed(cfg)
     # Activations of mostly-air CT inputs decay into denormal floats, which x86 CPUs process ~5x slower
     torch.set_flush_denormal(True)
     cuda = device.type == "cuda"
@@ -332,7 +342,8 @@ class _Run:
 
     @property
     def samples(self) -> int:
-        """Samples drawn per epoch (over all ranks)."""
+        """Samples drawn per epoch over all ranks: each rank takes ``ceil(samples / world)`` of one
+        seeded sequence (``_RankShare``), so under ``torchrun`` an epoch is as long as on one process."""
         return self.cfg.samples_per_epoch or len(self.train_ds)
 
     def loader_kw(self, batch_size: int | None = None) -> dict[str, Any]:
@@ -425,6 +436,17 @@ def _resume(run: _Run, net: _Net, state: dict[str, Any] | None) -> _Progress:
     return progress
 
 
+def _check_same_start(run: _Run, progress: _Progress) -> None:
+    """Refuse ranks that start from different epochs (a checkpoint folder not shared by every rank)."""
+    if run.world == 1:
+        return
+    epochs = torch.tensor([progress.epoch, -progress.epoch], device=run.device)
+    dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
+    if int(epochs[0]) != -int(epochs[1]):
+        raise TrainingError(f"ranks start after different epochs ({-int(epochs[1])} to {int(epochs[0])}): every rank must "
+                            f"see the checkpoint folder {run.ckpt_path.parent}")
+
+
 def _save_checkpoint(run: _Run, net: _Net, progress: _Progress, run_id: str | None) -> None:
     """The identity sidecar, then the checkpoint (each atomic). In this order a kill between the two
     leaves this run's identity beside an older checkpoint of the same run (resumed from there), no
@@ -447,6 +469,7 @@ def _fit(run: _Run, state: dict[str, Any] | None, tracking_uri: str | None, data
     stage = run.stage
     net = _build(run)
     progress = _resume(run, net, state)
+    _check_same_start(run, progress)
     val_loader = DataLoader(run.val_ds, shuffle=False, **run.loader_kw(run.val_batch))
     deadline = None if run.cfg.max_minutes is None else _clock() + 60 * run.cfg.max_minutes
     tags = {"stage": stage, "fold": run.fold, "windows_digest": data["windows_digest"], "splits_digest": data["splits_digest"],
@@ -488,13 +511,16 @@ def _keep_going(run: _Run, progress: _Progress, deadline: float | None) -> bool:
 
 
 def _epoch_loader(run: _Run, epoch: int) -> DataLoader:
-    """The epoch's samples in an order seeded from ``(seed, epoch)`` alone, so a resumed run draws the same."""
+    """The epoch's samples in an order seeded from ``(seed, epoch)`` alone, so a resumed run draws the
+    same; every rank shares the order and augments its own share from a seed of its own (ranks alike
+    would augment in step)."""
     seed = _epoch_seed(run.cfg.seed, epoch)
-    torch.manual_seed(seed)
+    rank_seed = seed + (run.rank << 32)  # rank 0: the single-process seed
+    torch.manual_seed(rank_seed)
     base: Sampler[int] = (balanced_sampler(run.train_ds, run.samples, seed=seed) if run.cfg.imbalance == "sampler"
                           else _Shuffle(len(run.train_ds), run.samples, seed))
     sampler = _RankShare(base, run.rank, run.world) if run.world > 1 else base
-    return DataLoader(run.train_ds, sampler=sampler, drop_last=False, generator=torch.Generator().manual_seed(seed),
+    return DataLoader(run.train_ds, sampler=sampler, drop_last=False, generator=torch.Generator().manual_seed(rank_seed),
                       **run.loader_kw())
 
 
@@ -550,29 +576,55 @@ def _train_steps(run: _Run, net: _Net, loader: DataLoader, steps: _Steps) -> tup
     return loss_sum, seen, False
 
 
+def _summed(run: _Run, loss_sum: float, seen: int) -> tuple[float, int]:
+    """The epoch's summed training loss and samples over every rank (this rank's alone on one process)."""
+    if run.world == 1:
+        return loss_sum, seen
+    totals = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=run.device)
+    dist.all_reduce(totals)
+    return float(totals[0]), int(totals[1])
+
+
+def _validate(run: _Run, model: nn.Module, loader: DataLoader) -> tuple[np.ndarray, float]:
+    """Validation probabilities and loss: rank 0's, which every other rank receives rather than computes.
+    DDP keeps the BatchNorm statistics of rank 0 only, so the ranks' own answers would differ and they
+    would disagree on the best epoch and on early stopping (one rank stopping while others train on)."""
+    if run.world == 1:
+        return _evaluate(model, loader, run.device, run.amp)
+    packed = torch.empty(len(run.val_ds) + 1, dtype=torch.float64, device=run.device)
+    if run.rank == 0:
+        probs, loss = _evaluate(model, loader, run.device, run.amp)
+        packed.copy_(torch.from_numpy(np.append(probs.astype(np.float64), loss)))
+    dist.broadcast(packed, 0)
+    answer = packed.cpu().numpy()
+    return answer[:-1].astype(np.float32), float(answer[-1])
+
+
 def _epoch(run: _Run, net: _Net, progress: _Progress, val_loader: DataLoader, steps: _Steps) -> dict[str, Any]:
     """Train one epoch (or until the budget is spent), validate, count it towards early stopping;
     returns its history row."""
     loader = _epoch_loader(run, progress.epoch)
     t0 = time.monotonic()
     loss_sum, seen, progress.out_of_time = _train_steps(run, net, loader, steps)
+    loss_sum, seen = _summed(run, loss_sum, seen)
     train_s = time.monotonic() - t0
     progress.epoch += 1
     if progress.out_of_time:
         log.info("stage %d: time budget of %g min spent after %d of %d samples of epoch %d: validating it and stopping",
-                 run.stage, run.cfg.max_minutes, seen * run.world, run.samples, progress.epoch)
+                 run.stage, run.cfg.max_minutes, seen, run.samples, progress.epoch)
     started = _clock()
-    probs, val_loss = _evaluate(net.model, val_loader, run.device, run.amp)
+    probs, val_loss = _validate(run, net.model, val_loader)
     progress.val_seconds = _clock() - started
     val_auroc = auroc(run.val_ds.targets, probs)
     improved = progress.record(val_auroc, net.model, probs)
     row = {"epoch": progress.epoch, "train_loss": loss_sum / max(1, seen), "val_loss": val_loss, "val_auroc": val_auroc,
-           "lr": net.schedule.get_last_lr()[0], "train_images_per_s": seen * run.world / train_s,
-           "samples": seen * run.world, "epoch_s": time.monotonic() - t0}
+           "lr": net.schedule.get_last_lr()[0], "train_images_per_s": seen / train_s, "samples": seen,
+           "epoch_s": time.monotonic() - t0}
     progress.history.append(row)
-    # the form the demo console relays (lines starting "epoch "); the rest of the row is in MLflow and history.json
-    log.info("epoch %d/%d: loss %.3f, val AUROC %s, %.0f img/s", progress.epoch, run.cfg.epochs, row["train_loss"],
-             "n/a" if val_auroc is None else f"{val_auroc:.3f}", row["train_images_per_s"])
+    # the form the demo console relays (lines starting "epoch "), once per run; the rest of the row is in MLflow and history.json
+    if run.rank == 0:
+        log.info("epoch %d/%d: loss %.3f, val AUROC %s, %.0f img/s", progress.epoch, run.cfg.epochs, row["train_loss"],
+                 "n/a" if val_auroc is None else f"{val_auroc:.3f}", row["train_images_per_s"])
     log.debug("stage %d epoch %d: val loss %.4f%s", run.stage, progress.epoch, val_loss, " (best so far)" if improved else "")
     return row
 
