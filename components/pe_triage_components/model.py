@@ -24,8 +24,9 @@ def train(windows: Input[Dataset], splits: Input[Dataset], stage: int, config: s
 
     setup_logging()
 
-    meta = train_step(windows.path, splits.path, model.path, stage=stage, config=config, tracking_uri=tracking_uri,
-                      inputs=(windows.uri, splits.uri))
+    source = windows.metadata.get("uri") or windows.path  # a reference to the store, or the artifact
+    meta = train_step(source, splits.path, model.path, stage=stage, config=config, tracking_uri=tracking_uri,
+                      inputs=(windows.metadata.get("uri") or windows.uri, splits.uri))
     model.metadata.update(stage=stage, threshold=meta["threshold"], best_epoch=meta["best_epoch"],
                           mlflow_run_id=meta.get("mlflow_run_id") or "", **{f"val_{k}": v for k, v in meta["val"].items()})
 
@@ -40,7 +41,8 @@ def calibrate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset
 
     setup_logging()
 
-    record = calibrate(stage1.path, stage2.path, windows.path, splits.path, calibrated_stage1.path, calibrated_stage2.path,
+    source = windows.metadata.get("uri") or windows.path  # a reference to the store, or the artifact
+    record = calibrate(stage1.path, stage2.path, source, splits.path, calibrated_stage1.path, calibrated_stage2.path,
                        config=parse_config(config))
     for stage, out in ((1, calibrated_stage1), (2, calibrated_stage2)):
         out.metadata.update(stage=stage, threshold=record["thresholds"][f"stage{stage}"], operating_point=record["level"],
@@ -54,7 +56,7 @@ def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset]
     """Evaluate the cascade on the test split: ``evaluation`` is the folder the registry reads
     (metrics.json, report, plots); the other outputs are the views the KFP UI renders (summary
     numbers, the per-slice 3-class cascade confusion and stage-1 ROC, the same per site). ``truth``: a
-    synthetic cohort's ground-truth folder ("" for hospital data) for lesion contours and Grad-CAM checks."""
+    synthetic cohort's ground-truth folder ("" for hospital data) for lesion contours and evidence-map checks."""
     import json
     import shutil
 
@@ -65,7 +67,8 @@ def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset]
     setup_logging()
 
     cfg = parse_config(config)
-    result = evaluate(stage1.path, stage2.path, windows.path, splits.path, evaluation.path, config=cfg, truth=truth or None,
+    source = windows.metadata.get("uri") or windows.path  # a reference to the store, or the artifact
+    result = evaluate(stage1.path, stage2.path, source, splits.path, evaluation.path, config=cfg, truth=truth or None,
                       tracking_uri=tracking_uri or None)
     for name, value in result["summary"].items():
         if value is not None:

@@ -23,7 +23,7 @@ from pe_triage.registry.cli import add_commands as add_registry_commands
 log = logging.getLogger("pe_triage")
 
 #: arguments naming a hospital's own folders, whose sub-folders are often named after patients
-_SOURCE_ARGS = ("source", "dicom")
+_SOURCE_ARGS = ("source", "dicom", "inputs")
 #: what to do about an OSError, by errno, where the kernel's words do not say
 _OS_HINTS = {errno.ENOSPC: "; free space on that volume and run again",
              errno.EDQUOT: "; raise the quota or free space and run again"}
@@ -65,6 +65,20 @@ def _ingest(args: argparse.Namespace) -> int:
     for kind in ("unmatched_rows", "inconsistent_patients"):
         if labels.get(kind):
             log.warning("label manifest: %d %s (see ingest_report.json)", len(labels[kind]), kind.replace("_", " "))
+    return 0
+
+
+def _labels_convert(args: argparse.Namespace) -> int:
+    from pe_triage.ingest.adapters import convert_labels
+
+    cfg = load_config(args.config).labels
+    if args.min_readers is not None:
+        cfg = replace(cfg, min_readers=args.min_readers)
+    report = convert_labels(args.format, args.inputs, args.out, cfg, patient_id=args.patient_id, report=args.report)
+    print(json.dumps({k: v for k, v in report.items() if k != "problems"}, indent=2))
+    if report.get("problems_total"):
+        log.warning("labels convert: %d input row(s)/file(s) not mapped (reasons counted in the report)",
+                    report["problems_total"])
     return 0
 
 
@@ -211,6 +225,26 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_quarantine)
 
 
+def _labels_commands(sub: argparse._SubParsersAction) -> None:
+    """Public datasets' label files -> the label manifest ingest reads (``pe_triage.ingest.adapters``)."""
+    labels = sub.add_parser("labels", help="label files of public datasets -> the project's label manifest",
+                            epilog="example:\n  pe-triage labels convert --help")
+    actions = labels.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("convert", help="RSPECT train.csv, LIDC-IDRI XML, PE masks or a manifest -> label manifest CSV",
+                           epilog="examples:\n"
+                                  "  pe-triage labels convert --format rspect train.csv --out rspect.csv --report report.json\n"
+                                  "  pe-triage labels convert --format lidc LIDC-IDRI/ --out lidc.csv --min-readers 3\n"
+                                  "  pe-triage labels convert --format masks masks/ --out fumpe.csv   # .dcm SEG, .npy + .json")
+    p.add_argument("--format", required=True, choices=["rspect", "lidc", "masks", "manifest"])
+    p.add_argument("inputs", nargs="+", metavar="IN", help="label files or folders (local or s3://)")
+    p.add_argument("--out", required=True, help="manifest CSV to write (atomically)")
+    p.add_argument("--report", help="JSON report of what mapped and what did not (counts and row numbers only)")
+    p.add_argument("--min-readers", type=int, help="lidc: readers that must mark a nodule (default: config, 2)")
+    p.add_argument("--patient-id", help="lidc: the patient of XMLs not under a LIDC-IDRI-NNNN folder")
+    p.add_argument("--config", help="YAML configuration (section 'labels')")
+    p.set_defaults(func=_labels_convert)
+
+
 def _pair_inputs(p: argparse.ArgumentParser) -> None:
     """What calibrate and evaluate both read: the two trained stages and the data to run them on."""
     p.add_argument("--stage1", required=True, help="stage 1 model artifact folder")
@@ -256,7 +290,7 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--fold", default="default", help="fold of the splits file")
     p.add_argument("--out", required=True, help="output folder (metrics.json, report.md, report.html, plots)")
-    p.add_argument("--truth", help="synthetic ground truth folder (cohort/truth): Grad-CAM mass inside the lesion")
+    p.add_argument("--truth", help="synthetic ground truth folder (cohort/truth): evidence maps measured against the lesions")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--config", help="YAML configuration (sections evaluate, loader, registry)")
     p.set_defaults(func=_evaluate)
@@ -297,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _logging_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _data_commands(sub)
+    _labels_commands(sub)
     _model_commands(sub)
     add_registry_commands(sub)
     _plugin_commands(sub)
