@@ -72,7 +72,8 @@ def test_text_configuration_is_read_like_a_file() -> None:
 def test_the_string_choices_are_literals() -> None:
     assert [key for key, *_ in CHOICES] == [
         "synth.lesions", "preprocess.crop.mode", "model.fusion", "model.pooling", "train.imbalance", "train.device",
-        "evaluate.patient_rule", "evaluate.indeterminate", "evaluate.attribution", "operating_point.level"]
+        "evaluate.patient_rule", "evaluate.indeterminate", "evaluate.attribution", "operating_point.level",
+        "exam.arch", "exam.features"]
 
 
 def _yaml(key: str, value: object) -> str:

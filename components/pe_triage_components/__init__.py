@@ -23,16 +23,18 @@ from dataclasses import dataclass
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
 
-from pe_triage_components import data, model, registry
+from pe_triage_components import data, model, registry, stores
 from pe_triage_components.images import CPU_IMAGE, CUDA_IMAGE
 
 
 @dataclass(frozen=True)
 class Components:
+    convert_labels: PythonComponent
     ingest: PythonComponent
     data_quality: PythonComponent
     dataset_version: PythonComponent
     preprocess: PythonComponent
+    preprocess_store: PythonComponent
     split: PythonComponent
     train: PythonComponent
     calibrate: PythonComponent
@@ -51,10 +53,12 @@ def build(cpu_image: str = CPU_IMAGE, cuda_image: str = CUDA_IMAGE) -> Component
         return dsl.component(func, base_image=cpu_image, install_kfp_package=False)
 
     return Components(
+        convert_labels=cpu(data.convert_labels),
         ingest=cpu(data.ingest),
         data_quality=cpu(data.data_quality),
         dataset_version=cpu(data.dataset_version),
         preprocess=cpu(data.preprocess),
+        preprocess_store=cpu(stores.preprocess_store),
         split=cpu(data.split),
         train=dsl.component(model.train, base_image=cuda_image, install_kfp_package=False),
         calibrate=cpu(model.calibrate),

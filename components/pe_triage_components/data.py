@@ -10,6 +10,19 @@ run (windows, splits, models, reports) is a typed output artifact.
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Output
 
 
+def convert_labels(labels: str, labels_format: str, config: str) -> str:
+    """The label manifest a site's ingest reads: its label input as given for ``manifest`` (or none),
+    else the public set's label files converted beside themselves (``<labels>.manifest.csv``, with a
+    ``.report.json`` of what did not map)."""
+    from pe_triage.config import parse_config
+    from pe_triage.ingest.adapters import site_manifest
+    from pe_triage.logs import setup_logging
+
+    setup_logging()
+
+    return site_manifest(labels, labels_format, parse_config(config).labels)
+
+
 def ingest(site: str, source: str, labels: str, store: str, config: str, demo_key: bool, slices: Output[Dataset]):
     """Ingest one site's DICOM export (folder or s3:// prefix) and label manifest ("" for none) into
     the slices store; idempotent, so a retried or repeated run adds only new files. The pseudonym
@@ -98,5 +111,6 @@ def split(windows: Input[Dataset], config: str, splits: Output[Dataset]):
     setup_logging()
 
     cfg = parse_config(config)
-    report = split_dataset(windows.path, splits.path, config=cfg.split)
+    source = windows.metadata.get("uri") or windows.path  # a reference to the store, or the artifact
+    report = split_dataset(source, splits.path, config=cfg.split)
     splits.metadata.update(patients=report["patients"], excluded=len(report["excluded"]), warnings=report["warnings"])

@@ -54,7 +54,8 @@ def evaluate_champion(windows: Input[Dataset], splits: Input[Dataset], config: s
 
     setup_logging()
 
-    return evaluate_champion(windows.path, splits.path, evaluation.path, config=parse_config(config),
+    source = windows.metadata.get("uri") or windows.path  # a reference to the store, or the artifact
+    return evaluate_champion(source, splits.path, evaluation.path, config=parse_config(config),
                              uri=tracking_uri or None) or 0
 
 

@@ -61,9 +61,9 @@ def _arguments(args: argparse.Namespace, tracking_uri: str, store: str) -> dict[
     if args.pipeline == "onboarding":
         if not args.site:
             raise ConfigError("onboarding needs at least one --site NAME SOURCE [LABELS]")
-        params |= {"sites": _sites(args.site), "demo_key": args.demo_key}
-    elif args.site or args.demo_key:
-        raise ConfigError("--site and --demo-key are onboarding parameters")
+        params |= {"sites": _sites(args.site), "demo_key": args.demo_key, "labels_format": args.labels_format}
+    elif args.site or args.demo_key or args.labels_format != "manifest":
+        raise ConfigError("--site, --demo-key and --labels-format are onboarding parameters")
     return params
 
 
@@ -123,6 +123,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", nargs="+", action="append", metavar="NAME SOURCE [LABELS]",
                    help="onboarding: a site, its DICOM folder or s3:// prefix and its label manifest (repeat per site)")
     p.add_argument("--demo-key", action="store_true", help="onboarding: allow the public pseudonym key (synthetic data only)")
+    p.add_argument("--labels-format", choices=["manifest", "rspect", "lidc", "masks"], default="manifest",
+                   help="onboarding: what each site's LABELS is (converted first unless a manifest; pe-triage labels convert)")
 
 
 def _shared_params(p: argparse.ArgumentParser) -> None:

@@ -83,16 +83,32 @@ class ClusterOptions:
     #: others (evaluating a full test split on a CPU pod takes hours)
     train_timeout_s: int = 48 * 3600
     io_timeout_s: int = 12 * 3600
+    #: data by reference: the root of the persistent windows store (a folder on ``data_claim``, mounted
+    #: at the same path in every step). None: windows are a run's artifact, as under kfp.local. A
+    #: folder, not s3://: training memory-maps the windows
+    data_root: str | None = None
+    #: the ReadWriteMany PersistentVolumeClaim holding ``data_root`` (mounted at ``data_mount``)
+    data_claim: str | None = None
+    data_mount: str = "/data"
+    #: evaluation (the cascade and the champion) on a GPU node with one GPU: a full test split at full
+    #: model size takes hours on a CPU pod. Off by default: a GPU node is the scarcer resource
+    evaluate_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data_root is not None and not (self.data_claim and self.data_root.startswith(self.data_mount.rstrip("/") + "/")):
+            raise ValueError(f"data root {self.data_root!r}: give a folder under the data volume's mount "
+                             f"({self.data_mount}) and its claim name (training memory-maps the windows, so not s3://)")
 
     @classmethod
     def from_cluster_config(cls, cfg: Mapping[str, Any]) -> ClusterOptions:
-        """Options from the Helm chart's ``cluster.yaml`` (keys: images, gpu, secrets, s3, pods)."""
+        """Options from the Helm chart's ``cluster.yaml`` (keys: images, gpu, secrets, s3, pods, data)."""
         images, gpu, secrets, s3 = (cfg.get(k) or {} for k in ("images", "gpu", "secrets", "s3"))
-        kw: dict[str, Any] = _pod_options(cfg.get("pods") or {})
+        kw: dict[str, Any] = _pod_options(cfg.get("pods") or {}) | _data_options(cfg.get("data") or {})
         if images:
             kw.update(cpu_image=images.get("cpu", CPU_IMAGE), cuda_image=images.get("cuda", CUDA_IMAGE))
         if gpu:
             kw.update(accelerator=gpu.get("resource", cls.accelerator), gpus=int(gpu.get("count", cls.gpus)),
+                      evaluate_gpu=bool(gpu.get("evaluate", cls.evaluate_gpu)),
                       gpu_node_selector=dict(gpu.get("nodeSelector") or {}), gpu_tolerations=tuple(gpu.get("tolerations") or ()))
         if key := secrets.get("pseudonymKey"):
             kw["pseudonym_key"] = SecretEnv(key["name"], {key.get("key", "pseudonym-key"): KEY_ENV})
@@ -116,6 +132,19 @@ def _pod_options(pods: Mapping[str, Any]) -> dict[str, Any]:
           "checkpoint_mount": checkpoints.get("mountPath"), "train_timeout_s": timeouts.get("trainSeconds"),
           "io_timeout_s": timeouts.get("ioSeconds")}
     return {k: v for k, v in kw.items() if v not in (None, "")}  # absent or empty: the default
+
+
+def _data_options(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` section of ``cluster.yaml``: the windows store's root, its claim and mount."""
+    kw = {"data_root": data.get("root"), "data_claim": data.get("claimName"), "data_mount": data.get("mountPath")}
+    return {k: v for k, v in kw.items() if v not in (None, "")}
+
+
+def _data(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    """The data volume, where the windows store lives (data by reference)."""
+    if options.data_claim:
+        kubernetes.mount_pvc(task, pvc_name=options.data_claim, mount_path=options.data_mount)
+    return task
 
 
 def _secrets(task: PipelineTask, options: ClusterOptions, *, pseudonym_key: bool) -> PipelineTask:
@@ -146,8 +175,17 @@ def io_step(task: PipelineTask, options: ClusterOptions, *, cache: bool = True, 
     source folder, the store, the registry)."""
     task.set_cpu_request(options.data_cpu).set_memory_request(options.data_memory)
     task.set_caching_options(cache)
-    _pod(task, options, options.io_timeout_s)
+    _pod(_data(task, options), options, options.io_timeout_s)
     return _secrets(_retry(task, options), options, pseudonym_key=pseudonym_key)
+
+
+def _gpu_node(task: PipelineTask, options: ClusterOptions) -> None:
+    for key, value in options.gpu_node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in options.gpu_tolerations:
+        kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator"),
+                                  value=toleration.get("value"), effect=toleration.get("effect"),
+                                  toleration_seconds=toleration.get("tolerationSeconds"))
 
 
 def gpu_step(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
@@ -155,17 +193,19 @@ def gpu_step(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
     memory for the loader; retried, since a preempted step resumes from its checkpoint (on the
     checkpoint volume, where one is configured). ``gpus`` 0: a CPU pod on any node, one process."""
     if options.gpus > 0:
-        task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.gpus)
-        for key, value in options.gpu_node_selector.items():
-            kubernetes.add_node_selector(task, key, value)
-        for toleration in options.gpu_tolerations:
-            kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator"),
-                                      value=toleration.get("value"), effect=toleration.get("effect"),
-                                      toleration_seconds=toleration.get("tolerationSeconds"))
+        _gpu_node(task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.gpus), options)
     task.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
     task.set_env_variable(PROCESSES_ENV, str(max(1, options.gpus)))
     if options.checkpoint_claim:
         kubernetes.mount_pvc(task, pvc_name=options.checkpoint_claim, mount_path=options.checkpoint_mount)
         task.set_env_variable(CHECKPOINT_ROOT_ENV, options.checkpoint_mount)
-    _pod(task, options, options.train_timeout_s)
+    _pod(_data(task, options), options, options.train_timeout_s)
     return _secrets(_retry(task, options), options, pseudonym_key=False)
+
+
+def evaluate_step(task: PipelineTask, options: ClusterOptions, *, cache: bool = True) -> PipelineTask:
+    """An evaluation: an I/O step, on a GPU node with one GPU when ``evaluate_gpu`` is set."""
+    io_step(task, options, cache=cache)
+    if options.evaluate_gpu and options.gpus > 0:
+        _gpu_node(task.set_accelerator_type(options.accelerator).set_accelerator_limit(1), options)
+    return task

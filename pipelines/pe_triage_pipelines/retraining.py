@@ -7,29 +7,33 @@ whether or not a step failed.
 The store is imported (``dsl.importer``) under its URI; ``dataset_version`` (never cached) reads its
 digest first, and the digest feeds the importer's metadata and ``preprocess``, so every step after
 it is cached exactly as long as the data, the configuration and the code (image tag) are unchanged.
+On a cluster with a data root (``ClusterOptions.data_root``) nothing is imported: ``preprocess_store``
+takes the store's URI and digest and updates the persistent windows store in place (only new series),
+and the steps after it follow the windows' reference to that store.
 """
 
 
-from kfp import dsl
-from kfp.dsl import Dataset
-from pe_triage_components import build
+from typing import Any
 
-from pe_triage_pipelines.cluster import ClusterOptions, gpu_step, io_step
+from kfp import dsl
+from kfp.dsl import Dataset, PipelineTask
+from pe_triage_components import Components, build
+
+from pe_triage_pipelines.cluster import ClusterOptions, evaluate_step, gpu_step, io_step
 
 NAME = "pe-triage-retraining"
 
 
 def build_retraining(options: ClusterOptions = ClusterOptions()):
     c = build(options.cpu_image, options.cuda_image)
+    ev = build(options.cuda_image, options.cuda_image) if options.evaluate_gpu else c  # evaluation on the CUDA image
 
     @dsl.pipeline(name=NAME, description="Retrain both stages on the slices store, evaluate, register, promote if the gates pass")
     def retraining(slices_store: str, config: str = "", tracking_uri: str = "", actor: str = "kfp-retraining", truth: str = ""):
         outcome = io_step(c.record_outcome(pipeline=NAME, config=config, tracking_uri=tracking_uri), options, cache=False)
         with dsl.ExitHandler(outcome, name="retraining"):
             version = io_step(c.dataset_version(store=slices_store), options, cache=False)
-            slices = dsl.importer(artifact_uri=slices_store, artifact_class=Dataset, reimport=False,
-                                  metadata={"digest": version.output})
-            windows = io_step(c.preprocess(slices=slices.output, slices_digest=version.output, config=config), options)
+            windows = io_step(_windows(c, options, slices_store, version.output, config), options)
             splits = io_step(c.split(windows=windows.outputs["windows"], config=config), options)
             stages = {
                 stage: gpu_step(c.train(windows=windows.outputs["windows"], splits=splits.outputs["splits"], stage=stage,
@@ -41,20 +45,29 @@ def build_retraining(options: ClusterOptions = ClusterOptions()):
                                              windows=windows.outputs["windows"], splits=splits.outputs["splits"],
                                              config=config), options)
             models = {stage: calibrated.outputs[f"calibrated_stage{stage}"] for stage in (1, 2)}
-            evaluated = io_step(c.evaluate(stage1=models[1], stage2=models[2],
-                                           windows=windows.outputs["windows"], splits=splits.outputs["splits"], config=config,
-                                           tracking_uri=tracking_uri, truth=truth), options)
+            evaluated = evaluate_step(ev.evaluate(stage1=models[1], stage2=models[2],
+                                                  windows=windows.outputs["windows"], splits=splits.outputs["splits"],
+                                                  config=config, tracking_uri=tracking_uri, truth=truth), options)
             registered = io_step(c.register(stage1=models[1], stage2=models[2],
                                             evaluation=evaluated.outputs["evaluation"], config=config, tracking_uri=tracking_uri,
                                             actor=actor), options)
             gates = c.check_gates(evaluation=evaluated.outputs["evaluation"], config=config).after(registered)
             with dsl.If(gates.output == True, name="gates-passed"):  # noqa: E712 (builds a KFP condition, not a bool)
-                champion = io_step(c.evaluate_champion(windows=windows.outputs["windows"], splits=splits.outputs["splits"],
-                                                       config=config, tracking_uri=tracking_uri), options, cache=False)
+                champion = evaluate_step(ev.evaluate_champion(windows=windows.outputs["windows"], splits=splits.outputs["splits"],
+                                                              config=config, tracking_uri=tracking_uri), options, cache=False)
                 io_step(c.promote(version=registered.outputs["version"], champion_evaluation=champion.outputs["evaluation"],
                                   config=config, tracking_uri=tracking_uri, actor=actor), options, cache=False)
 
     return retraining
+
+
+def _windows(c: Components, options: ClusterOptions, slices_store: str, digest: Any, config: str) -> PipelineTask:
+    """The windows of the slices store at ``digest``: by reference into the persistent store under the
+    cluster's data root, or, without one (kfp.local), preprocessed from the imported store into a run artifact."""
+    if options.data_root:
+        return c.preprocess_store(slices_store=slices_store, slices_digest=digest, config=config, windows_root=options.data_root)
+    slices = dsl.importer(artifact_uri=slices_store, artifact_class=Dataset, reimport=False, metadata={"digest": digest})
+    return c.preprocess(slices=slices.output, slices_digest=digest, config=config)
 
 
 retraining = build_retraining()

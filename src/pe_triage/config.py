@@ -32,6 +32,9 @@ PatientRule = Literal["any", "k_consecutive", "top_k_mean"]
 IndeterminateMode = Literal["exclude", "wnl", "other", "pe"]
 AttributionMethod = Literal["integrated_gradients", "gradcam"]
 OperatingLevel = Literal["patient", "slice"]
+ExamArch = Literal["gru", "attention"]
+#: what the exam model reads per slice: both stages' pooled features and logits, or a part (an ablation)
+ExamFeatures = Literal["all", "embeddings", "logits"]
 
 
 class ConfigError(ValueError):
@@ -411,6 +414,37 @@ class OperatingPointConfig(_Choices):
 
 
 @dataclass(frozen=True)
+class ExamConfig(_Choices):
+    """The exam-level model (``models.exam``, ``training.exam``): a small sequence model over the
+    frozen slice models' embeddings of one exam's slices in z order, instead of the "any slice" rule.
+
+    Defaults: a one-layer bidirectional GRU of 32 units (RSNA-STR PE 2020 winners used one small
+    recurrent layer over slice features; 32 keeps it to ~10k parameters for a few hundred training
+    exams); Adam at 3e-3 for at most 80 epochs, stopped 15 epochs after the best validation loss
+    (each epoch is a few batches of exams: seconds in all). The per-slice loss (weight 0.5) adds
+    every labelled slice as a target beside the one label per exam: with hundreds of exams the
+    exam label alone overfits."""
+
+    #: "gru" (bidirectional, one layer) or "attention" (attention pooling over z)
+    arch: ExamArch = "gru"
+    hidden: int = 32
+    features: ExamFeatures = "all"
+    epochs: int = 80
+    patience: int = 15
+    #: exams per optimiser step
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    slice_loss_weight: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.hidden, self.epochs, self.patience, self.batch_size) < 1 or self.lr <= 0 or self.slice_loss_weight < 0:
+            raise ConfigError("exam: hidden, epochs, patience and batch_size must be >= 1, lr > 0, slice_loss_weight >= 0")
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """Promotion gates. A candidate must reach the minimums and, when a champion exists, lose no
     more than ``max_regression`` against it on the same test data.
@@ -590,6 +624,31 @@ class ListenConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """``pe-triage labels convert``: public datasets' label files -> the label manifest
+    (``pe_triage.ingest.adapters``)."""
+
+    #: LIDC-IDRI: a nodule >= 3 mm is kept when at least this many readers marked it. 2 of the 4 is
+    #: the issue's default and the usual "agreement" level (LUNA16 used 3 for its reference standard)
+    min_readers: int = 2
+    #: LIDC-IDRI: two readers' nodules are one nodule when they share a slice and their in-plane
+    #: centroids lie within this many pixels (~7 mm at LIDC's 0.6-0.8 mm pixels): readers of one
+    #: nodule differ by a few pixels (4 px on lidc-idri-0002), distinct nodules by more than their radii
+    lidc_centroid_tolerance_px: float = 10.0
+    #: mask-labelled sets: a slice is PE when its mask covers at least this many mm² (a ~2.5 mm
+    #: clot cross-section); below it a slice holds only the mask's rim or a few stray voxels
+    min_mask_area_mm2: float = 5.0
+    #: RSPECT: leave out exams marked indeterminate (no one can say what the model should answer)
+    exclude_indeterminate: bool = True
+    #: RSPECT: leave out exams failing QA (qa_motion or qa_contrast): their labels are unreliable
+    exclude_qa_failed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_readers < 1 or self.lidc_centroid_tolerance_px <= 0 or self.min_mask_area_mm2 < 0:
+            raise ConfigError("labels: min_readers must be >= 1, lidc_centroid_tolerance_px > 0, min_mask_area_mm2 >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -600,10 +659,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     operating_point: OperatingPointConfig = field(default_factory=OperatingPointConfig)
+    exam: ExamConfig = field(default_factory=ExamConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

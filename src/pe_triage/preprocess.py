@@ -35,6 +35,7 @@ from pe_triage.config import CropConfig, PreprocessConfig, to_dict
 from pe_triage.lung_crop import Box, LungBox, NoBodyError, crop_resize, find_lung_box, fixed_box
 from pe_triage.parallel import run, stream, worker_count, worker_pool
 from pe_triage.progress import progress
+from pe_triage.provenance import parquet_dataset_digest
 from pe_triage.storage import Location, RowGroupWriter, location
 from pe_triage.windows import PRESETS, Window, window_to_uint8
 
@@ -400,13 +401,40 @@ def _unions(pool: Executor | None, src: Location, jobs: list[SeriesJob], config:
     return {path: union_box(boxes) for path, boxes in found.items()}
 
 
+def _config_json(config: PreprocessConfig) -> str:
+    """The configuration as the windows depend on it: the settings that only change how a run executes
+    stay out ("workers" stays, as null, so that the digests of datasets written before are unchanged)."""
+    return json.dumps({k: v for k, v in to_dict(config).items() if k != "min_slices_per_worker"} | {"workers": None},
+                      sort_keys=True)
+
+
+def preprocess_into(slices: str, root: str, *, slices_digest: str,
+                    config: PreprocessConfig = PreprocessConfig()) -> dict[str, Any]:
+    """Bring the persistent windows store of ``config`` under ``root`` up to the slices store at
+    ``slices_digest``. One store per preprocessing configuration (``<root>/windows/<config hash>``),
+    updated in place, so a retraining after a new site preprocesses only the new series; a record per
+    slices digest (``_versions/``) makes a store already at that digest a no-op. Returns the record:
+    uri, config hash, slices digest, windows digest, series counts, and ``reused``."""
+    if not all(c in "0123456789abcdef" for c in slices_digest) or not 16 <= len(slices_digest) <= 128:
+        raise PreprocessError(f"slices digest {slices_digest!r}: expected the hex digest of the slices store")
+    config_hash = hashlib.sha256(_config_json(config).encode()).hexdigest()[:16]
+    out = f"{root.rstrip('/')}/windows/{config_hash}"
+    dst = location(out)
+    record_path = dst.join("_versions", f"{slices_digest}.json")
+    if dst.exists(record_path):
+        return json.loads(dst.read(record_path)) | {"reused": True}
+    report = preprocess(slices, out, config=config)
+    record = {"uri": out, "config_hash": config_hash, "slices_digest": slices_digest,
+              "windows_digest": parquet_dataset_digest(out)[0], "series": report["series"],
+              "windows": report["windows"], "size": report["size"], "labels": report["labels_written"]}
+    dst.write_bytes(record_path, json.dumps(record, indent=2).encode())
+    return record | {"reused": False}
+
+
 def _plan(src: Location, dst: Location, files: list[str], windows: list[Window],
           config: PreprocessConfig) -> tuple[list[SeriesJob], list[str]]:
     """A job per series whose windows would differ from those already at ``dst``; (jobs, unchanged files)."""
-    # the settings that only change how a run executes stay out of the digest ("workers" stays, as
-    # null, so that the digests of datasets written before are unchanged)
-    config_json = json.dumps({k: v for k, v in to_dict(config).items() if k != "min_slices_per_worker"} | {"workers": None},
-                             sort_keys=True)
+    config_json = _config_json(config)
     metadata_base = {
         S.META_WINDOWS: json.dumps([{"name": w.name, "lo": w.lo, "hi": w.hi} for w in windows]),
         S.META_PREPROCESS: config_json,

@@ -328,7 +328,7 @@ def test_configmap_holds_a_loadable_pipeline_config_and_gpu_settings(render):
     parsed = from_dict(Config, config)  # what `pe-triage ... --config` will do
     assert parsed.train.epochs == 12 and parsed.registry.model_name == "pe-triage-h1"
     cluster = yaml.safe_load(data["cluster.yaml"])
-    assert cluster["gpu"] == GPU["gpu"]
+    assert cluster["gpu"] == {**GPU["gpu"], "evaluate": False}
     assert cluster["images"] == {"cpu": f"ghcr.io/pe-triage/pe-triage:{VERSION}",
                                  "cuda": f"ghcr.io/pe-triage/pe-triage-cuda:{VERSION}"}
     assert cluster["mlflowTrackingUri"] == "http://t-pe-triage-mlflow.ml.svc.cluster.local:5000"
@@ -344,7 +344,7 @@ def test_network_policies(render):
     (rule,) = pg["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": {
         "app.kubernetes.io/name": "pe-triage", "app.kubernetes.io/instance": RELEASE,
-        "app.kubernetes.io/component": "mlflow"}}}]
+        "app.kubernetes.io/component": component}}} for component in ("mlflow", "mlflow-migration")]
     mlflow = find(docs, "NetworkPolicy", "-mlflow")["spec"]
     assert mlflow["policyTypes"] == ["Ingress", "Egress"]
     assert mlflow["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]

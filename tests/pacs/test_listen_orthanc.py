@@ -19,7 +19,6 @@ import requests
 import yaml
 from dicomweb_client import DICOMwebClient
 from pacs.pacs_servers import start_orthanc, stop
-from pacs.test_cli import composite  # noqa: F401 (a fixture)
 from pacs.test_listen_scp import free_port
 from pacs.test_study import finding
 from pydicom import Dataset, dcmread

@@ -99,3 +99,16 @@ def test_exit_handler_records_the_final_state(mlflow_server: str) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("outcome-test-pipelines").experiment_id])
     assert run.data.tags["pe_triage.outcome"] == "FAILED" and run.data.tags["kfp.error"] == "train failed"
     assert run.data.tags["kfp.job"] == "runs/123" and run.data.metrics["succeeded"] == 0.0
+
+
+def test_convert_labels_passes_a_manifest_through_and_converts_a_public_set(real_ct: Path, tmp_path: Path) -> None:
+    import shutil
+
+    assert C.convert_labels.python_func(labels="s3://b/site/labels.csv", labels_format="manifest", config="") == \
+        "s3://b/site/labels.csv"  # a manifest is not read here: ingest reads it
+    xml = tmp_path / "LIDC-IDRI-0002" / "071.xml"
+    xml.parent.mkdir()
+    shutil.copy(real_ct / "lidc-idri-0002" / "071.xml", xml)
+    out = C.convert_labels.python_func(labels=str(xml), labels_format="lidc", config="labels: {min_readers: 3}\n")
+    assert out == f"{xml}.manifest.csv"
+    assert json.loads(Path(f"{xml}.report.json").read_text())["counts"]["nodules_below_min_readers"] == 1

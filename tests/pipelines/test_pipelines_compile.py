@@ -1,14 +1,13 @@
 """The compiled pipelines (KFP IR YAML, parsed back): task graphs, ParallelFor, dsl.If, the exit
 handler, GPU requests and scheduling, secrets wired as environment variables (never parameters),
 versioned images with nothing installed at run time, retries and caching; the CLI that compiles,
-submits and schedules (against a stand-in KFP client)."""
+submits and schedules (tests/pipelines/test_submit.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import yaml
@@ -20,9 +19,9 @@ from pe_triage_pipelines.compile import compile_all
 from pe_triage import __version__
 from pe_triage.cli import main
 
-IO_TASKS = {"ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register", "evaluate-champion",
-            "promote", "record-outcome"}
-UNCACHED = {"ingest", "data-quality", "dataset-version", "evaluate-champion", "promote", "record-outcome"}
+IO_TASKS = {"convert-labels", "ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register",
+            "evaluate-champion", "promote", "record-outcome"}
+UNCACHED = {"convert-labels", "ingest", "data-quality", "dataset-version", "evaluate-champion", "promote", "record-outcome"}
 SECRETISH = ("key", "secret", "password", "token", "credential")
 
 
@@ -74,12 +73,18 @@ def test_onboarding_fans_out_over_sites_ingest_then_quality(compiled: dict[str, 
     assert loop_component == "root" and loop["taskInfo"]["name"] == "sites"
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--sites"
     assert loop["iteratorPolicy"]["parallelismLimit"] == ClusterOptions().parallel_sites
-    assert {n for n, (parent, _) in tasks.items() if parent == "comp-for-loop-1"} == {"ingest", "data-quality"}
+    assert {n for n, (parent, _) in tasks.items() if parent == "comp-for-loop-1"} == {"convert-labels", "ingest", "data-quality"}
+    assert tasks["ingest"][1]["dependentTasks"] == ["convert-labels"]  # ingest reads the manifest it returns
+    assert tasks["ingest"][1]["inputs"]["parameters"]["labels"]["taskOutputParameter"]["producerTask"] == "convert-labels"
+    convert = tasks["convert-labels"][1]["inputs"]["parameters"]
+    assert convert["labels"]["parameterExpressionSelector"] == 'parseJson(string_value)["labels"]'
+    assert convert["labels_format"]["componentInputParameter"] == "pipelinechannel--labels_format"
+    assert spec["root"]["inputDefinitions"]["parameters"]["labels_format"]["defaultValue"] == "manifest"
     assert tasks["data-quality"][1]["dependentTasks"] == ["ingest"]
     assert tasks["data-quality"][1]["inputs"]["artifacts"]["slices"]["taskOutputArtifact"]["producerTask"] == "ingest"
     selectors = {k: v["parameterExpressionSelector"] for k, v in tasks["ingest"][1]["inputs"]["parameters"].items()
                  if "parameterExpressionSelector" in v}
-    assert selectors == {k: f'parseJson(string_value)["{k}"]' for k in ("site", "source", "labels")}
+    assert selectors == {k: f'parseJson(string_value)["{k}"]' for k in ("site", "source")}
 
 
 def test_retraining_graph(compiled: dict[str, Path]) -> None:
@@ -133,7 +138,7 @@ def test_secrets_come_from_kubernetes_never_from_parameters(compiled: dict[str, 
         spec, executors = _load(path)
         definitions = spec["root"]["inputDefinitions"]["parameters"]
         params = set(definitions)
-        assert params == ({"sites", "slices_store", "config", "tracking_uri", "demo_key"} if name == "onboarding"
+        assert params == ({"sites", "slices_store", "config", "tracking_uri", "demo_key", "labels_format"} if name == "onboarding"
                           else {"slices_store", "config", "tracking_uri", "actor", "truth"})
         # a secret would be a string; demo_key is only the switch that allows the public demo key
         assert not [p for p, d in definitions.items() if d["parameterType"] == "STRING" and any(w in p for w in SECRETISH)]
@@ -209,80 +214,11 @@ def test_cluster_config_of_the_helm_chart_sets_images_gpus_and_secret_names(tmp_
     assert ingest["hospital-key"]["keyToEnv"] == [{"envVar": "PE_TRIAGE_PSEUDONYM_KEY", "secretKey": "pseudonym-key"}]
 
 
-class _FakeKfp:
-    """Records what the CLI asks of ``kfp.Client`` (no KFP server can run here)."""
-
-    calls: ClassVar[list[tuple]] = []
-    existing: ClassVar[list[str]] = []
-
-    def __init__(self, host: str, namespace: str | None = None) -> None:
-        self.calls.append(("client", host))
-
-    def create_run_from_pipeline_package(self, pipeline_file: str, **kw: Any) -> Any:
-        self.calls.append(("run", yaml.safe_load_all(Path(pipeline_file).read_text()).__next__()["pipelineInfo"]["name"], kw))
-        return SimpleNamespace(run_id="run-1")
-
-    def create_experiment(self, name: str, namespace: str | None = None) -> Any:
-        return SimpleNamespace(experiment_id="exp-1")
-
-    def list_recurring_runs(self, **kw: Any) -> Any:
-        runs = [SimpleNamespace(recurring_run_id=r, display_name="nightly") for r in self.existing]
-        return SimpleNamespace(recurring_runs=runs, next_page_token="")
-
-    def create_recurring_run(self, experiment_id: str, job_name: str, **kw: Any) -> Any:
-        self.calls.append(("recurring", job_name, kw))
-        return SimpleNamespace(recurring_run_id="rr-new")
-
-    def delete_recurring_run(self, recurring_run_id: str) -> dict:
-        self.calls.append(("delete", recurring_run_id))
-        return {}
-
-
-def test_cli_compiles_submits_and_schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kfp
-
-    monkeypatch.setattr(kfp, "Client", _FakeKfp)
+def test_cli_compiles_every_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(submit and schedule: tests/pipelines/test_submit.py, against a KFP REST server over HTTP)"""
     monkeypatch.delenv("PE_TRIAGE_CLUSTER_CONFIG", raising=False)
-    config = tmp_path / "config.yaml"
-    config.write_text("train: {epochs: 3}\n")
     assert main(["pipeline", "compile", "--out", str(tmp_path / "ir")]) == 0
     assert {p.name for p in (tmp_path / "ir").iterdir()} == {"onboarding.yaml", "retraining.yaml"}
-
-    _FakeKfp.calls = []
-    assert main(["pipeline", "submit", "onboarding", "--host", "http://kfp", "--slices-store", "s3://b/slices",
-                 "--site", "site-a", "s3://b/a/dicom", "s3://b/a/labels.csv", "--tracking-uri", "http://mlflow:5000",
-                 "--config", str(config)]) == 0
-    (_, name, kw), = [c for c in _FakeKfp.calls if c[0] == "run"]
-    assert name == "pe-triage-onboarding" and kw["experiment_name"] == "pe-triage"
-    assert kw["arguments"] == {"slices_store": "s3://b/slices", "config": "train: {epochs: 3}\n", "tracking_uri": "http://mlflow:5000",
-                               "sites": [{"site": "site-a", "source": "s3://b/a/dicom", "labels": "s3://b/a/labels.csv"}],
-                               "demo_key": False}
-
-    _FakeKfp.calls, _FakeKfp.existing = [], ["rr-old"]
-    assert main(["pipeline", "schedule", "--host", "http://kfp", "--cron", "0 0 2 * * 0", "--name", "nightly",
-                 "--slices-store", "s3://b/slices", "--tracking-uri", "http://mlflow:5000"]) == 0
-    recurring = [c for c in _FakeKfp.calls if c[0] in ("recurring", "delete")]
-    assert [c[0] for c in recurring] == ["recurring", "delete"]  # the new schedule exists before the old one goes
-    _, job, kw = recurring[0]
-    assert job == "nightly" and kw["cron_expression"] == "0 0 2 * * 0"
-    assert kw["max_concurrency"] == 1 and kw["no_catchup"] is True and kw["enabled"] is True
-    assert kw["params"] == {"slices_store": "s3://b/slices", "config": "", "tracking_uri": "http://mlflow:5000"}
-    assert recurring[1] == ("delete", "rr-old")
-    assert main(["pipeline", "schedule", "--host", "http://kfp", "--cron", "0 2 * * 0", "--slices-store", "s3://b/slices"]) == 2
-
-    # the Helm chart's scheduling Job: store, tracking URI and images from its cluster.yaml
-    cluster = tmp_path / "cluster.yaml"
-    cluster.write_text(yaml.safe_dump({"slicesStore": "s3://h/slices", "mlflowTrackingUri": "http://mlflow.ns:5000",
-                                       "images": {"cpu": "r/pe:1", "cuda": "r/pe-cuda:1"}}))
-    monkeypatch.setenv("PE_TRIAGE_CLUSTER_CONFIG", str(cluster))
-    _FakeKfp.calls, _FakeKfp.existing = [], []
-    assert main(["pipeline", "schedule", "--host", "http://kfp", "--cron", "0 0 2 * * 0", "--config", str(config)]) == 0
-    ((_, _, kw),) = [c for c in _FakeKfp.calls if c[0] == "recurring"]
-    assert kw["params"] == {"slices_store": "s3://h/slices", "config": "train: {epochs: 3}\n", "tracking_uri": "http://mlflow.ns:5000"}
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train: {epochz: 3}\n")
-    assert main(["pipeline", "submit", "retraining", "--host", "http://kfp", "--slices-store", "s3://b/s",
-                 "--config", str(bad)]) == 2
 
 
 def test_demo_prints_one_line_per_step_and_logs_everything() -> None:

@@ -54,9 +54,13 @@ class MultiWindowNet(nn.Module):
             return [self.branches[0](x)]
         return [self.branches[0 if self.fusion == "shared" else i](x[:, i * d : (i + 1) * d]) for i in range(self.n_windows)]
 
+    def embed(self, x: Tensor) -> Tensor:
+        """[B, features] pooled branch features, what the head reads: a slice's embedding for a
+        model over the slices of an exam (``models.exam``)."""
+        return torch.cat([p for f in self.features(x) for p in global_pool(f, self.pooling)], 1)
+
     def forward(self, x: Tensor) -> Tensor:
-        pooled = [p for f in self.features(x) for p in global_pool(f, self.pooling)]
-        return self.head(torch.cat(pooled, 1))
+        return self.head(self.embed(x))
 
 
 def global_pool(f: Tensor, pooling: Pooling) -> list[Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,11 +26,30 @@ __all__ = ["PacsError", "PacsUnavailable", "StowRejected", "StudyResult", "send_
            "triage_dicomweb", "triage_folder"]
 
 log = logging.getLogger(__name__)
-#: libraries that log identifiers (request URLs and failed requests carry study and series UIDs,
-#: the UIDs of the datasets highdicom copies from): only their errors pass
-IDENTIFYING_LOGGERS = ("dicomweb_client", "retrying", "urllib3.connectionpool", "highdicom")
+#: libraries only the PACS code uses that log identifiers (request URLs and failed requests carry
+#: study and series UIDs, highdicom the UIDs of the datasets it copies from): only their errors pass
+IDENTIFYING_LOGGERS = ("dicomweb_client", "retrying", "highdicom")
 for _name in IDENTIFYING_LOGGERS:
     logging.getLogger(_name).setLevel(logging.ERROR)
+#: a dotted run of four or more numbers: a DICOM UID in a URL or a message
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+class _MaskUIDs(logging.Filter):
+    """urllib3 serves the whole process (MLflow, S3), so its warnings stay; a UID in one (a DICOMweb
+    URL being retried) is replaced by ``<uid>``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        masked = _UID.sub("<uid>", text)
+        if masked != text:
+            record.msg, record.args = masked, None
+        return True
+
+
+_connections = logging.getLogger("urllib3.connectionpool")
+if not any(isinstance(f, _MaskUIDs) for f in _connections.filters):
+    _connections.addFilter(_MaskUIDs())
 
 
 def study_tag(study_uid: str) -> str:

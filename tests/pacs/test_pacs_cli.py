@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,9 @@ from dicomweb_client import DICOMwebClient
 from factories import write_series
 from pacs.pacs_servers import upload
 from pacs.test_study import finding
-from test_predict import edited, stage_model
 
 from pe_triage.pacs import study_tag
-from pe_triage.predict import Triage
 from pe_triage.registry.cli import add_commands
-from pe_triage.registry.pyfunc import MODEL_CODE, STAGE1, STAGE2, TRIAGE_CONFIG
 
 STUDY = "1.2.826.0.1.3680043.10.1234.66"
 
@@ -30,24 +26,6 @@ def cli(*argv: str) -> int:
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args))
-
-
-@pytest.fixture(scope="module")
-def composite(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local composite model folder as ``save_composite`` lays it out (MLmodel + artifacts), built
-    by hand: the wheel and MLflow's own files are not read by ``predict``."""
-    root = tmp_path_factory.mktemp("pacs-composite")
-    artifacts = root / "artifacts"
-    pair = stage_model(artifacts / STAGE1, 1), stage_model(artifacts / STAGE2, 2)
-    for path in pair:
-        edited(path, path, threshold=0.0)
-    (artifacts / "triage.json").write_text(json.dumps(Triage.load(*pair).config()))
-    shutil.copy(MODEL_CODE, root / MODEL_CODE.name)
-    flavor = {"model_code_path": MODEL_CODE.name,
-              "artifacts": {key: {"path": f"artifacts/{name}"} for key, name in
-                            ((STAGE1, STAGE1), (STAGE2, STAGE2), (TRIAGE_CONFIG, "triage.json"))}}
-    (root / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": flavor}}))
-    return root
 
 
 def test_predict_over_dicomweb_stores_the_sr_back(composite: Path, orthanc: str, tmp_path: Path,
