@@ -226,7 +226,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="benchmarks/results/evaluate.json")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    logging.getLogger("pe_triage").setLevel(logging.WARNING)
     machine = _machine()
     model_cfg = ModelConfig(arch=args.arch, width=args.width, fusion=args.fusion)
     kernel = forward_kernel(model_cfg, args.image, args.kernel_images, args.repeats)
@@ -264,4 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # the steps' progress lines would drown the benchmark's own output (not set in main(): the suite
+    # calls it in-process, and the level would outlive the call)
+    logging.getLogger("pe_triage").setLevel(logging.WARNING)
     main()

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 IDENTIFYING_LOGGERS = ("dicomweb_client", "retrying", "highdicom")
 for _name in IDENTIFYING_LOGGERS:
     logging.getLogger(_name).setLevel(logging.ERROR)
-#: a dotted run of four or more numbers: a DICOM UID in a URL or a message
-_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+#: a dotted run of five or more numbers: a DICOM UID in a URL or a message (an IPv4 address has four)
+_UID = re.compile(r"\b\d+(?:\.\d+){4,}\b")
 
 
 class _MaskUIDs(logging.Filter):
