@@ -8,7 +8,8 @@ or below, and siblings on one floor or in one package import each other in one d
 1. building blocks: ``dicom``, ``labels``, ``lung_crop``, ``models``, ``stats``, ``tracking``, ``synth``
 2. shared artifacts: ``artifact`` (the model folder), ``dataset`` (the windows as a torch dataset)
 3. data steps: ``ingest``, ``preprocess``, ``splits``, ``quality``
-4. model steps: ``training``, ``evaluation``, ``predict``, ``pacs`` (DICOMweb in, DICOM SR out, on ``predict``)
+4. model steps: ``training``, ``evaluation``, ``predict``, ``pacs`` (DICOMweb in, DICOM SR out, on ``predict``),
+   ``monitoring`` (a record per triage, the drift report)
 5. ``registry``
 6. entry point: ``cli``
 
@@ -28,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("dicom", "labels", "lung_crop", "models", "stats", "tracking", "synth"),
     ("artifact", "dataset"),
     ("ingest", "preprocess", "splits", "quality"),
-    ("training", "evaluation", "predict", "pacs"),
+    ("training", "evaluation", "predict", "pacs", "monitoring"),
     ("registry",),
     ("cli",),
 )

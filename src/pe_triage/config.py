@@ -649,6 +649,34 @@ class LabelsConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Prediction monitoring (``pe_triage.monitoring``): a de-identified record per triage, and the
+    thresholds of ``pe-triage monitor``'s drift report."""
+
+    #: where records go: a folder or ``s3://bucket/prefix`` (Parquet, ``day=YYYY-MM-DD/``). Empty: off,
+    #: so nothing is written where an operator did not choose a place (a default path would fill a
+    #: container's disk or land on a node no one reads)
+    store: str = ""
+    #: the site or source label of each record (never taken from DICOM headers, which may name a patient)
+    site: str = "default"
+    #: PSI above this flags a feature: 0.25 is the usual "significant shift" level, as at onboarding
+    #: (``pe_triage.quality``)
+    psi_threshold: float = 0.25
+    #: two-sample KS statistic above this flags a numeric feature: 0.3 is a gap no sampling noise of
+    #: a day's few dozen studies explains, and below the shift a new scanner convention gives
+    ks_threshold: float = 0.3
+    #: a site's flag rate (studies triaged ``pe``) further than this from the reference flag rate is
+    #: flagged: 0.1 is about twice the day-to-day spread of a PE prevalence of ~10-15 % at ~50 studies
+    flag_rate_delta: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.psi_threshold <= 0 or not 0 < self.ks_threshold <= 1 or not 0 < self.flag_rate_delta <= 1:
+            raise ConfigError("monitor: psi_threshold must be > 0, ks_threshold and flag_rate_delta in (0, 1]")
+        if not self.site or "/" in self.site:
+            raise ConfigError("monitor.site: a non-empty label without '/'")
+
+
+@dataclass(frozen=True)
 class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -665,6 +693,7 @@ class Config:
     pacs: PacsConfig = field(default_factory=PacsConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -358,6 +358,7 @@ class Triage:
             if not list((root / "slices").glob(f"{S.SITE}=*/*.parquet")):
                 raise PredictError(f"no CT slices in the input: {files['seen']} file(s) seen, "
                                    f"{files['quarantined']} quarantined ({dict(reasons) or 'none'})")
+            summary["acquisition"] = _acquisition(sorted((root / "slices").glob(f"{S.SITE}=*/*.parquet")))
             timings["decode"] = time.perf_counter() - start
             report = preprocess(str(root / "slices"), str(root / "windows"), config=self.preprocess)
             summary["slices_skipped"] = dict(Counter(s["reason"] for s in report["slices_skipped"]))
@@ -391,6 +392,18 @@ def _read_windows(paths: Sequence[Path]) -> tuple[pd.DataFrame, np.ndarray, list
     if not keys:
         return pd.DataFrame(columns=[*KEY_COLUMNS, *_CROP, _CONTENT]), np.empty((0, 0, 0, 0), np.uint8), []
     return pd.concat(keys, ignore_index=True), np.concatenate(stacks), windows or []
+
+
+#: acquisition fields ingest keeps that a monitoring record carries (``pe_triage.monitoring``)
+ACQUISITION_COLUMNS = [S.MANUFACTURER, S.KERNEL, S.KVP, S.PIXEL_SPACING_ROW, S.SLICE_THICKNESS]
+
+
+def _acquisition(paths: Sequence[Path]) -> dict[str, Any]:
+    """Each acquisition field's most common value over the input's slices: no identifiers, so the
+    summary can go into a monitoring record."""
+    frame = pd.concat([pq.read_table(p, columns=ACQUISITION_COLUMNS).to_pandas() for p in paths], ignore_index=True)
+    values = {c: frame[c].dropna().mode() for c in ACQUISITION_COLUMNS}
+    return {c: (v.iloc[0].item() if hasattr(v.iloc[0], "item") else v.iloc[0]) if len(v) else None for c, v in values.items()}
 
 
 def _folders(sources: Sequence[str], staging: Path) -> list[str]:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pe_triage.config import IngestConfig, ListenConfig, PacsConfig
+from pe_triage.config import IngestConfig, ListenConfig, MonitorConfig, PacsConfig
+from pe_triage.monitoring import record_triage
 from pe_triage.pacs import study_tag
 from pe_triage.pacs.dicomweb import PacsUnavailable, StowRejected
 from pe_triage.pacs.stow import to_outbox
@@ -180,9 +181,9 @@ class Listener:
     """Triage each complete study of the spool with the current model and send its results."""
 
     def __init__(self, spool: Spool, model: ModelSource, send: Sender, *, config: ListenConfig, pacs: PacsConfig,
-                 ingest: IngestConfig) -> None:
+                 ingest: IngestConfig, monitor: MonitorConfig = MonitorConfig()) -> None:
         self.spool, self.model, self.send = spool, model, send
-        self.config, self.pacs, self.ingest = config, pacs, ingest
+        self.config, self.pacs, self.ingest, self.monitor = config, pacs, ingest, monitor
 
     def step(self) -> None:
         """One pass: every due study once (none while no model is loaded)."""
@@ -222,6 +223,7 @@ class Listener:
                                config=self.pacs)
         shutil.rmtree(self.spool.root / tag / RESULTS, ignore_errors=True)
         to_outbox(result.objects, self.spool.root / tag, RESULTS)
+        record_triage(self.monitor, result.report, source="listen")
         state.update({"state": "triaged", "results_version": model.version,
                       "triage": result.report["studies"][0]["triage"]})
         self.spool.save(tag, state)

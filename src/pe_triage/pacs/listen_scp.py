@@ -81,7 +81,7 @@ def run_listener(model: ModelSource, config: Config, *, host: str, stop: threadi
     anything starts when the node would be open to anyone or have nowhere to send."""
     listen = config.listen
     listener = Listener(Spool(Path(listen.spool)), model, sender(config), config=listen, pacs=config.pacs,
-                        ingest=config.ingest)
+                        ingest=config.ingest, monitor=config.monitor)
     server = start_scp(listener.spool, listen, host)
     log.info("listening as %s on %s:%d for %s; a study is complete after %.0f s without a new instance",
              listen.ae_title, host, listen.port, ", ".join(listen.allowed_calling_aes), listen.quiet_s)

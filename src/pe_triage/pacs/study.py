@@ -100,7 +100,8 @@ def _merge(summaries: list[dict], other: int, refused: list[str]) -> dict[str, A
         reasons.update(s["quarantine_reasons"])
         skipped.update(s.get("slices_skipped", {}))
     return {"files": dict(files), "quarantine_reasons": dict(sorted(reasons.items())), "slices_skipped": dict(skipped),
-            "not_ct_files": other, "series_refused": refused}
+            "not_ct_files": other, "series_refused": refused,
+            "acquisition": next((s["acquisition"] for s in summaries if s.get("acquisition")), {})}
 
 
 def triage_folder(folder: Path, triage: Triage, *, model: str, version: str, ingest: IngestConfig,

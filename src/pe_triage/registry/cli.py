@@ -1,4 +1,4 @@
-"""``pe-triage register | promote | rollback | predict | serve | listen``: the registry sub-commands.
+"""``pe-triage register | promote | rollback | predict | monitor | serve | listen``: the registry sub-commands.
 
 :func:`add_commands` adds them to the main parser. Exit codes: 0 done (a promotion that changes
 nothing included), 1 promotion refused (the message names the failed gates) or a conflict (another
@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def _guarded(handler: Callable[[argparse.Namespace, Config], tuple[int, Any]]) -
         from mlflow.exceptions import MlflowException
 
         from pe_triage.artifact import ArtifactError
+        from pe_triage.monitoring.drift import DriftInputError
         from pe_triage.predict import PredictError
         from pe_triage.registry.errors import PromotionConflict, RegistryError
         from pe_triage.tracking import TrackingUnavailable
@@ -52,7 +54,7 @@ def _guarded(handler: Callable[[argparse.Namespace, Config], tuple[int, Any]]) -
             return 1
         except TrackingUnavailable as e:
             log.error("%s (start the server or check --tracking-uri / MLFLOW_TRACKING_URI)", e)
-        except (RegistryError, PredictError, ArtifactError, ConfigError, FileNotFoundError) as e:
+        except (RegistryError, PredictError, ArtifactError, ConfigError, FileNotFoundError, DriftInputError) as e:
             log.error("%s", e)
         except MlflowException as e:
             log.error("MLflow: %s", e.message)
@@ -86,6 +88,7 @@ def _rollback(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
 
 
 def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
+    from pe_triage.monitoring import record_triage
     from pe_triage.predict import PredictError, default_device, triage_report
     from pe_triage.registry.registry import load_registered
 
@@ -101,6 +104,7 @@ def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
         per_slice, summary = triage.predict_dicom(args.dicom, ingest=config.ingest, allowed_prefixes=None)
         report = triage_report(per_slice, triage, model=model_uri, input_summary=summary)
         report["model_version"] = version
+    record_triage(config.monitor, report, source="dicomweb" if args.dicomweb else "predict")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -121,6 +125,30 @@ def _predict_dicomweb(args: argparse.Namespace, config: Config, triage: Any, mod
                              ingest=config.ingest, config=config.pacs, stow=args.stow,
                              attribution=Attribution.of(config.evaluate))
     return result.report
+
+
+#: ``pe-triage monitor``'s exit status when a site drifted (0: within the thresholds, 2: bad input)
+DRIFT_EXIT = 3
+
+
+def _monitor(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
+    from pe_triage.monitoring.drift import DriftInputError
+    from pe_triage.monitoring.report import run_monitor
+
+    if args.store:
+        config = dataclasses.replace(config, monitor=dataclasses.replace(config.monitor, store=args.store))
+    if not config.monitor.store:
+        raise DriftInputError("no monitoring store: give --store or monitor.store in --config")
+    if args.until and args.until < args.since:
+        raise DriftInputError(f"--until {args.until} is before --since {args.since}")
+    report = run_monitor(config, since=args.since, until=args.until, reference=args.reference, out_dir=args.out,
+                         tracking_uri=args.tracking_uri)
+    summary = {"drift": report["drift"], "studies": report["studies"], "out": args.out,
+               "sites": {s: v["flagged"] for s, v in report["sites"].items()}}
+    if report["drift"]:
+        log.warning("drift flagged: %s", {s: f for s, f in summary["sites"].items() if f})
+        return DRIFT_EXIT, summary
+    return 0, summary
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -228,6 +256,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write the full JSON report here (default: print it)")
     _common(p)
     p.set_defaults(func=_guarded(_predict))
+
+    p = subparsers.add_parser("monitor", help="drift report of the monitoring records of a period",
+                              description="Input drift (acquisition fields vs. the champion's training slices) and "
+                                          "output drift (score summaries and flag rate vs. the records before "
+                                          "--since) per site label; thresholds: section 'monitor' of --config.",
+                              epilog="example:\n  pe-triage monitor --since 2026-11-01 --reference s3://data/slices "
+                                     "--out drift/ --config site.yaml\n"
+                                     "exit status: 0 within the thresholds, 3 drift flagged, 2 bad input")
+    p.add_argument("--since", required=True, type=date.fromisoformat, help="first day (YYYY-MM-DD, UTC)")
+    p.add_argument("--until", type=date.fromisoformat, help="last day, inclusive (default: today)")
+    p.add_argument("--reference", required=True, help="the champion's training slices dataset (folder or s3://)")
+    p.add_argument("--store", help="monitoring store (default: monitor.store)")
+    p.add_argument("--out", required=True, help="folder for drift.json, drift.md, drift.html")
+    _common(p)
+    p.set_defaults(func=_guarded(_monitor))
 
     p = subparsers.add_parser("serve", help="serve a registered model over HTTP (reloaded when its alias moves)",
                               description="HTTP triage service: GET /ping, /health, /version; POST /invocations "

@@ -43,7 +43,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pe_triage import __version__
-from pe_triage.config import Config, IngestConfig, ServeConfig
+from pe_triage.config import Config, IngestConfig, MonitorConfig, ServeConfig
+from pe_triage.monitoring import record_frame, record_triage
 from pe_triage.predict import InputNotAllowed, PredictError, triage_report
 from pe_triage.registry.pyfunc import SIGNATURE, predict_frame
 from pe_triage.registry.serve import ModelHolder, Served
@@ -160,7 +161,8 @@ def _model_info(holder: ModelHolder, served: Served | None) -> dict[str, Any]:
             "alias": holder.alias, "package_version": __version__, "device": holder.device}
 
 
-def create_app(holder: ModelHolder, config: ServeConfig, ingest: IngestConfig) -> FastAPI:
+def create_app(holder: ModelHolder, config: ServeConfig, ingest: IngestConfig,
+               monitor: MonitorConfig = MonitorConfig()) -> FastAPI:
     """The service's ASGI app; ``holder`` is refreshed by its owner (:func:`pe_triage.registry.serve.run`)."""
     app = FastAPI(title="pe-triage", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     slots = _Slots(config.max_concurrency, config.retry_after_s)
@@ -194,6 +196,7 @@ def create_app(holder: ModelHolder, config: ServeConfig, ingest: IngestConfig) -
                     raise ServeError(413, "too_many_slices", f"{len(frame)} rows, at most {config.max_slices} "
                                      "per request (serve.max_slices)")
                 out = await _predict(predict_frame, served.triage, frame, config.allowed_prefixes)
+            record_frame(monitor, out, served.triage, model=served.name or "local", version=served.version, source="invocations")
             text = StringIO()
             predictions_to_json(out, text)
             return Response(text.getvalue(), media_type="application/json")
@@ -201,7 +204,7 @@ def create_app(holder: ModelHolder, config: ServeConfig, ingest: IngestConfig) -
 
     @app.post("/v1/triage")
     async def triage(request: Request) -> Response:
-        return await _answer(lambda: _triage(request, holder, slots, config, ingest))
+        return await _answer(lambda: _triage(request, holder, slots, config, ingest, monitor))
 
     app.add_middleware(_Guard, max_bytes=config.max_body_mb << 20)
     return app
@@ -231,7 +234,7 @@ def _parse_scoring_input(body: bytes, content_type: str) -> pd.DataFrame:
 
 
 async def _triage(request: Request, holder: ModelHolder, slots: _Slots, config: ServeConfig,
-                  ingest: IngestConfig) -> Response:
+                  ingest: IngestConfig, monitor: MonitorConfig) -> Response:
     """``POST /v1/triage``: the DICOM files into a private temporary folder (mode 0700, removed at the
     end whatever happens), then ``Triage.predict_dicom`` on it."""
     start = time.perf_counter()
@@ -247,6 +250,7 @@ async def _triage(request: Request, holder: ModelHolder, slots: _Slots, config: 
     report = triage_report(per_slice, served.triage, model=f"models:/{served.name}/{served.version}" if served.name else "local",
                            input_summary=summary)
     report |= {"model_name": served.name, "model_version": served.version, "alias": holder.alias}
+    record_triage(monitor, report, source="serve")
     # receive: body in and files written; decode/crop/model: predict_dicom's steps; predict: all of it
     # (with the temporary folder's removal); report: building this answer (its JSON encoding is not counted)
     ms = {"receive": received - start, **steps, "predict": predicted - received, "report": time.perf_counter() - predicted}
@@ -296,7 +300,7 @@ def run(model_uri: str, config: Config, *, host: str, port: int | None = None, t
                               name="model-poller", daemon=True)
     poller.start()
     signal.signal(signal.SIGHUP, lambda *_: holder.wake.set())
-    app = create_app(holder, config.serve, config.ingest)
+    app = create_app(holder, config.serve, config.ingest, config.monitor)
     log.info("pe-triage serve on %s:%d, model %s, device %s", host, port or config.serve.port, model_uri, holder.device)
     try:
         # no access log: it prints raw paths and query strings; the app logs one PHI-free line per request
