@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pydicom import dcmread
 from pynetdicom import AE
 
 from pe_triage.config import ListenConfig
 from pe_triage.pacs.dicomweb import PacsUnavailable, StowRejected
+from pe_triage.pacs.stow import empty_outbox, outbox_objects
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,7 @@ STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 def send_cstore(folder: Path, config: ListenConfig) -> int:
     """C-STORE every ``*.dcm`` of ``folder`` to ``config.destination_*`` (calling as ``config.ae_title``)."""
-    paths = sorted(folder.glob("*.dcm"))
-    datasets = [dcmread(p) for p in paths]
+    paths, datasets = outbox_objects(folder)
     ae = AE(ae_title=config.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.timeout_s
     for context in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
@@ -42,8 +41,6 @@ def send_cstore(folder: Path, config: ListenConfig) -> int:
     if refused:
         raise StowRejected(f"C-STORE: {where} did not store {len(refused)} of {len(paths)} object(s) "
                            f"({', '.join(refused)}); all are kept for a retry")
-    for path in paths:
-        path.unlink()
-    folder.rmdir()
+    empty_outbox(folder, paths)
     log.info("C-STORE: %s stored %d result object(s)", where, len(paths))
     return len(paths)

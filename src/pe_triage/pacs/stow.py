@@ -31,6 +31,19 @@ def to_outbox(datasets: Sequence[Dataset], outbox: Path, name: str) -> list[Path
     return paths
 
 
+def outbox_objects(folder: Path) -> tuple[list[Path], list[Dataset]]:
+    """The objects of one outbox folder, in send order, read back."""
+    paths = sorted(folder.glob("*.dcm"))
+    return paths, [dcmread(p) for p in paths]
+
+
+def empty_outbox(folder: Path, paths: Sequence[Path]) -> None:
+    """Remove a folder whose objects the destination now holds."""
+    for path in paths:
+        path.unlink()
+    folder.rmdir()
+
+
 def _stored(client: DICOMwebClient, ds: Dataset, config: PacsConfig) -> bool:
     """Whether QIDO-RS finds the object: a PACS may answer a STOW with success and drop the object
     (Orthanc does when a filter refuses it), so success is what the PACS then holds."""
@@ -42,8 +55,7 @@ def _stored(client: DICOMwebClient, ds: Dataset, config: PacsConfig) -> bool:
 def send_outbox(client: DICOMwebClient, folder: Path, config: PacsConfig) -> int:
     """STOW-RS every object of one outbox folder; the folder is emptied once the PACS stored them
     all. :class:`StowRejected` (the objects stay) when the PACS refuses or cannot be reached."""
-    paths = sorted(folder.glob("*.dcm"))
-    datasets = [dcmread(p) for p in paths]
+    paths, datasets = outbox_objects(folder)
     try:
         answer = with_retries(lambda: client.store_instances(datasets), "STOW-RS", config)
     except PacsError as e:
@@ -53,8 +65,6 @@ def send_outbox(client: DICOMwebClient, folder: Path, config: PacsConfig) -> int
     if missing:
         raise StowRejected(f"STOW-RS: the PACS did not store {missing} of {len(paths)} object(s); "
                            f"all are kept in {folder} for a retry")
-    for path in paths:
-        path.unlink()
-    folder.rmdir()
+    empty_outbox(folder, paths)
     log.info("STOW-RS stored %d result object(s)", len(paths))
     return len(paths)

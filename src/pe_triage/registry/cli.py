@@ -87,6 +87,11 @@ def _rollback(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
     return 0, rollback(config=config.registry, uri=args.tracking_uri, actor=args.actor)
 
 
+def _model_uri(args: argparse.Namespace, config: Config) -> str:
+    """``--model``, else the registered model's champion."""
+    return args.model or f"models:/{config.registry.model_name}@champion"
+
+
 def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
     from pe_triage.monitoring import record_triage
     from pe_triage.predict import PredictError, default_device, triage_report
@@ -94,7 +99,7 @@ def _predict(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
 
     if (args.study or args.stow) and not args.dicomweb:
         raise PredictError("--study and --stow go with --dicomweb")
-    model_uri = args.model or f"models:/{config.registry.model_name}@champion"
+    model_uri = _model_uri(args, config)
     triage, version = load_registered(model_uri, uri=args.tracking_uri, config=config.registry)
     triage.to(default_device())
     if args.dicomweb:
@@ -157,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
-        model_uri = args.model or f"models:/{config.registry.model_name}@champion"
+        model_uri = _model_uri(args, config)
         run(model_uri, config, host=args.host, port=args.port, tracking_uri=args.tracking_uri, device=args.device)
     except (ConfigError, ValueError, OSError) as e:
         log.error("%s", e)
@@ -180,13 +185,12 @@ def _listen(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in (("port", args.port), ("spool", args.spool)) if v}
         config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, **overrides))
         sender(config)  # a node open to anyone, or with nowhere to send, stops here: before loading a model
-        model_uri = args.model or f"models:/{config.registry.model_name}@champion"
+        model_uri = _model_uri(args, config)
         holder = ModelHolder(model_uri, tracking_uri=args.tracking_uri, registry=config.registry, device=args.device)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: holder.wake.set())
-        threading.Thread(target=holder.poll_forever, args=(stop, config.serve.reload_poll_s), daemon=True).start()
+        holder.start(stop, config.serve.reload_poll_s)
 
         def model() -> Model | None:
             served = holder.current

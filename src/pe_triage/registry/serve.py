@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,12 @@ class ModelHolder:
         triage.to(self.device)
         triage.predict_slices(input_example())  # warm: the first call pays allocator and kernel set-up
         return Served(triage, self.name, version, self.alias)
+
+    def start(self, stop: threading.Event, period_s: float) -> None:
+        """:meth:`poll_forever` in a daemon thread, and an alias check at once on SIGHUP (call from the
+        main thread: only it may set signal handlers)."""
+        threading.Thread(target=self.poll_forever, args=(stop, period_s), name="model-poller", daemon=True).start()
+        signal.signal(signal.SIGHUP, lambda *_: self.wake.set())
 
     def poll_forever(self, stop: threading.Event, period_s: float) -> None:
         """Refresh now and then every ``period_s`` seconds, or at once when :attr:`wake` is set."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import tempfile
 import threading
 import time
@@ -296,10 +295,7 @@ def run(model_uri: str, config: Config, *, host: str, port: int | None = None, t
 
     holder = ModelHolder(model_uri, tracking_uri=tracking_uri, registry=config.registry, device=device)
     stop = threading.Event()
-    poller = threading.Thread(target=holder.poll_forever, args=(stop, config.serve.reload_poll_s),
-                              name="model-poller", daemon=True)
-    poller.start()
-    signal.signal(signal.SIGHUP, lambda *_: holder.wake.set())
+    holder.start(stop, config.serve.reload_poll_s)
     app = create_app(holder, config.serve, config.ingest, config.monitor)
     log.info("pe-triage serve on %s:%d, model %s, device %s", host, port or config.serve.port, model_uri, holder.device)
     try:
