@@ -33,32 +33,38 @@ def build_retraining(options: ClusterOptions = ClusterOptions()):
         outcome = io_step(c.record_outcome(pipeline=NAME, config=config, tracking_uri=tracking_uri), options, cache=False)
         with dsl.ExitHandler(outcome, name="retraining"):
             version = io_step(c.dataset_version(store=slices_store), options, cache=False)
-            windows = io_step(_windows(c, options, slices_store, version.output, config), options)
-            splits = io_step(c.split(windows=windows.outputs["windows"], config=config), options)
-            stages = {
-                stage: gpu_step(c.train(windows=windows.outputs["windows"], splits=splits.outputs["splits"], stage=stage,
-                                        config=config, tracking_uri=tracking_uri),
-                                options).set_display_name(f"train stage {stage}")
-                for stage in (1, 2)
-            }
-            calibrated = io_step(c.calibrate(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],
-                                             windows=windows.outputs["windows"], splits=splits.outputs["splits"],
-                                             config=config), options)
-            models = {stage: calibrated.outputs[f"calibrated_stage{stage}"] for stage in (1, 2)}
-            evaluated = evaluate_step(ev.evaluate(stage1=models[1], stage2=models[2],
-                                                  windows=windows.outputs["windows"], splits=splits.outputs["splits"],
-                                                  config=config, tracking_uri=tracking_uri, truth=truth), options)
-            registered = io_step(c.register(stage1=models[1], stage2=models[2],
-                                            evaluation=evaluated.outputs["evaluation"], config=config, tracking_uri=tracking_uri,
-                                            actor=actor), options)
-            gates = c.check_gates(evaluation=evaluated.outputs["evaluation"], config=config).after(registered)
-            with dsl.If(gates.output == True, name="gates-passed"):  # noqa: E712 (builds a KFP condition, not a bool)
-                champion = evaluate_step(ev.evaluate_champion(windows=windows.outputs["windows"], splits=splits.outputs["splits"],
-                                                              config=config, tracking_uri=tracking_uri), options, cache=False)
-                io_step(c.promote(version=registered.outputs["version"], champion_evaluation=champion.outputs["evaluation"],
-                                  config=config, tracking_uri=tracking_uri, actor=actor), options, cache=False)
+            _retrain(c, ev, options, slices_store, version.output, config, tracking_uri, actor, truth)
 
     return retraining
+
+
+def _retrain(c: Components, ev: Components, options: ClusterOptions, slices_store: str, digest: Any, config: str,
+             tracking_uri: str, actor: str, truth: str) -> None:
+    """The steps from the store's windows to a promoted champion (inside the exit handler)."""
+    windows = io_step(_windows(c, options, slices_store, digest, config), options)
+    splits = io_step(c.split(windows=windows.outputs["windows"], config=config), options)
+    stages = {
+        stage: gpu_step(c.train(windows=windows.outputs["windows"], splits=splits.outputs["splits"], stage=stage,
+                                config=config, tracking_uri=tracking_uri),
+                        options).set_display_name(f"train stage {stage}")
+        for stage in (1, 2)
+    }
+    calibrated = io_step(c.calibrate(stage1=stages[1].outputs["model"], stage2=stages[2].outputs["model"],
+                                     windows=windows.outputs["windows"], splits=splits.outputs["splits"],
+                                     config=config), options)
+    models = {stage: calibrated.outputs[f"calibrated_stage{stage}"] for stage in (1, 2)}
+    evaluated = evaluate_step(ev.evaluate(stage1=models[1], stage2=models[2],
+                                          windows=windows.outputs["windows"], splits=splits.outputs["splits"],
+                                          config=config, tracking_uri=tracking_uri, truth=truth), options)
+    registered = io_step(c.register(stage1=models[1], stage2=models[2],
+                                    evaluation=evaluated.outputs["evaluation"], config=config, tracking_uri=tracking_uri,
+                                    actor=actor), options)
+    gates = c.check_gates(evaluation=evaluated.outputs["evaluation"], config=config).after(registered)
+    with dsl.If(gates.output == True, name="gates-passed"):  # noqa: E712 (builds a KFP condition, not a bool)
+        champion = evaluate_step(ev.evaluate_champion(windows=windows.outputs["windows"], splits=splits.outputs["splits"],
+                                                      config=config, tracking_uri=tracking_uri), options, cache=False)
+        io_step(c.promote(version=registered.outputs["version"], champion_evaluation=champion.outputs["evaluation"],
+                          config=config, tracking_uri=tracking_uri, actor=actor), options, cache=False)
 
 
 def _windows(c: Components, options: ClusterOptions, slices_store: str, digest: Any, config: str) -> PipelineTask:
