@@ -128,7 +128,7 @@ def _run_once(paths: dict[str, str], out: Path, config: Config) -> dict[str, flo
 class _timed_phases:  # noqa: N801 (used as a context manager, named like one)
     """Wraps the step's parts (module attributes) with timers for the length of a block."""
 
-    PARTS = {"score": "_score", "metrics": "evaluate_predictions", "localisation": "_localisation",
+    PARTS = {"score": "score_slices", "metrics": "evaluate_predictions", "localisation": "_localisation",
              "overlays": "_gradcam", "report": "write_report"}
 
     def __init__(self, phases: dict[str, float]) -> None:

@@ -98,7 +98,12 @@ def matched(frame: pd.DataFrame, ec: EvalConfig, sensitivity: float) -> dict[str
 
 def one_root(root: str, variants: list[tuple[str, str]], config: Config, cache: Path | None) -> dict[str, Any]:
     """Every rule and exam variant on one pipeline run."""
-    paths = find_run(root)
+    return compare_pair(find_run(root), variants, config, cache)
+
+
+def compare_pair(paths: dict[str, str], variants: list[tuple[str, str]], config: Config, cache: Path | None) -> dict[str, Any]:
+    """Every rule and exam variant on one stage pair (``paths``: stage1, stage2, windows, splits);
+    ``benchmarks/context.py`` calls it for each slice-model pair it trains."""
     models = {n: load_model(paths[f"stage{n}"]) for n in (1, 2)}
     t0 = time.monotonic()
     embedded = {s: embedded_split(models, paths, s, config, cache) for s in SPLITS}

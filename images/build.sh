@@ -32,7 +32,9 @@ if [ -z "$engine" ]; then
     if command -v docker >/dev/null && docker info >/dev/null 2>&1; then engine=docker; else engine=buildah; fi
 fi
 case $engine in
-    docker) build=(docker build) ;;
+    # BuildKit builds only the stages the target needs; the legacy builder (docker without buildx, or
+    # DOCKER_BUILDKIT=0) builds every stage before it: `--target cpu` would install build-cuda's torch.
+    docker) build=(docker build); export DOCKER_BUILDKIT=1 ;;
     buildah) build=(buildah build --layers) ;;
     *) echo "unknown engine: $engine" >&2; exit 2 ;;
 esac

@@ -190,3 +190,62 @@ def train_toy_pair(root: Path, config: Config) -> tuple[str, str, str, str]:
     for stage in (1, 2):
         train(windows, splits, str(root / f"stage{stage}"), stage=stage, config=config)
     return windows, splits, str(root / "stage1"), str(root / "stage2")
+
+
+def write_exam_cohort(root: Path, size: int = 32) -> tuple[str, str]:
+    """15 patients of 10 slices on two sites, five of each patient class (WNL only; other disease;
+    PE beside other disease), split 9/3/3 by patient with every class in every split, so each
+    patient-level figure (sensitivities, specificities, AUROC) is measurable: (windows, splits)."""
+    rng = np.random.default_rng(1)
+    kinds = {"wnl": ["wnl"] * 10, "other": ["wnl"] * 5 + ["other"] * 5, "pe": ["wnl"] * 4 + ["pe"] * 3 + ["other"] * 3}
+    series, images, assignment = {}, {}, {}
+    for p in range(15):
+        key = ("site-a" if p % 2 else "site-b", f"p{p}")
+        labels = kinds[("wnl", "other", "pe")[p % 3]]
+        series[key], images[key] = list(labels), _square_images(labels, rng, size)
+        assignment[key] = "train" if p < 9 else "val" if p < 12 else "test"
+    write_windows(root / "windows", series, size=size, images=images)
+    return str(root / "windows"), str(write_splits(root / "splits.parquet", assignment))
+
+
+def train_exam_trio(root: Path, config: Config) -> tuple[str, str, str, str, str]:
+    """Both stages and the exam model (thresholds set on val) trained on :func:`write_exam_cohort`
+    under ``root``: (windows, splits, stage1, stage2, exam)."""
+    from pe_triage.evaluation.exam import calibrate_exam
+    from pe_triage.training.exam import train_exam
+
+    windows, splits = write_exam_cohort(root, 32)
+    for stage in (1, 2):
+        train(windows, splits, str(root / f"stage{stage}"), stage=stage, config=config)
+    stage1, stage2 = str(root / "stage1"), str(root / "stage2")
+    train_exam(windows, splits, stage1, stage2, str(root / "exam-trained"), config=config)
+    calibrate_exam(stage1, stage2, str(root / "exam-trained"), windows, splits, str(root / "exam"), config=config)
+    return windows, splits, stage1, stage2, str(root / "exam")
+
+
+def write_site_windows(root: Path, sites: tuple[str, ...] = ("site-a", "site-b", "site-c"), size: int = 32) -> str:
+    """A windows dataset of several sites (leave one site out): per site 2 WNL, 2 PE and 2 other-disease
+    patients of 6 slices, with the learnable squares of :func:`write_toy_cohort`."""
+    rng = np.random.default_rng(0)
+    series, images = {}, {}
+    classes = {"wnl": ["wnl"] * 6, "pe": ["wnl"] * 2 + ["pe"] * 2 + ["other"] * 2, "other": ["wnl"] * 3 + ["other"] * 3}
+    for site in sites:
+        for p, cls in enumerate(["wnl", "wnl", "pe", "pe", "other", "other"]):
+            key = (site, f"{site}-p{p}")
+            series[key], images[key] = classes[cls], _square_images(classes[cls], rng, size)
+    write_windows(root / "windows", series, size=size, images=images)
+    return str(root / "windows")
+
+
+def write_evaluation(folder: Path, fold: str, *, windows_digest: str = "w1", splits_digest: str | None = None,
+                     **summary: object) -> str:
+    """An ``evaluate`` output folder with the parts a leave-one-site-out summary reads."""
+    base = {"slice_stage1_auroc": 0.95, "slice_stage2_auroc": 0.9, "patient_pe_sensitivity": 1.0,
+            "patient_disease_sensitivity": 1.0, "slices": 60, "patients": 6}
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "summary": base | summary,
+        "test_data": {"windows_digest": windows_digest,
+                      "splits_digest": splits_digest or ("s-main" if fold == S.DEFAULT_FOLD else "s-loso"),
+                      "split": "test", "fold": fold}}))
+    return str(folder)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
 
-from pe_triage_components import data, model, registry, stores
+from pe_triage_components import data, loso, model, registry, stores
 from pe_triage_components.images import CPU_IMAGE, CUDA_IMAGE
 
 
@@ -38,12 +38,17 @@ class Components:
     split: PythonComponent
     train: PythonComponent
     calibrate: PythonComponent
+    train_exam: PythonComponent
     evaluate: PythonComponent
     register: PythonComponent
     check_gates: PythonComponent
+    check_trigger: PythonComponent
     evaluate_champion: PythonComponent
     promote: PythonComponent
     record_outcome: PythonComponent
+    loso_folds: PythonComponent
+    loso_fold: PythonComponent
+    loso_summary: PythonComponent
 
 
 def build(cpu_image: str = CPU_IMAGE, cuda_image: str = CUDA_IMAGE) -> Components:
@@ -62,12 +67,17 @@ def build(cpu_image: str = CPU_IMAGE, cuda_image: str = CUDA_IMAGE) -> Component
         split=cpu(data.split),
         train=dsl.component(model.train, base_image=cuda_image, install_kfp_package=False),
         calibrate=cpu(model.calibrate),
+        train_exam=cpu(model.train_exam),  # embeds slices on CPU threads, as evaluate scores them
         evaluate=cpu(model.evaluate),
         register=cpu(registry.register),
         check_gates=cpu(registry.check_gates),
+        check_trigger=cpu(registry.check_trigger),
         evaluate_champion=cpu(registry.evaluate_champion),
         promote=cpu(registry.promote),
         record_outcome=cpu(registry.record_outcome),
+        loso_folds=cpu(loso.loso_folds),
+        loso_fold=dsl.component(loso.loso_fold, base_image=cuda_image, install_kfp_package=False),  # trains, like train
+        loso_summary=cpu(loso.loso_summary),
     )
 
 

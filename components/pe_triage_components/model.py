@@ -1,4 +1,4 @@
-"""Model steps: train one stage (GPU image), set the cascade's operating point, evaluate the cascade."""
+"""Model steps: train one stage (GPU image), set the cascade's operating point, train the exam model, evaluate."""
 
 from kfp.dsl import (
     HTML,
@@ -49,14 +49,41 @@ def calibrate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset
                             **{f"val_{k}": v for k, v in (record["achieved"] or {}).items() if isinstance(v, float)})
 
 
+def train_exam(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset], splits: Input[Dataset], config: str,
+               tracking_uri: str, exam: Output[Model]):
+    """The exam-level model over the calibrated stages' slice embeddings, its two thresholds then set
+    jointly on the validation exams as ``calibrate`` sets the stages'. With ``exam.enabled`` false,
+    a marker file and ``enabled: false`` in the metadata, which evaluate and register read as no exam model."""
+    import json
+
+    from pe_triage.config import parse_config
+    from pe_triage.evaluation.exam import calibrate_exam
+    from pe_triage.logs import setup_logging
+    from pe_triage.training.exam import train_exam
+
+    setup_logging()
+
+    cfg = parse_config(config)
+    exam.metadata["enabled"] = cfg.exam.enabled
+    if not cfg.exam.enabled:
+        with open(exam.path, "w") as f:  # a file behind the output: kfp.local's cache skips entries without one
+            json.dump({"enabled": False}, f)
+        return
+    source = windows.metadata.get("uri") or windows.path  # a reference to the store, or the artifact
+    meta = train_exam(source, splits.path, stage1.path, stage2.path, exam.path, config=cfg, tracking_uri=tracking_uri or None)
+    thresholds = calibrate_exam(stage1.path, stage2.path, exam.path, source, splits.path, exam.path, config=cfg)
+    exam.metadata.update(thresholds=thresholds, **{k: v for k, v in meta["validation"].items() if v is not None})
+
+
 def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset], splits: Input[Dataset], config: str,
              tracking_uri: str, truth: str, evaluation: Output[Artifact], metrics: Output[Metrics],
              cascade: Output[ClassificationMetrics], per_site: Output[SlicedClassificationMetrics], report: Output[HTML],
-             summary: Output[Markdown]):
+             summary: Output[Markdown], exam: Input[Model] = None):
     """Evaluate the cascade on the test split: ``evaluation`` is the folder the registry reads
     (metrics.json, report, plots); the other outputs are the views the KFP UI renders (summary
     numbers, the per-slice 3-class cascade confusion and stage-1 ROC, the same per site). ``truth``: a
-    synthetic cohort's ground-truth folder ("" for hospital data) for lesion contours and evidence-map checks."""
+    synthetic cohort's ground-truth folder ("" for hospital data) for lesion contours and evidence-map checks.
+    ``exam``: the exam model, compared with the slice rules (absent, or a disabled step's marker: none)."""
     import json
     import shutil
 
@@ -68,8 +95,9 @@ def evaluate(stage1: Input[Model], stage2: Input[Model], windows: Input[Dataset]
 
     cfg = parse_config(config)
     source = windows.metadata.get("uri") or windows.path  # a reference to the store, or the artifact
+    exam_path = exam.path if exam is not None and exam.metadata.get("enabled", True) else None
     result = evaluate(stage1.path, stage2.path, source, splits.path, evaluation.path, config=cfg, truth=truth or None,
-                      tracking_uri=tracking_uri or None)
+                      tracking_uri=tracking_uri or None, exam=exam_path)
     for name, value in result["summary"].items():
         if value is not None:
             metrics.log_metric(name, float(value))

@@ -64,7 +64,14 @@ def _arguments(args: argparse.Namespace, tracking_uri: str, store: str) -> dict[
         params |= {"sites": _sites(args.site), "demo_key": args.demo_key, "labels_format": args.labels_format}
     elif args.site or args.demo_key or args.labels_format != "manifest":
         raise ConfigError("--site, --demo-key and --labels-format are onboarding parameters")
-    return params
+    if args.force and args.pipeline != "retraining":
+        raise ConfigError("--force is a retraining parameter")
+    return params | _force(args)
+
+
+def _force(args: argparse.Namespace) -> dict[str, Any]:
+    """``force`` only when asked for: a run or schedule without it keeps the pipeline's default (False)."""
+    return {"force": True} if args.force else {}
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -102,7 +109,8 @@ def _schedule(args: argparse.Namespace) -> int:
     if len(args.cron.split()) != 6:
         raise ConfigError(f"--cron {args.cron!r}: KFP takes six fields, seconds first (e.g. '0 0 2 * * 0': Sundays 02:00)")
     options, raw = _cluster(args)
-    params = {"slices_store": _store(args, raw), "config": _config_text(args.config), "tracking_uri": _tracking(args, raw)}
+    params = {"slices_store": _store(args, raw), "config": _config_text(args.config), "tracking_uri": _tracking(args, raw),
+              **_force(args)}
     recurring = schedule(args.host, params, cron=args.cron, name=args.name, experiment=args.experiment,
                          namespace=args.namespace, options=options)
     print(f"recurring run {args.name}: {recurring} ({args.cron}, one at a time, no catch-up)")
@@ -112,7 +120,7 @@ def _schedule(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pe_triage_pipelines.demo import run_demo
 
-    summary = run_demo(Path(args.out), args.config, seed=args.seed)
+    summary = run_demo(Path(args.out), args.config, seed=args.seed, force=args.force)
     print(json.dumps({k: summary[k] for k in ("registered_version", "champion", "promoted")}))
     return 0
 
@@ -134,6 +142,8 @@ def _shared_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="pe-triage YAML configuration; its text becomes the config parameter")
     p.add_argument("--tracking-uri", default="",
                    help="MLflow tracking URI (default: the cluster config's, else MLFLOW_TRACKING_URI)")
+    p.add_argument("--force", action="store_true",
+                   help="retraining: train even when nothing warrants it (no new labelled data since the champion's, no drift)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -198,4 +208,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="configs/demo.yaml", help="YAML configuration (small model and cohort)")
     p.add_argument("--seed", type=int, help="cohort seed (default: the configuration's); another seed onboards a new cohort "
                                             "into the same registry and competes with the champion")
+    p.add_argument("--force", action="store_true", help="retrain even when the store is the champion's training data")
     p.set_defaults(func=_demo)

@@ -71,6 +71,9 @@ class ClusterOptions:
     backoff_max: str = "10m"
     #: sites ingested at the same time by the onboarding ParallelFor
     parallel_sites: int = 4
+    #: leave-one-site-out folds trained at the same time by the retraining ParallelFor: each is a
+    #: GPU training pod like the main pair's, so 2 keeps a run from taking every GPU node at once
+    parallel_folds: int = 2
     #: /dev/shm of every step, a memory-backed emptyDir (the container default of 64 MB is less than
     #: two loader workers keep in flight: a bus error). 4 GiB: 8 workers x 4 prefetched batches of 32
     #: two-window 256 px float slices are 2 GiB per rank; it counts against the pod's memory only when used

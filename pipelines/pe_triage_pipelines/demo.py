@@ -2,7 +2,8 @@
 a model retrained, evaluated, registered and (gates permitting) promoted by the real pipelines under
 kfp.local, tracked by a real MLflow server on SQLite. A second run with the same seed reuses the
 cohort and every cached step (ingest and the quality reports run again: they are cheap and the
-store is theirs to check); a run with another ``--seed`` onboards a new cohort into the same
+store is theirs to check), and its retraining is skipped with the reason, since the store is the
+champion's training data (``--force`` trains anyway); a run with another ``--seed`` onboards a new cohort into the same
 registry, registers the next version and promotes it only if it beats the champion re-evaluated on
 the new test data.
 
@@ -122,7 +123,7 @@ _PRESETS = {
 }
 
 
-def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dict[str, Any]:
+def run_demo(out: Path, config_path: str | None, seed: int | None = None, force: bool = False) -> dict[str, Any]:
     out = out.resolve()
     config = load_config(config_path)
     if seed is not None:
@@ -145,9 +146,11 @@ def run_demo(out: Path, config_path: str | None, seed: int | None = None) -> dic
             with _step(3, f"onboarding pipeline: {len(sites)} sites -> {data / 'slices'}", terminal):
                 print(f"      full step logs: {data / 'kfp.log'} (tail -f to follow a step)", file=terminal, flush=True)
                 run_local("onboarding", {**common, "sites": sites, "demo_key": True}, pipeline_root=data / "kfp")
-            retraining = "retraining pipeline: preprocess, split, train x2, calibrate, evaluate, register, gates, promote"
+            retraining = ("retraining pipeline: preprocess, split, train x2, calibrate, exam model, evaluate, register, gates, "
+                          "promote")
             with _step(4, retraining, terminal):
-                run_local("retraining", {**common, "truth": str(data / "cohort" / "truth")}, pipeline_root=data / "kfp")
+                run_local("retraining", {**common, "truth": str(data / "cohort" / "truth"), "force": force},
+                          pipeline_root=data / "kfp")
         with _step(5, "results", terminal):
             result = registry_overview(data / "results", config=config.registry, uri=uri)
     return _report(result, config, out, data, uri, external=bool(external))

@@ -17,9 +17,10 @@ from pe_triage_pipelines.cluster import ClusterOptions
 from pe_triage_pipelines.compile import PIPELINES
 
 #: a transient failure here is a server still starting, not a preempted node: retry soon, give up soon.
-#: One site at a time (kfp.local would run two ParallelFor iterations in threads): each site's ingest
-#: already uses every core, and one step at a time keeps each step's log lines together.
-LOCAL = ClusterOptions(retries=2, backoff="5s", backoff_max="30s", parallel_sites=1)
+#: One site (and one leave-one-site-out fold) at a time (kfp.local would run two ParallelFor iterations
+#: in threads): each site's ingest or fold's training already uses every core, and one step at a time
+#: keeps each step's log lines together.
+LOCAL = ClusterOptions(retries=2, backoff="5s", backoff_max="30s", parallel_sites=1, parallel_folds=1)
 
 
 def run_local(name: str, arguments: dict[str, Any], *, pipeline_root: str | Path, cache: bool = True) -> None:

@@ -7,7 +7,7 @@ or below, and siblings on one floor or in one package import each other in one d
 0. contracts: ``schema``, ``config``, ``storage``, ``parallel``, ``windows``, ``provenance``, ``progress``, ``logs``
 1. building blocks: ``dicom``, ``labels``, ``lung_crop``, ``models``, ``stats``, ``tracking``, ``synth``
 2. shared artifacts: ``artifact`` (the model folder), ``dataset`` (the windows as a torch dataset)
-3. data steps: ``ingest``, ``preprocess``, ``splits``, ``quality``
+3. data steps: ``ingest``, ``preprocess``, ``splits``, ``quality``, ``hu_summary`` (a study's HU histogram, for monitoring)
 4. model steps: ``training``, ``evaluation``, ``predict``, ``pacs`` (DICOMweb in, DICOM SR out, on ``predict``),
    ``monitoring`` (a record per triage, the drift report)
 5. ``registry``
@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schema", "config", "storage", "parallel", "windows", "provenance", "progress", "logs"),
     ("dicom", "labels", "lung_crop", "models", "stats", "tracking", "synth"),
     ("artifact", "dataset"),
-    ("ingest", "preprocess", "splits", "quality"),
+    ("ingest", "preprocess", "splits", "quality", "hu_summary"),
     ("training", "evaluation", "predict", "pacs", "monitoring"),
     ("registry",),
     ("cli",),

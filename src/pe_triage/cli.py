@@ -135,7 +135,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pe_triage.evaluation.evaluate import evaluate
 
     metrics = evaluate(args.stage1, args.stage2, args.windows, args.splits, args.out, split=args.split, fold=args.fold,
-                       config=load_config(args.config), truth=args.truth, tracking_uri=args.tracking_uri)
+                       config=load_config(args.config), truth=args.truth, tracking_uri=args.tracking_uri, exam=args.exam)
     print(json.dumps(metrics["summary"], indent=2))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -291,6 +291,7 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold", default="default", help="fold of the splits file")
     p.add_argument("--out", required=True, help="output folder (metrics.json, report.md, report.html, plots)")
     p.add_argument("--truth", help="synthetic ground truth folder (cohort/truth): evidence maps measured against the lesions")
+    p.add_argument("--exam", help="exam model folder of these stages: its per-patient figures beside the slice rules'")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI; none: no tracking)")
     p.add_argument("--config", help="YAML configuration (sections evaluate, loader, registry)")
     p.set_defaults(func=_evaluate)

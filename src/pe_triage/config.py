@@ -28,6 +28,9 @@ Pooling = Literal["avg", "max", "avgmax"]
 Imbalance = Literal["sampler", "weight", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 PatientRule = Literal["any", "k_consecutive", "top_k_mean"]
+#: ``EvalConfig.patient_rule``: a rule over the slice scores, or "exam": the exam-level model of the
+#: model version decides each study (``predict.Triage``; a version without one is refused at load)
+StudyRule = Literal[PatientRule, "exam"]
 #: "exclude", or one of the cascade's classes (``schema.Label``: wnl, other, pe)
 IndeterminateMode = Literal["exclude", "wnl", "other", "pe"]
 AttributionMethod = Literal["integrated_gradients", "gradcam"]
@@ -86,6 +89,32 @@ class LesionVisibility:
 
 
 @dataclass(frozen=True)
+class SiteShift:
+    """An acquisition shift at some of the cohort's sites, as a hospital brings when it changes
+    scanner or protocol: a sharper reconstruction kernel (more noise, another kernel name) and a
+    miscalibrated HU scale (water not at 0). Off by default; a leave-one-site-out run or a drift
+    report on a cohort with a shifted site must flag that site (issue 23's must-show)."""
+
+    #: site names (site-a, site-b, ...) that get the shift; empty: none
+    sites: tuple[str, ...] = ()
+    #: added to every HU inside the reconstruction circle: a calibration off by 100-200 HU is the
+    #: size of a wrong RescaleIntercept convention's residue, and moves contrast blood out of the
+    #: vascular window's middle
+    hu_offset: float = 0.0
+    #: multiplies the site's noise sigma: a sharp lung kernel (Siemens B70f, GE LUNG) has 2-4x the
+    #: noise of the soft-tissue kernels the sites use by default
+    noise_scale: float = 1.0
+    #: ConvolutionKernel written instead of the site's own ("": keep it), so ingest and the drift
+    #: report see the new convention in the headers
+    kernel: str = ""
+
+    def __post_init__(self) -> None:
+        if self.noise_scale <= 0 or abs(self.hu_offset) > 1000:
+            raise ConfigError(f"synth.site_shift: noise_scale must be > 0 and |hu_offset| <= 1000 HU, got "
+                              f"{self.noise_scale} and {self.hu_offset}")
+
+
+@dataclass(frozen=True)
 class SynthConfig(_Choices):
     """Synthetic chest-CT cohort (CTPA-like) used by the demo and the tests.
 
@@ -115,6 +144,8 @@ class SynthConfig(_Choices):
     lesions: LesionPresetName = "realistic"
     #: per lesion kind, the smallest cross-section that gets a slice its label (else indeterminate)
     min_visible_area_mm2: LesionVisibility = field(default_factory=LesionVisibility)
+    #: an acquisition shift at some sites (a new kernel, an HU offset); none by default
+    site_shift: SiteShift = field(default_factory=SiteShift)
 
 
 @dataclass(frozen=True)
@@ -237,6 +268,32 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class LosoConfig:
+    """Leave-one-site-out in the retraining pipeline (``evaluation.loso``): one fold per site, each
+    trained like the main model without that site and evaluated on it, to answer "does the model
+    work at a hospital it was not trained on?" before a promotion (gate:
+    ``registry.gates.max_site_auroc_drop``)."""
+
+    #: on by default: a hospital onboarded next is the users' normal case, and the fold models are
+    #: the only evidence of how a model does at an unseen site
+    enabled: bool = True
+    #: fewer sites, no folds: with 2 sites each fold trains on a single hospital, which measures that
+    #: hospital's idiosyncrasies rather than generalisation (and costs a full retraining per site)
+    min_sites: int = 3
+    #: the figures whose drop (pooled test split minus held-out site) the gate bounds: the stages'
+    #: slice AUROCs, because they are threshold-free (the operating point is set on the pooled
+    #: validation exams, so a held-out site's sensitivity mixes a shifted score scale, which a site
+    #: recalibration fixes, with lost discrimination, which it does not) and rest on every slice of
+    #: the site, where a site's patient PE sensitivity moves in steps of 1/(its few PE patients)
+    gate_metrics: tuple[str, ...] = ("slice_stage1_auroc", "slice_stage2_auroc")
+
+    def __post_init__(self) -> None:
+        if self.min_sites < 2 or not self.gate_metrics:
+            raise ConfigError(f"loso: min_sites must be >= 2 and gate_metrics non-empty, got {self.min_sites} "
+                              f"and {list(self.gate_metrics)}")
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     """Training data loader: augmentation and the window cache."""
 
@@ -338,8 +395,10 @@ class TrainConfig(_Choices):
 class EvalConfig(_Choices):
     """Evaluation: the study's per-patient rule (any positive slice) plus the alternatives."""
 
-    #: "any" (the study), "k_consecutive" (k positive slices in a row) or "top_k_mean"
-    patient_rule: PatientRule = "any"
+    #: "any" (the study), "k_consecutive" (k positive slices in a row), "top_k_mean", or "exam" (the
+    #: exam-level model at its validation-chosen thresholds; prediction only: a slice evaluation needs
+    #: a slice rule). "any" stays the default: it is the study's rule, replicated
+    patient_rule: StudyRule = "any"
     k: int = 2
     #: bootstrap resamples of patients for AUROC confidence intervals
     bootstrap: int = 1000
@@ -425,6 +484,10 @@ class ExamConfig(_Choices):
     every labelled slice as a target beside the one label per exam: with hundreds of exams the
     exam label alone overfits."""
 
+    #: train the exam model as a pipeline step (``train_exam``) after ``calibrate``. On by default: it
+    #: costs one forward pass of both stage models over the train and val slices plus seconds of
+    #: fitting, and every evaluation then shows the rules beside the exam model on the users' own data
+    enabled: bool = True
     #: "gru" (bidirectional, one layer) or "attention" (attention pooling over z)
     arch: ExamArch = "gru"
     hidden: int = 32
@@ -474,7 +537,21 @@ class GateConfig:
     #: lower confidence bound (``evaluate.confidence``) of the slice AUROC, stage 1 and stage 2
     min_stage1_auroc_ci_low: float | None = 0.75
     min_stage2_auroc_ci_low: float | None = 0.75
+    #: minimums on the exam model's per-patient figures (``evaluation.exam``), off by default: the
+    #: triage decides with the exam model only under ``evaluate.patient_rule: exam``; switch them on
+    #: then, or whenever the operator wants the exam model held to a floor. A version without an exam
+    #: model fails a gate that is on (its metric is missing)
+    min_exam_patient_pe_sensitivity: float | None = None
+    min_exam_patient_disease_sensitivity: float | None = None
+    min_exam_patient_pe_specificity: float | None = None
+    #: lower confidence bound of the exam model's per-patient PE AUROC
+    min_exam_patient_pe_auroc_ci_low: float | None = None
     max_regression: float = 0.02
+    #: leave one site out: the largest drop of a ``loso.gate_metrics`` AUROC at a held-out site
+    #: against the pooled test split. 0.10: beyond the few hundredths a site's slice AUROC moves by
+    #: sampling alone, and the gap between a usable (0.85+) and a doubtful (0.75) triage model; a
+    #: version registered without a leave-one-site-out summary is not judged on it
+    max_site_auroc_drop: float | None = 0.10
 
 
 @dataclass(frozen=True)
@@ -668,10 +745,25 @@ class MonitorConfig:
     #: a site's flag rate (studies triaged ``pe``) further than this from the reference flag rate is
     #: flagged: 0.1 is about twice the day-to-day spread of a PE prevalence of ~10-15 % at ~50 studies
     flag_rate_delta: float = 0.1
+    #: PSI of a site's pooled HU bin masses (100-HU bins inside the lung crop, ``pe_triage.hu_summary``)
+    #: against the training data's above this flags it: lower than ``psi_threshold`` because the masses
+    #: pool thousands of pixels per study, so sampling noise is small; 0.1 sits between the calibrated
+    #: synthetic sites (0.004-0.014) and a site with a +100 HU offset (1.5) in benchmarks/drift_shift.py
+    hu_psi_threshold: float = 0.1
+    #: the per-study soft-tissue median HU is flagged only when, besides PSI and KS, the sites' median of
+    #: it is this far from the training studies': uniform tissue makes KS flag gaps of 10-27 HU between
+    #: two small cohorts of one synthetic site, while a miscalibration worth acting on (a wrong intercept
+    #: convention) is 100 HU or more; 30 HU moves a 400-HU window's grey levels by under 8 %
+    hu_median_delta: float = 30.0
+    #: training studies whose HU summary makes the reference (spread over the store): 200 bound the
+    #: decile PSI's noise as for the records, and take seconds to read
+    hu_reference_studies: int = 200
 
     def __post_init__(self) -> None:
         if self.psi_threshold <= 0 or not 0 < self.ks_threshold <= 1 or not 0 < self.flag_rate_delta <= 1:
             raise ConfigError("monitor: psi_threshold must be > 0, ks_threshold and flag_rate_delta in (0, 1]")
+        if self.hu_psi_threshold <= 0 or self.hu_median_delta <= 0 or self.hu_reference_studies < 1:
+            raise ConfigError("monitor: hu_psi_threshold and hu_median_delta must be > 0, hu_reference_studies >= 1")
         if not self.site or "/" in self.site:
             raise ConfigError("monitor.site: a non-empty label without '/'")
 
@@ -682,6 +774,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    loso: LosoConfig = field(default_factory=LosoConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

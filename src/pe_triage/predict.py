@@ -10,7 +10,10 @@ the metrics were computed with. No mlflow here: ``pe_triage.registry.pyfunc`` wr
 Output: one row per slice (:data:`OUTPUT_COLUMNS`): ``p_disease`` (stage 1), ``p_pe`` (stage 2, on
 every slice, as in evaluation), ``triage`` (``wnl`` | ``other`` | ``pe``; ``skipped`` when the slice
 cannot be scored: too small, or no body), ``flagged`` (triage is ``pe``) and ``study_triage`` (the
-patient rule over the study's slices, repeated on each of its rows).
+patient rule over the study's slices, repeated on each of its rows). A model version that carries an
+exam-level model (``models.exam``) adds ``exam_p_disease`` and ``exam_p_pe`` (its per-study
+probabilities, repeated on each row); its slice embeddings come from the same forward pass as the
+slice scores. With the rule ``"exam"`` the study's triage is the exam model's at its thresholds.
 
 Privacy: DICOM input is pseudonymised with a fresh random key per call, and the output names
 studies and series by ordinals (``study-1``, ``series-1``), so nothing in it links to the patient.
@@ -39,14 +42,19 @@ import torch
 
 from pe_triage import schema as S
 from pe_triage.artifact import ModelMeta, StageModel, load_model
-from pe_triage.config import EvalConfig, IngestConfig, PatientRule, PreprocessConfig, WindowConfig, from_dict
+from pe_triage.config import EvalConfig, IngestConfig, PreprocessConfig, StudyRule, WindowConfig, from_dict
 from pe_triage.dicom import Pseudonymizer
+from pe_triage.evaluation.exam import check_pair
 from pe_triage.evaluation.gradcam import Attribution
 from pe_triage.evaluation.metrics import RULES, cascade_labels, patient_decisions
+from pe_triage.evaluation.scoring import EvaluationError
+from pe_triage.hu_summary import summarise
 from pe_triage.ingest import ingest_site
 from pe_triage.lung_crop import Box, NoBodyError
+from pe_triage.models.exam import ExamArtifactError, ExamModel, load_exam_model, slice_features
 from pe_triage.preprocess import preprocess, resolve_windows, series_box, too_small, window_slice
 from pe_triage.storage import location
+from pe_triage.training.exam import feature_columns
 from pe_triage.windows import Window, context_stack, neighbour_rows, uint8_to_centred, window_channels
 
 FORMAT = "pe-triage-triage/1"
@@ -54,6 +62,9 @@ FORMAT = "pe-triage-triage/1"
 HU_INPUT = "hu"
 DICOM_PATH = "dicom_path"
 TRIAGE, FLAGGED, STUDY_TRIAGE = "triage", "flagged", "study_triage"
+#: the exam model's per-study probabilities (output columns of a version that carries one)
+EXAM_P_DISEASE, EXAM_P_PE = "exam_p_disease", "exam_p_pe"
+EXAM_RULE = "exam"
 SKIPPED = "skipped"
 KEY_COLUMNS = [S.STUDY_UID, S.SERIES_UID, S.SLICE_INDEX]
 SLICE_INPUT_COLUMNS = [*KEY_COLUMNS, S.ROWS, S.COLS, S.PIXEL_SPACING_ROW, S.PIXEL_SPACING_COL]
@@ -113,12 +124,13 @@ def default_device() -> str:
 class DecisionRule:
     """The per-patient rule (``EvalConfig.patient_rule`` and ``k``) applied to each study."""
 
-    rule: PatientRule = "any"
+    rule: StudyRule = "any"
     k: int = 2
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES or self.k < 1:
-            raise PredictError(f"patient rule {self.rule!r} with k={self.k}: rule must be one of {list(RULES)}, k >= 1")
+        if self.rule not in (*RULES, EXAM_RULE) or self.k < 1:
+            raise PredictError(f"patient rule {self.rule!r} with k={self.k}: rule must be one of "
+                               f"{[*RULES, EXAM_RULE]}, k >= 1")
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(patient_rule=self.rule, k=self.k)
@@ -166,6 +178,7 @@ class ModelInputs:
     position: np.ndarray  # [N] slice_index: the order along z
     boxes: np.ndarray  # int [N, 4]: the crop box (y0, y1, x0, x1; half-open, source pixels)
     rows: np.ndarray  # [N] output row i is stack row rows[i]
+    features: np.ndarray | None = None  # [N, D] exam features (a model with an exam model), from the scoring pass
 
 
 @dataclass(frozen=True)
@@ -201,9 +214,26 @@ def to_source(heat: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0, 1)
 
 
+def load_exam(path: str | Path, stage1: str | Path, stage2: str | Path) -> ExamModel:
+    """The exam model at ``path``, refused unless it was trained on the features of exactly these
+    stage models (the weights' digests recorded in its metadata): other features mean nothing to it."""
+    try:
+        exam = load_exam_model(path)
+        check_pair(exam, str(stage1), str(stage2))
+    except (ExamArtifactError, EvaluationError) as e:
+        raise PredictError(f"exam model: {e}: not a consistent model (train the exam model on this stage pair)") from None
+    return exam
+
+
+def exam_description(exam: ExamModel) -> dict[str, Any]:
+    """What a version records of its exam model (configuration, tags, report): no weights."""
+    return {"arch": exam.net.arch, "features": exam.meta.get("features"), "thresholds": exam.thresholds}
+
+
 @dataclass
 class Triage:
-    """A consistent pair of stage models, the preprocessing they need and the per-patient rule."""
+    """A consistent pair of stage models, the preprocessing they need, the per-patient rule and,
+    optionally, the exam-level model trained on the pair's features."""
 
     stage1: StageModel
     stage2: StageModel
@@ -211,6 +241,13 @@ class Triage:
     preprocess: PreprocessConfig
     #: where both stages score (:meth:`to`); loading is always on CPU, the weights' own device
     device: str = "cpu"
+    #: the exam model (scores on CPU: a small GRU over one study's sequence); None for a slice-rule-only version
+    exam: ExamModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule.rule == EXAM_RULE and self.exam is None:
+            raise PredictError('patient rule "exam" needs an exam model, and this model has none: register the '
+                               "version with its exam model, or use a slice rule (any, k_consecutive, top_k_mean)")
 
     def to(self, device: str) -> Triage:
         """Both stage models moved to ``device`` (``cuda`` on a GPU server), scoring there; returns self."""
@@ -220,15 +257,18 @@ class Triage:
         return self
 
     @classmethod
-    def load(cls, stage1: str | Path, stage2: str | Path, *, rule: DecisionRule = DecisionRule()) -> Triage:
+    def load(cls, stage1: str | Path, stage2: str | Path, *, rule: DecisionRule = DecisionRule(),
+             exam: str | Path | None = None) -> Triage:
         m1, m2 = load_model(stage1), load_model(stage2)
         if (m1.meta.stage, m2.meta.stage) != (1, 2):
             raise PredictError(f"expected a stage 1 and a stage 2 model, got stages {m1.meta.stage} and {m2.meta.stage}")
-        return cls(m1, m2, rule, composite_preprocess(m1.meta, m2.meta))
+        exam_model = None if exam is None else load_exam(exam, stage1, stage2)
+        return cls(m1, m2, rule, composite_preprocess(m1.meta, m2.meta), exam=exam_model)
 
     def config(self) -> dict[str, Any]:
-        """What the registered model stores next to the two artifacts (and the model card shows)."""
-        return {
+        """What the registered model stores next to the artifacts (and the model card shows); ``exam``
+        only for a version that carries an exam model."""
+        config = {
             "format": FORMAT,
             "rule": {"rule": self.rule.rule, "k": self.rule.k},
             "thresholds": {"stage1": self.stage1.meta.threshold, "stage2": self.stage2.meta.threshold},
@@ -236,13 +276,19 @@ class Triage:
             "size": self.preprocess.size,
             "crop_mode": self.preprocess.crop.mode,
         }
+        return config if self.exam is None else config | {"exam": exam_description(self.exam)}
 
     @classmethod
-    def from_config(cls, stage1: str | Path, stage2: str | Path, config_file: str | Path) -> Triage:
+    def from_config(cls, stage1: str | Path, stage2: str | Path, config_file: str | Path,
+                    exam: str | Path | None = None) -> Triage:
+        """Rebuild a stored model; its configuration and its artifacts must agree on carrying an exam model."""
         stored = json.loads(Path(config_file).read_text())
         if stored.get("format") != FORMAT:
             raise PredictError(f"{config_file}: format {stored.get('format')!r}, this version reads {FORMAT!r}")
-        return cls.load(stage1, stage2, rule=DecisionRule(**stored["rule"]))
+        if ("exam" in stored) != (exam is not None):
+            raise PredictError(f"{config_file}: the configuration and the artifacts disagree on whether the model carries "
+                               "an exam model: not a consistent model")
+        return cls.load(stage1, stage2, rule=DecisionRule(**stored["rule"]), exam=exam)
 
     # ---------------------------------------------------------------------------- scoring
     def score(self, stack: np.ndarray, windows: Sequence[Window], series: np.ndarray,
@@ -250,11 +296,40 @@ class Triage:
         """uint8 window stacks ``[N, C, H, W]`` (channels = ``windows``) of slices of ``series`` (a key
         per slice) at ``position`` along z -> (p_disease, p_pe); a 2.5-D model reads each slice with
         its neighbours in its series (``windows.neighbour_rows``)."""
+        p_disease, p_pe, _ = self.score_features(stack, windows, series, position)
+        return p_disease, p_pe
+
+    def score_features(self, stack: np.ndarray, windows: Sequence[Window], series: np.ndarray,
+                       position: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`score` and, with an exam model, each slice's exam features ``[N, D]`` from the same
+        forward pass (None without one)."""
         if len(stack) == 0:
-            return np.empty(0, np.float32), np.empty(0, np.float32)
-        probs = [model.predict_proba(_stage_input(model, stack, windows, series, position), device=self.device)
-                 for model in (self.stage1, self.stage2)]
-        return probs[0], probs[1]
+            return np.empty(0, np.float32), np.empty(0, np.float32), None
+        inputs = [_stage_input(model, stack, windows, series, position) for model in (self.stage1, self.stage2)]
+        if self.exam is None:
+            probs = [model.predict_proba(x, device=self.device) for model, x in zip((self.stage1, self.stage2), inputs,
+                                                                                    strict=True)]
+            return probs[0], probs[1], None
+        return self._embed(inputs, self.exam)
+
+    def _embed(self, inputs: Sequence[np.ndarray], exam: ExamModel,
+               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Both stages' probabilities and the exam features, one forward pass per batch: the layout
+        ``training.exam.embed_split`` trains on (per stage its pooled features, then its logit)."""
+        nets = [self.stage1.model.eval(), self.stage2.model.eval()]
+        dims = [int(net.head.in_features) for net in nets]
+        logits = torch.as_tensor(np.cumsum([d + 1 for d in dims]) - 1, device=self.device)
+        keep = torch.as_tensor(feature_columns(dims, exam.meta.get("features", "all")), device=self.device)
+        torch.set_flush_denormal(True)  # as artifact.predict_proba: the same numbers as a version without exam model
+        probs, features = [], []
+        with torch.inference_mode():
+            for start in range(0, len(inputs[0]), batch_size):
+                xs = [torch.from_numpy(uint8_to_centred(x[start : start + batch_size])).to(self.device) for x in inputs]
+                f = slice_features(nets, xs, "all").float()
+                probs.append(torch.sigmoid(f[:, logits]).cpu().numpy())
+                features.append(f[:, keep].cpu().numpy())
+        p = np.concatenate(probs)
+        return p[:, 0], p[:, 1], np.concatenate(features)
 
     def evidence(self, inputs: ModelInputs, row: int, *, stage: int, shape: tuple[int, int],
                  attribution: Attribution = Attribution()) -> np.ndarray:
@@ -271,8 +346,10 @@ class Triage:
         heat = to_source(maps.mean(0), Box(*(int(v) for v in inputs.boxes[at])), shape)
         return heat / heat.max() if heat.max() > 0 else heat  # its peak at 1 again after the averaging and resizing
 
-    def _per_slice(self, keys: pd.DataFrame, p_disease: np.ndarray, p_pe: np.ndarray) -> pd.DataFrame:
-        """Keys + probabilities (NaN: skipped) -> the output frame, with the per-study decision."""
+    def _per_slice(self, keys: pd.DataFrame, p_disease: np.ndarray, p_pe: np.ndarray,
+                   features: np.ndarray | None = None) -> pd.DataFrame:
+        """Keys + probabilities (NaN: skipped) + the scored slices' exam features (in row order) ->
+        the output frame, with the per-study decision."""
         out = keys[KEY_COLUMNS].reset_index(drop=True).copy()
         out[S.P_DISEASE], out[S.P_PE] = p_disease.astype(float), p_pe.astype(float)
         scored = out[S.P_DISEASE].notna().to_numpy()
@@ -280,10 +357,29 @@ class Triage:
         triage[scored] = cascade_labels(p_disease[scored], p_pe[scored], self.stage1.meta.threshold, self.stage2.meta.threshold)
         out[TRIAGE] = triage
         out[FLAGGED] = triage == S.Label.PE.value
+        if self.exam is not None:
+            out = self.with_exam(out, features)
         decisions = study_decisions(out[scored], self)
         by_study = dict(zip(decisions[S.STUDY_UID], decisions["triage"], strict=True))
         out[STUDY_TRIAGE] = [by_study.get(str(study), SKIPPED) for study in out[S.STUDY_UID]]
         return out
+
+    def with_exam(self, frame: pd.DataFrame, features: np.ndarray | None) -> pd.DataFrame:
+        """``frame`` with each row's study's exam probabilities (NaN for a study without a scored slice),
+        from the ``features`` of its scored rows (in row order) in z order (series, then slice index), as
+        the exam model was trained: a study scored series by series (``pacs``) is one exam again."""
+        scored = frame[S.P_DISEASE].notna().to_numpy()
+        if self.exam is None or features is None or len(features) != int(scored.sum()):
+            raise PredictError("exam features are needed for every scored slice, and only with an exam model")
+        done = frame[scored]
+        studies = done[S.STUDY_UID].astype(str).to_numpy()
+        by_study: dict[str, list[int]] = {}
+        for i in np.lexsort((done[S.SLICE_INDEX].to_numpy(), done[S.SERIES_UID].astype(str).to_numpy())):
+            by_study.setdefault(studies[i], []).append(int(i))
+        probs = self.exam.predict_proba([features[rows] for rows in by_study.values()]) if by_study else np.zeros((0, 2))
+        found = dict(zip(by_study, probs, strict=True))
+        exam = np.array([found.get(str(study), (np.nan, np.nan)) for study in frame[S.STUDY_UID]], float).reshape(-1, 2)
+        return frame.assign(**{EXAM_P_DISEASE: exam[:, 0], EXAM_P_PE: exam[:, 1]})
 
     def predict_slices(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One output row per input row (same order). Input: :data:`SLICE_INPUT_COLUMNS` and the
@@ -315,8 +411,9 @@ class Triage:
                 kept[i] = True
         p_disease, p_pe = np.full(len(frame), np.nan), np.full(len(frame), np.nan)
         series = (frame[S.STUDY_UID].astype(str) + "\x1f" + frame[S.SERIES_UID].astype(str)).to_numpy()
-        p_disease[kept], p_pe[kept] = self.score(stack[kept], windows, series[kept], frame[S.SLICE_INDEX].to_numpy()[kept])
-        return self._per_slice(frame, p_disease, p_pe)
+        p_disease[kept], p_pe[kept], features = self.score_features(stack[kept], windows, series[kept],
+                                                                    frame[S.SLICE_INDEX].to_numpy()[kept])
+        return self._per_slice(frame, p_disease, p_pe, features)
 
     def predict_dicom(self, sources: str | Sequence[str], *, ingest: IngestConfig = IngestConfig(),
                       allowed_prefixes: Sequence[str] | None = None,
@@ -359,6 +456,9 @@ class Triage:
                 raise PredictError(f"no CT slices in the input: {files['seen']} file(s) seen, "
                                    f"{files['quarantined']} quarantined ({dict(reasons) or 'none'})")
             summary["acquisition"] = _acquisition(sorted((root / "slices").glob(f"{S.SITE}=*/*.parquet")))
+            hu = summarise(location(str(root)), sorted(str(p) for p in (root / "slices").glob(f"{S.SITE}=*/*.parquet")),
+                           self.preprocess.crop)  # for monitoring: HU drift against the training data
+            summary["hu"] = {"fractions": hu.fractions(), "median": hu.median()}
             timings["decode"] = time.perf_counter() - start
             report = preprocess(str(root / "slices"), str(root / "windows"), config=self.preprocess)
             summary["slices_skipped"] = dict(Counter(s["reason"] for s in report["slices_skipped"]))
@@ -367,13 +467,14 @@ class Triage:
             raise PredictError(f"no slice of the input could be scored (skipped: {summary['slices_skipped']})")
         series = (keys[S.STUDY_UID].astype(str) + "\x1f" + keys[S.SERIES_UID].astype(str)).to_numpy()
         timings["crop"] = time.perf_counter() - start - timings["decode"]
-        keys[S.P_DISEASE], keys[S.P_PE] = self.score(stack, windows, series, keys[S.SLICE_INDEX].to_numpy())
+        keys[S.P_DISEASE], keys[S.P_PE], features = self.score_features(stack, windows, series, keys[S.SLICE_INDEX].to_numpy())
         timings["model"] = time.perf_counter() - start - timings["decode"] - timings["crop"]
         keys[_ROW] = np.arange(len(keys))
         slices = _ordinal_ids(keys)
         inputs = ModelInputs(stack, windows, series, keys[S.SLICE_INDEX].to_numpy(), keys[_CROP].to_numpy(np.int64),
-                             slices.pop(_ROW).to_numpy())
-        frame = self._per_slice(slices, slices[S.P_DISEASE].to_numpy(), slices[S.P_PE].to_numpy())
+                             slices.pop(_ROW).to_numpy(), features)
+        frame = self._per_slice(slices, slices[S.P_DISEASE].to_numpy(), slices[S.P_PE].to_numpy(),
+                                None if features is None else features[inputs.rows])
         return ScoredDicom(frame, summary, inputs)
 
 
@@ -440,9 +541,12 @@ def _ordinal_ids(frame: pd.DataFrame) -> pd.DataFrame:
 
 def study_decisions(per_slice: pd.DataFrame, triage: Triage) -> pd.DataFrame:
     """One row per study: ``study_uid``, ``triage`` (wnl | other | pe), ``disease_score``,
-    ``pe_score``, ``slices``. The evaluation's per-patient rule, a study standing for the patient."""
+    ``pe_score``, ``slices``. The evaluation's per-patient rule, a study standing for the patient;
+    with the rule ``"exam"`` the exam model's cascade at its thresholds (its probabilities as scores)."""
     if per_slice.empty:
         return pd.DataFrame({S.STUDY_UID: [], "triage": [], "disease_score": [], "pe_score": [], "slices": []})
+    if triage.rule.rule == EXAM_RULE:
+        return _exam_decisions(per_slice, triage)
     pred = pd.DataFrame({
         S.SITE: _SITE, S.PATIENT_ID: per_slice[S.STUDY_UID].astype(str), S.SERIES_UID: per_slice[S.SERIES_UID].astype(str),
         S.SLICE_INDEX: per_slice[S.SLICE_INDEX].astype(int), S.P_DISEASE: per_slice[S.P_DISEASE], S.P_PE: per_slice[S.P_PE],
@@ -451,6 +555,30 @@ def study_decisions(per_slice: pd.DataFrame, triage: Triage) -> pd.DataFrame:
                            config=triage.rule.eval_config())
     return pd.DataFrame({S.STUDY_UID: pt["patient_id"], "triage": pt["predicted"], "disease_score": pt["disease_score"],
                          "pe_score": pt["pe_score"], "slices": pt["slices"]})
+
+
+def _exam_decisions(per_slice: pd.DataFrame, triage: Triage) -> pd.DataFrame:
+    """:func:`study_decisions` of the exam model: its columns (one value per study) through the cascade."""
+    if triage.exam is None or EXAM_P_DISEASE not in per_slice.columns:
+        raise PredictError('patient rule "exam" needs the exam model\'s probabilities, and the slices have none')
+    g = per_slice.assign(_study=per_slice[S.STUDY_UID].astype(str)).groupby("_study")
+    p_d, p_pe = g[EXAM_P_DISEASE].first().to_numpy(float), g[EXAM_P_PE].first().to_numpy(float)
+    t = triage.exam.thresholds
+    return pd.DataFrame({S.STUDY_UID: g.size().index.to_numpy(object),
+                         "triage": cascade_labels(p_d, p_pe, t["disease"], t["pe"]),
+                         "disease_score": p_d, "pe_score": p_pe, "slices": g.size().to_numpy()})
+
+
+def _exam_report(rows: pd.DataFrame, triage: Triage) -> dict[str, Any]:
+    """A study's exam-model figures in the report: probabilities, flags at the model's thresholds,
+    and whether they decide the study (rule ``"exam"``) or stand beside the slice rule."""
+    if triage.exam is None:
+        return {}
+    p_d, p_pe, t = rows[EXAM_P_DISEASE].iloc[0], rows[EXAM_P_PE].iloc[0], triage.exam.thresholds
+    disease = None if pd.isna(p_d) else bool(p_d >= t["disease"])
+    pe = None if disease is None or pd.isna(p_pe) else bool(disease and p_pe >= t["pe"])
+    return {"exam": {S.P_DISEASE: _num(p_d), S.P_PE: _num(p_pe), "disease_flag": disease, "pe_flag": pe},
+            "decided_by": "exam_model" if triage.rule.rule == EXAM_RULE else "rule"}
 
 
 def triage_report(per_slice: pd.DataFrame, triage: Triage, *, model: str,
@@ -475,11 +603,14 @@ def triage_report(per_slice: pd.DataFrame, triage: Triage, *, model: str,
             "flagged_slices": [{"series": r[S.SERIES_UID], "slice_index": int(r[S.SLICE_INDEX]), S.P_PE: _num(r[S.P_PE])}
                                for r in flagged.to_dict("records")],
             "series": series,
+            **_exam_report(rows, triage),
         })
+    exam = {} if triage.exam is None else {"exam_model": exam_description(triage.exam)}
     return {
         "model": model,
         "rule": triage.config()["rule"],
         "thresholds": triage.config()["thresholds"],
+        **exam,
         "input": input_summary or {},
         "studies": studies,
     }

@@ -348,6 +348,7 @@ def preprocess(slices: str, out: str, *, config: PreprocessConfig = PreprocessCo
              if rel.startswith(f"{S.SITE}=") and rel.endswith(".parquet") and rel.count("/") == 1]
     if not files:
         raise PreprocessError(f"{slices}: no slices files (site=<site>/<series>.parquet)")
+    slices_digest = parquet_dataset_digest(slices)[0]  # lineage: what the retraining trigger compares the store with
     jobs, unchanged = _plan(src, dst, files, windows, config)
     todo = sum(j.slices for j in jobs)
     workers = max(1, min(worker_count(config.workers), todo // max(1, config.min_slices_per_worker)))
@@ -358,6 +359,7 @@ def preprocess(slices: str, out: str, *, config: PreprocessConfig = PreprocessCo
     _commit(dst, results)
     report = _report(slices, windows, config, results, series=len(files), unchanged=len(unchanged), workers=workers,
                      tasks=sum(j.row_groups for j in jobs), seconds=time.perf_counter() - started)
+    report["slices_digest"] = slices_digest
     dst.write_bytes(dst.join("_reports", "preprocess_report.json"), json.dumps(report, indent=2).encode())
     return report
 

@@ -316,6 +316,19 @@ def test_build_script_tags_images_with_the_package_version():
     assert bad.returncode == 2
 
 
+def test_build_script_asks_docker_for_buildkit(tmp_path):
+    """The legacy builder (docker without buildx, or DOCKER_BUILDKIT=0) builds every stage before the
+    target: `--target cpu` would install the CUDA torch of build-cuda first (gigabytes) for nothing."""
+    fake = tmp_path / "docker"
+    fake.write_text('#!/bin/sh\necho "DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-unset} $*"\n')
+    fake.chmod(0o755)
+    env = os.environ | {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "DOCKER_BUILDKIT": "0"}
+    proc = subprocess.run(["bash", str(IMAGES / "build.sh"), "--engine", "docker", "cpu"], capture_output=True,
+                          text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("DOCKER_BUILDKIT=1 build -f images/Dockerfile --target cpu"), proc.stdout
+
+
 def test_build_runs_as_a_non_root_numeric_user_matching_the_chart():
     """The chart's runAsUser must be the images' uid (10001), or kubelet refuses runAsNonRoot."""
     import yaml

@@ -13,6 +13,7 @@ import pytest
 from factories import train_toy_pair, write_splits, write_toy_cohort, write_windows
 
 import pe_triage.evaluation.evaluate as ev
+import pe_triage.evaluation.scoring as scoring
 from pe_triage.artifact import load_model
 from pe_triage.config import Config, EvalConfig, LoaderConfig, ModelConfig, TrainConfig
 from pe_triage.dataset import WindowsDataset
@@ -60,8 +61,8 @@ def test_scores_do_not_depend_on_the_batch_and_the_slices_show_progress(
     threads, give the same probabilities, in the same order."""
     windows, splits, stage1, stage2, config = trained
     monkeypatch.setenv(PROGRESS_ENV, "log")
-    monkeypatch.setattr(ev, "cpu_share", lambda: 3)
-    monkeypatch.setattr(ev, "SCORE_CHUNK", 3)
+    monkeypatch.setattr(scoring, "cpu_share", lambda: 3)
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", 3)
     models = {1: load_model(stage1), 2: load_model(stage2)}
     runs = []
     for images in (1, 7, 64):

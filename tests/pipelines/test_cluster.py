@@ -24,6 +24,8 @@ from pe_triage.training.launch import (
 )
 
 TRAIN = ("exec-train", "exec-train-2")
+#: training pods: the two stages and the leave-one-site-out folds (one executor, one pod per fold)
+TRAINING = (*TRAIN, "exec-loso-fold")
 
 
 def _compiled(tmp_path: Path, options: ClusterOptions) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -60,7 +62,7 @@ def test_every_step_has_a_memory_backed_shm_and_a_timeout_and_training_its_own(t
     assert set(containers) - set(platform) == {"exec-check-gates"}  # reads a JSON the step before wrote: no pod settings
     for label, pod in platform.items():
         assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "6Gi", "volumeName": "dshm"}]
-        assert int(pod["activeDeadlineSeconds"]) == (7200 if label in TRAIN else 600), label
+        assert int(pod["activeDeadlineSeconds"]) == (7200 if label in TRAINING else 600), label
 
 
 def test_training_checkpoints_on_the_claim_when_one_is_configured(tmp_path: Path) -> None:
@@ -69,7 +71,7 @@ def test_training_checkpoints_on_the_claim_when_one_is_configured(tmp_path: Path
         (mount,) = platform[label]["pvcMount"]
         assert mount["mountPath"] == "/ck" and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "ckpts"
         assert _env(containers[label])[CHECKPOINT_ROOT_ENV] == "/ck"
-    assert not any("pvcMount" in pod for label, pod in platform.items() if label not in TRAIN)
+    assert not any("pvcMount" in pod for label, pod in platform.items() if label not in TRAINING)
     containers, platform = _compiled(tmp_path / "without", ClusterOptions())
     for label in TRAIN:
         assert "pvcMount" not in platform[label] and CHECKPOINT_ROOT_ENV not in _env(containers[label])

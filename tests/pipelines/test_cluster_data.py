@@ -20,7 +20,8 @@ from pe_triage_pipelines.compile import compile_pipeline
 from pe_triage.quality import dataset_version
 
 DATA = ClusterOptions(data_root="/data/pe-triage", data_claim="pe-triage-data", data_mount="/data")
-EVALUATIONS = ("exec-evaluate", "exec-evaluate-champion")
+#: forward passes over whole splits (the exam step embeds train and val as evaluate scores test)
+EVALUATIONS = ("exec-evaluate", "exec-evaluate-champion", "exec-train-exam")
 
 
 def _compiled(tmp_path: Path, options: ClusterOptions) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -19,9 +19,11 @@ from pe_triage_pipelines.compile import compile_all
 from pe_triage import __version__
 from pe_triage.cli import main
 
-IO_TASKS = {"convert-labels", "ingest", "data-quality", "dataset-version", "preprocess", "split", "evaluate", "register",
-            "evaluate-champion", "promote", "record-outcome"}
-UNCACHED = {"convert-labels", "ingest", "data-quality", "dataset-version", "evaluate-champion", "promote", "record-outcome"}
+IO_TASKS = {"convert-labels", "ingest", "data-quality", "dataset-version", "check-trigger", "preprocess", "split", "evaluate",
+            "train-exam",
+            "register", "evaluate-champion", "promote", "record-outcome", "loso-folds", "loso-summary"}
+UNCACHED = {"convert-labels", "ingest", "data-quality", "dataset-version", "check-trigger", "evaluate-champion", "promote",
+            "record-outcome"}
 SECRETISH = ("key", "secret", "password", "token", "credential")
 
 
@@ -91,23 +93,70 @@ def test_retraining_graph(compiled: dict[str, Path]) -> None:
     spec, _ = _load(compiled["retraining"])
     tasks = _tasks(spec)
     deps = {name: set(task.get("dependentTasks", [])) for name, (_, task) in tasks.items()}
-    inner = {name for name, (parent, _) in tasks.items() if parent == "comp-exit-handler-1"}
-    assert inner == {"dataset-version", "importer", "preprocess", "split", "train", "train-2", "calibrate", "evaluate",
-                     "register", "check-gates", "condition-2"}
-    assert deps["importer"] == {"dataset-version"} and deps["preprocess"] == {"dataset-version", "importer"}
+    inner = {name for name, (parent, _) in tasks.items() if parent == "comp-condition-2"}  # the retrain-warranted branch
+    assert inner == {"importer", "preprocess", "split", "train", "train-2", "calibrate", "train-exam", "evaluate",
+                     "register", "check-gates", "condition-4", "loso-folds", "for-loop-3", "loso-summary"}
+    # inside the retrain-warranted branch the store's digest arrives as the branch's input, not a dependency
+    assert deps["importer"] == set() and deps["preprocess"] == {"importer"}
+    digest = tasks["preprocess"][1]["inputs"]["parameters"]["slices_digest"]
+    assert digest == {"componentInputParameter": "pipelinechannel--dataset-version-Output"}
     assert deps["split"] == {"preprocess"}
     assert deps["train"] == deps["train-2"] == {"preprocess", "split"}  # the two stages train in parallel
     assert {tasks[t][1]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] for t in ("train", "train-2")} == {1, 2}
     assert deps["calibrate"] == {"preprocess", "split", "train", "train-2"}  # one operating point for the pair
-    assert deps["evaluate"] == {"preprocess", "split", "calibrate"}
-    assert deps["register"] == {"evaluate", "calibrate"}  # what is registered is what was evaluated
-    assert deps["check-gates"] == {"evaluate", "register"}
-    condition = tasks["condition-2"][1]
+    assert deps["train-exam"] == {"preprocess", "split", "calibrate"}  # over the calibrated pair
+    assert deps["evaluate"] == {"preprocess", "split", "calibrate", "train-exam"}
+    # what is registered is what was evaluated, with its leave-one-site-out summary
+    assert deps["register"] == {"evaluate", "calibrate", "loso-summary", "train-exam"}
+    assert deps["check-gates"] == {"evaluate", "register", "loso-summary"}
+    condition = tasks["condition-4"][1]
     assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--check-gates-Output'] == true"
-    assert tasks["promote"][0] == "comp-condition-2"  # promote runs only inside the gates-passed branch
+    assert tasks["promote"][0] == "comp-condition-4"  # promote runs only inside the gates-passed branch
     importer = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
     assert importer["typeSchema"]["schemaTitle"] == "system.Dataset" and "digest" in importer["metadata"]
     assert "reimport" not in importer  # the store is one artifact, versioned by its digest
+
+
+def test_the_exam_model_is_trained_on_the_calibrated_pair_then_evaluated_and_registered(compiled: dict[str, Path]) -> None:
+    spec, _ = _load(compiled["retraining"])
+    tasks = _tasks(spec)
+    exam = tasks["train-exam"][1]
+    assert exam["taskInfo"]["name"] == "train exam model"
+    assert {k: v["taskOutputArtifact"] for k, v in exam["inputs"]["artifacts"].items() if k.startswith("stage")} == {
+        f"stage{n}": {"producerTask": "calibrate", "outputArtifactKey": f"calibrated_stage{n}"} for n in (1, 2)}
+    assert exam["inputs"]["parameters"]["config"]["componentInputParameter"] == "pipelinechannel--config"
+    for consumer in ("evaluate", "register"):
+        given = tasks[consumer][1]["inputs"]["artifacts"]["exam"]["taskOutputArtifact"]
+        assert given == {"producerTask": "train-exam", "outputArtifactKey": "exam"}, consumer
+        definition = spec["components"][tasks[consumer][1]["componentRef"]["name"]]["inputDefinitions"]["artifacts"]["exam"]
+        assert definition["isOptional"] is True, f"{consumer} runs without an exam model too"
+    resources = spec["deploymentSpec"]["executors"][_executor(spec, exam)]["container"]["resources"]
+    assert "accelerator" not in resources, "the embedding runs on CPU threads: no GPU held idle"
+    image = spec["deploymentSpec"]["executors"][_executor(spec, exam)]["container"]["image"]
+    assert image == ClusterOptions().cpu_image
+
+
+def test_retraining_trains_only_when_the_trigger_says_so_and_force_is_a_parameter(compiled: dict[str, Path]) -> None:
+    spec, _ = _load(compiled["retraining"])
+    tasks = _tasks(spec)
+    assert {n for n, (parent, _) in tasks.items() if parent == "comp-exit-handler-1"} == {
+        "dataset-version", "check-trigger", "condition-2"}
+    trigger = tasks["check-trigger"][1]
+    assert trigger["dependentTasks"] == ["dataset-version"]
+    params = trigger["inputs"]["parameters"]
+    assert params["slices_digest"]["taskOutputParameter"]["producerTask"] == "dataset-version"
+    assert params["force"]["componentInputParameter"] == "pipelinechannel--force"
+    assert spec["root"]["inputDefinitions"]["parameters"]["force"] == {
+        "defaultValue": False, "isOptional": True, "parameterType": "BOOLEAN"}
+    warranted = tasks["condition-2"][1]
+    assert warranted["taskInfo"]["name"] == "retrain-warranted"
+    assert warranted["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--check-trigger-Output'] == true")
+    assert {"train", "train-2", "register", "promote"} <= {n for n, (parent, _) in tasks.items()
+                                                          if parent.startswith("comp-condition-")}
+    job = "{{$.pipeline_job_uuid}}"  # the trigger's decision and the outcome run name the same pipeline run
+    assert params["job"]["runtimeValue"]["constant"] == job
+    assert tasks["record-outcome"][1]["inputs"]["parameters"]["job"]["runtimeValue"]["constant"] == job
 
 
 def test_exit_handler_records_the_outcome_whatever_happened(compiled: dict[str, Path]) -> None:
@@ -130,7 +179,7 @@ def test_training_requests_gpus_on_gpu_nodes(compiled: dict[str, Path]) -> None:
         assert executors[label]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     cpu_only = [label for label, ex in spec["deploymentSpec"]["executors"].items()
                 if "container" in ex and "accelerator" in ex["container"].get("resources", {})]
-    assert sorted(cpu_only) == ["exec-train", "exec-train-2"]
+    assert sorted(cpu_only) == ["exec-loso-fold", "exec-train", "exec-train-2"]
 
 
 def test_secrets_come_from_kubernetes_never_from_parameters(compiled: dict[str, Path]) -> None:
@@ -139,7 +188,7 @@ def test_secrets_come_from_kubernetes_never_from_parameters(compiled: dict[str, 
         definitions = spec["root"]["inputDefinitions"]["parameters"]
         params = set(definitions)
         assert params == ({"sites", "slices_store", "config", "tracking_uri", "demo_key", "labels_format"} if name == "onboarding"
-                          else {"slices_store", "config", "tracking_uri", "actor", "truth"})
+                          else {"slices_store", "config", "tracking_uri", "actor", "truth", "force"})
         # a secret would be a string; demo_key is only the switch that allows the public demo key
         assert not [p for p, d in definitions.items() if d["parameterType"] == "STRING" and any(w in p for w in SECRETISH)]
         for label in spec["deploymentSpec"]["executors"]:
@@ -165,7 +214,7 @@ def test_images_carry_the_package_version_and_nothing_is_installed_at_run_time(c
             if "container" not in executor:
                 continue
             container = executor["container"]
-            repo = "pe-triage-cuda" if label.startswith("exec-train") else "pe-triage"
+            repo = "pe-triage-cuda" if label in ("exec-train", "exec-train-2", "exec-loso-fold") else "pe-triage"
             assert container["image"] == f"ghcr.io/pe-triage/{repo}:{__version__}", label
             shell, script = container["command"][:2], container["command"][2]
             assert shell == ["sh", "-ec"] and "python3 -m kfp.dsl.executor_main" in script, label
@@ -179,7 +228,7 @@ def test_retries_on_io_steps_and_caching_off_where_state_lives_outside_the_input
         for name, (_, task) in _tasks(spec).items():
             if "componentRef" not in task or name.startswith(("for-loop", "exit-handler", "condition")):
                 continue
-            if name in IO_TASKS or name.startswith("train"):
+            if name in IO_TASKS or name.startswith("train") or name == "loso-fold":
                 assert task["retryPolicy"] == {"maxRetryCount": options.retries, "backoffDuration": options.backoff,
                                                "backoffFactor": options.backoff_factor, "backoffMaxDuration": "600s"}, name
             assert task.get("cachingOptions", {}).get("enableCache", False) is (name not in UNCACHED), name

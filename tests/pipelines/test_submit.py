@@ -101,3 +101,16 @@ def test_a_bad_configuration_fails_before_anything_is_uploaded(kfp: KfpServer, t
     bad.write_text("train: {epochz: 3}\n")
     assert main(["pipeline", "submit", "retraining", "--host", kfp.host, "--slices-store", "s3://b/s", "--config", str(bad)]) == 2
     assert kfp.state.uploads == 0 and not kfp.state.runs
+
+
+def test_force_reaches_the_retraining_run_and_schedule_and_is_refused_for_onboarding(kfp: KfpServer) -> None:
+    submit = ["pipeline", "submit", "retraining", "--host", kfp.host, "--slices-store", "s3://b/s"]
+    assert main(submit) == 0 and main([*submit, "--force"]) == 0
+    assert "force" not in kfp.state.runs[0]["runtime_config"]["parameters"], "without --force the pipeline's default (False)"
+    assert kfp.state.runs[1]["runtime_config"]["parameters"]["force"] is True
+    assert main(["pipeline", "schedule", "--host", kfp.host, "--cron", "0 0 2 * * 0", "--slices-store", "s3://b/s",
+                 "--force"]) == 0
+    (recurring,) = kfp.state.recurring.values()
+    assert recurring["runtime_config"]["parameters"]["force"] is True
+    onboarding = ["pipeline", "submit", "onboarding", "--host", kfp.host, "--slices-store", "s3://b/s", "--site", "a", "s3://b/a"]
+    assert main([*onboarding, "--force"]) == 2 and len(kfp.state.runs) == 2

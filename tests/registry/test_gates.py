@@ -4,7 +4,7 @@ flags everything and one that scores at random, and pass a good one."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 
 from pe_triage.config import EvalConfig, GateConfig, RegistryConfig
 from pe_triage.evaluation import evaluate_predictions
+from pe_triage.evaluation.exam import EXAM_SUMMARY_KEYS
 from pe_triage.registry.registry import MIN_GATES, REGRESSION_METRICS, GateResult, evaluate_gates
 
 GOOD = {
@@ -25,6 +26,10 @@ GOOD = {
 TEST_DATA = {"windows_digest": "w", "splits_digest": "s", "split": "test", "fold": "default"}
 
 
+EXAM_GATES = {"min_exam_patient_pe_sensitivity", "min_exam_patient_disease_sensitivity", "min_exam_patient_pe_specificity",
+              "min_exam_patient_pe_auroc_ci_low"}
+
+
 def metrics(**summary: Any) -> dict[str, Any]:
     return {"summary": GOOD | summary, "test_data": TEST_DATA}
 
@@ -35,14 +40,15 @@ def failed(gates: list[GateResult]) -> list[str]:
 
 def test_every_minimum_is_on_by_default_and_a_good_summary_passes() -> None:
     gates = evaluate_gates(metrics(), None, RegistryConfig())
-    assert [g.name for g in gates] == [name for name, _ in MIN_GATES]
+    assert [g.name for g in gates] == [name for name, _ in MIN_GATES if name not in EXAM_GATES]  # exam gates: off
     assert failed(gates) == []
-    assert {f.name for f in fields(GateConfig)} == {n for n, _ in MIN_GATES} | {"max_regression"}
+    assert {f.name for f in fields(GateConfig)} == {n for n, _ in MIN_GATES} | {"max_regression", "max_site_auroc_drop"}
 
 
 @pytest.mark.parametrize(("name", "key"), MIN_GATES)
 def test_each_minimum_refuses_below_its_threshold_and_names_itself(name: str, key: str) -> None:
-    gates = evaluate_gates(metrics(**{key: 0.4}), None, RegistryConfig())
+    on = RegistryConfig(gates=replace(GateConfig(), **{name: getattr(GateConfig(), name) or 0.8}))  # exam gates: switched on
+    gates = evaluate_gates(metrics(**{key: 0.4}), None, on)
     assert failed(gates) == [name]
     (gate,) = [g for g in gates if g.name == name]
     assert key in gate.detail and "<" in gate.detail
@@ -58,6 +64,19 @@ def test_a_metric_not_measured_fails_its_gate_without_a_crash() -> None:
     assert "missing from the metrics summary" in gates["min_slice_pe_specificity"].detail
     assert "not measured" in gates["min_stage2_auroc_ci_low"].detail
     assert gates["min_patient_pe_specificity"].value is None
+
+
+def test_exam_gates_are_off_by_default_and_judge_the_exam_model_when_set() -> None:
+    assert all(getattr(GateConfig(), name) is None for name in EXAM_GATES)
+    assert {key for name, key in MIN_GATES if name in EXAM_GATES} <= set(EXAM_SUMMARY_KEYS)
+    config = RegistryConfig(gates=GateConfig(min_exam_patient_pe_sensitivity=0.9, min_exam_patient_pe_auroc_ci_low=0.6))
+    exam = {"exam_patient_pe_sensitivity": 0.95, "exam_patient_pe_auroc_ci_low": 0.7}
+    assert failed(evaluate_gates(metrics(**exam), None, config)) == []
+    low = evaluate_gates(metrics(**exam | {"exam_patient_pe_sensitivity": 0.85}), None, config)
+    assert failed(low) == ["min_exam_patient_pe_sensitivity"]
+    gates = {g.name: g for g in evaluate_gates(metrics(), None, config)}  # a version without an exam model
+    assert not gates["min_exam_patient_pe_sensitivity"].passed
+    assert "missing from the metrics summary" in gates["min_exam_patient_pe_sensitivity"].detail
 
 
 def test_a_gate_result_is_recorded_as_the_json_the_decision_tags_always_held() -> None:

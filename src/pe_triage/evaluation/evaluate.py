@@ -8,15 +8,16 @@ Evidence-map overlays (``evaluate.attribution``) are drawn for a seeded sample o
 false positives and false negatives of each stage; when the generator's ground truth is given
 (synthetic cohorts), the lesion mask is carried through the same crop and resize as the pixels and
 the maps are measured against it (pointing game, mass inside).
+Given the exam-level model, the metrics also hold the per-patient rows of every slice rule and of
+the exam model on the same patients (``patient_rules``) and its flat ``exam_patient_*`` summary keys.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from pe_triage import schema as S
 from pe_triage.artifact import StageModel, load_model
 from pe_triage.config import Config
 from pe_triage.dataset import WindowsDataset
+from pe_triage.evaluation.exam import EXAM, check_pair, evaluate_exam, exam_summary
 from pe_triage.evaluation.gradcam import (
     Attribution,
     cam_level,
@@ -43,22 +45,15 @@ from pe_triage.evaluation.gradcam import (
 )
 from pe_triage.evaluation.metrics import evaluate_predictions, leave_one_site_out_summary, proportion
 from pe_triage.evaluation.report import write_loso_report, write_report
-from pe_triage.parallel import cpu_share
-from pe_triage.progress import progress
+from pe_triage.evaluation.scoring import EvaluationError, batch_images, open_split, score_slices
+from pe_triage.evaluation.scoring import predict_split as predict_split  # its home before scoring.py
+from pe_triage.models.exam import ExamArtifactError, load_exam_model
 from pe_triage.provenance import dataset_digest, file_digest, git_commit, package_version
 from pe_triage.tracking import start_run
 from pe_triage.training.train import torch_threads
-from pe_triage.windows import uint8_to_centred, window_channels
+from pe_triage.windows import uint8_to_centred
 
 log = logging.getLogger(__name__)
-
-#: slices a worker scores at a time: enough batches to amortise the hand-over, few enough for a bar
-#: that moves and for every worker to get a share of a small split
-SCORE_CHUNK = 32
-
-
-class EvaluationError(ValueError):
-    """The models and the data do not fit together; the message says how."""
 
 
 def lesion_masks(truth: str, boxes: pd.DataFrame, size: int) -> dict[int, np.ndarray]:
@@ -123,76 +118,10 @@ def _check_gradcam_layer(models: dict[int, StageModel], config: Config) -> None:
                 raise EvaluationError(f"stage {stage} model, evaluate.gradcam_layer: {e}") from None
 
 
-def _open_split(models: dict[int, StageModel], windows: str, splits: str, split: str, fold: str,
-                config: Config) -> WindowsDataset:
-    """Every slice of ``split`` (indeterminate ones included) with the windows both models read."""
-    for stage, model in models.items():
-        if model.meta.stage != stage:
-            raise EvaluationError(f"--stage{stage} model is a stage {model.meta.stage} model")
-    names = list(dict.fromkeys(models[1].meta.window_names + models[2].meta.window_names))
-    context = max(model.meta.model.context for model in models.values())
-    try:
-        return WindowsDataset(windows, splits, split=split, stage=1, windows_used=names, fold=fold, config=config.loader,
-                              keep_indeterminate=True, context=context)
-    except ValueError as e:
-        raise EvaluationError(str(e)) from None
-
-
-def batch_images(config: Config, shape: tuple[int, ...]) -> int:
-    """Images per CPU forward pass for inputs of ``shape`` [..., H, W]: ``evaluate.batch_pixels`` worth."""
-    return max(1, config.evaluate.batch_pixels // (shape[-2] * shape[-1]))
-
-
-def _score_rows(models: dict[int, StageModel], ds: WindowsDataset, channels: dict[int, list[int]], batch: int,
-                rows: tuple[int, int]) -> dict[int, np.ndarray]:
-    """Both stages' probabilities for items ``[start, stop)`` of ``ds``, on the calling thread alone."""
-    with torch_threads(1):
-        return {n: model.predict_proba(ds.inputs(slice(*rows), channels[n], model.meta.model.context), batch_size=batch)
-                for n, model in models.items()}
-
-
-def _score(models: dict[int, StageModel], ds: WindowsDataset, desc: str,
-           config: Config) -> tuple[pd.DataFrame, dict[int, list[int]]]:
-    """Both stages' probabilities for every slice (``schema.PREDICTION_COLUMNS``) and each model's channels.
-
-    Chunks of slices go to one worker thread per CPU (``parallel.cpu_share``), each running torch on
-    that thread alone (torch releases the GIL in its ops) in cache-sized batches (``batch_images``).
-    Several intra-op threads would split each small op and meet at a barrier after it, and when
-    another job holds a core every barrier waits for a descheduled thread: on 2 shared cores two
-    threads scored 4-26 img/s where one scored 89-185 (benchmarks/evaluate.py). The time is the
-    models' and grows with the slices alone."""
-    pred = ds.index[S.PREDICTION_KEYS].copy()
-    channels = {}
-    for stage in S.STAGES.values():
-        try:
-            channels[stage.number] = window_channels(ds.windows, models[stage.number].meta.windows)
-        except ValueError as e:
-            raise EvaluationError(f"stage {stage.number} model and the windows dataset: {e}") from None
-    batch = batch_images(config, ds.shape)
-    chunks = [(start, min(start + SCORE_CHUNK, len(ds))) for start in range(0, len(ds), SCORE_CHUNK)]
-    probs = {n: np.empty(len(ds), np.float32) for n in channels}
-    score = functools.partial(_score_rows, models, ds, channels, batch)
-    with progress(len(ds), desc, unit="slice", logger=log) as bar, ThreadPoolExecutor(cpu_share()) as pool:
-        for (start, stop), part in zip(chunks, pool.map(score, chunks), strict=True):
-            for n, p in part.items():
-                probs[n][start:stop] = p
-            bar.update(stop - start)
-    for stage in S.STAGES.values():
-        pred[stage.column] = probs[stage.number]
-    return pred, channels
-
-
-def predict_split(models: dict[int, StageModel], windows: str, splits: str, *, split: str, fold: str = S.DEFAULT_FOLD,
-                  config: Config = Config()) -> pd.DataFrame:
-    """Both stages applied to every slice of ``split``: the labelled prediction frame the metrics read."""
-    with _open_split(models, windows, splits, split, fold, config) as ds:
-        return _score(models, ds, f"score {split}", config)[0]
-
-
 def _cams(model: StageModel, ds: WindowsDataset, rows: list[int], channels: list[int],
           batch: int, attribution: Attribution) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(row, its window stack, its evidence maps) for ``rows`` of ``ds``, a batch at a time on one
-    thread (as ``_score``); the stack shown is the slice itself, without the neighbours a 2.5-D model
+    thread (as ``scoring.score_slices``); the stack shown is the slice itself, without the neighbours a 2.5-D model
     also reads."""
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
@@ -241,14 +170,20 @@ def evaluate(
     config: Config = Config(),
     truth: str | None = None,
     tracking_uri: str | None = None,
+    exam: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the stage models on ``split`` of ``fold``; write metrics.json, report.md, report.html,
-    plots and evidence-map overlays to ``out``; return the metrics."""
+    plots and evidence-map overlays to ``out``; return the metrics. With the ``exam`` model folder,
+    the metrics also compare it with every slice rule (:func:`_exam_comparison`)."""
     models = {1: load_model(stage1), 2: load_model(stage2)}
     _check_gradcam_layer(models, config)
+    triage_rule = config.evaluate.patient_rule
+    config = _slice_rule_config(config, exam)
+    if exam is not None:
+        _check_exam(exam, stage1, stage2)
     out_dir = Path(out)
-    with _open_split(models, windows, splits, split, fold, config) as ds:
-        pred, channels = _score(models, ds, f"evaluate {split}", config)
+    with open_split(models, windows, splits, split, fold, config) as ds:
+        pred, channels = score_slices(models, ds, f"evaluate {split}", config)
         t1, t2 = models[1].meta.threshold, models[2].meta.threshold
         metrics = evaluate_predictions(pred, threshold_stage1=t1, threshold_stage2=t2, config=config.evaluate)
         metrics["test_data"] = {"windows_digest": dataset_digest(windows), "splits_digest": file_digest(splits), "split": split,
@@ -264,6 +199,9 @@ def evaluate(
             if config.evaluate.gradcam_localisation:
                 metrics["localisation"] = _localisation(models, channels, ds, pred, masks, config)
         gradcam = _gradcam(models, channels, ds, pred, masks, out_dir, config) if config.evaluate.gradcam_per_category else []
+    if exam is not None:
+        metrics["patient_rules"] = _exam_comparison(stage1, stage2, exam, windows, splits, split, fold, config, triage_rule)
+        metrics["summary"].update(exam_summary(metrics["patient_rules"]["rows"][EXAM]))
     paths = write_report(metrics, pred, out_dir, gradcam=gradcam or None)
     pred.to_parquet(out_dir / "predictions.parquet", index=False)
     with start_run(experiment=config.registry.experiment, run_name=f"evaluate-{split}", uri=tracking_uri,
@@ -278,9 +216,45 @@ def evaluate(
     return metrics
 
 
+def _slice_rule_config(config: Config, exam: str | None) -> Config:
+    """The configuration of the slice-rule tables: under patient rule "exam" the exam model decides,
+    and the tables keep the study's "any" rule (a rule over slice scores) beside its comparison."""
+    if config.evaluate.patient_rule != "exam":
+        return config
+    if exam is None:
+        raise EvaluationError('evaluate.patient_rule "exam": the triage decides with the exam model; give the exam model '
+                              "to evaluate it")
+    return replace(config, evaluate=replace(config.evaluate, patient_rule="any"))
+
+
+def _check_exam(exam: str, stage1: str, stage2: str) -> None:
+    """An unreadable exam model, or one of other stage models, fails before the scoring, not after it."""
+    try:
+        check_pair(load_exam_model(exam), stage1, stage2)
+    except ExamArtifactError as e:
+        raise EvaluationError(str(e)) from None
+
+
+def _exam_comparison(stage1: str, stage2: str, exam: str, windows: str, splits: str, split: str, fold: str,
+                     config: Config, triage_rule: str) -> dict[str, Any]:
+    """Per-patient rows of every slice rule and of the exam model (``evaluation.exam.compare_rules``):
+    thresholds chosen on the val patients, figures on ``split``. It costs one more pass of both stage
+    models over val and ``split`` (the exam model reads their embeddings, which the scoring does not keep)."""
+    rows = evaluate_exam(stage1, stage2, exam, windows, splits, split=split, calibration="val", fold=fold, config=config)
+    return {"calibration": "val", "evaluated": split, "triage_rule": triage_rule, "rows": rows}
+
+
 def summarize_site_folds(evaluations: list[str], out: str) -> dict[str, Any]:
     """Leave-one-site-out summary of the evaluation folders of site folds (``evaluate --fold SITE``
-    of models trained with ``--fold SITE``): per-fold table, mean and SD, written to ``out``.
+    of models trained with ``--fold SITE``): per-fold table, mean and SD, written to ``out``."""
+    summary = site_fold_summary(evaluations)
+    paths = write_loso_report(summary, out)
+    log.info("leave one site out: %d folds, report at %s", len(summary["folds"]), paths["leave_one_site_out_html"])
+    return summary
+
+
+def site_fold_summary(evaluations: list[str]) -> dict[str, Any]:
+    """The summary :func:`summarize_site_folds` writes, unwritten.
 
     The folds must come from one splits file and one windows dataset, each site once: a summary
     mixing data versions would compare unlike things.
@@ -306,10 +280,7 @@ def summarize_site_folds(evaluations: list[str], out: str) -> dict[str, Any]:
         values = {f: s[key] for f, s in sources.items()}
         if len(set(values.values())) > 1:
             raise EvaluationError(f"folds differ in {key}: {values}")
-    summary = {**leave_one_site_out_summary(per_fold), "evaluations": sources}
-    paths = write_loso_report(summary, out)
-    log.info("leave one site out: %d folds, report at %s", len(per_fold), paths["leave_one_site_out_html"])
-    return summary
+    return {**leave_one_site_out_summary(per_fold), "evaluations": sources}
 
 
 def synthetic_cohort(truth: str) -> dict[str, Any]:

@@ -20,15 +20,22 @@ import pandas as pd
 from pe_triage import schema as S
 from pe_triage.artifact import StageModel, load_model
 from pe_triage.config import Config, EvalConfig
-from pe_triage.evaluation.evaluate import EvaluationError
 from pe_triage.evaluation.metrics import RULES, evaluate_predictions
 from pe_triage.evaluation.operating_point import choose_thresholds
+from pe_triage.evaluation.scoring import EvaluationError
 from pe_triage.models.exam import ExamModel, load_exam_model, save_exam_model
 from pe_triage.provenance import file_digest
 from pe_triage.training.exam import embed_split, exams
 
 #: the row name of the exam model in :func:`compare_rules`
 EXAM = "exam_model"
+#: the exam model's flat summary keys (``exam_summary``), named as the rules' ``patient_*`` keys of
+#: ``metrics.SUMMARY_KEYS`` (``wnl_sensitivity``: WNL patients kept disease-negative)
+EXAM_SUMMARY_KEYS = (
+    "exam_patient_disease_sensitivity", "exam_patient_wnl_sensitivity", "exam_patient_disease_auroc",
+    "exam_patient_disease_auroc_ci_low", "exam_patient_pe_sensitivity", "exam_patient_pe_specificity",
+    "exam_patient_pe_auroc", "exam_patient_pe_auroc_ci_low",
+)
 
 
 def exam_frame(keys: list[tuple[str, str]], truth: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
@@ -65,6 +72,19 @@ def compare_rules(slices: dict[str, pd.DataFrame], exam: dict[str, pd.DataFrame]
     return rows
 
 
+def exam_summary(row: dict[str, Any]) -> dict[str, float | None]:
+    """The exam model's row of :func:`compare_rules` as flat numbers (:data:`EXAM_SUMMARY_KEYS`), what
+    the promotion gates and MLflow read beside the rules' summary."""
+    out: dict[str, float | None] = {}
+    for target, negative in (("disease", "wnl_sensitivity"), ("pe", "pe_specificity")):
+        t = row[target]
+        out[f"exam_patient_{target}_sensitivity"] = t["sensitivity"]["value"]
+        out[f"exam_patient_{negative}"] = t["specificity"]["value"]
+        out[f"exam_patient_{target}_auroc"] = t["auroc"]
+        out[f"exam_patient_{target}_auroc_ci_low"] = (t["auroc_ci"] or [None])[0]
+    return {k: out[k] for k in EXAM_SUMMARY_KEYS}
+
+
 def check_pair(exam_model: ExamModel, stage1: str, stage2: str) -> None:
     """The exam model reads the features of the stage models it was trained on, and no others."""
     for n, path in ((1, stage1), (2, stage2)):
@@ -74,19 +94,22 @@ def check_pair(exam_model: ExamModel, stage1: str, stage2: str) -> None:
 
 
 def score_split(models: dict[int, StageModel], exam_model: ExamModel, windows: str, splits: str, *, split: str,
-                config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+                config: Config, fold: str = S.DEFAULT_FOLD) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(slice predictions, exam frame) of every patient of ``split``, from one embedding pass."""
-    pred, x = embed_split(models, windows, splits, split=split, features=exam_model.meta["features"], config=config)
+    pred, x = embed_split(models, windows, splits, split=split, fold=fold, features=exam_model.meta["features"],
+                          config=config)
     data = exams(pred, x)
     return pred, exam_frame(data.keys, data.truth, exam_model.predict_proba(data.sequences))
 
 
 def evaluate_exam(stage1: str, stage2: str, exam_path: str, windows: str, splits: str, *, split: str = "test",
-                  calibration: str = "val", config: Config = Config()) -> dict[str, dict[str, Any]]:
+                  calibration: str = "val", fold: str = S.DEFAULT_FOLD,
+                  config: Config = Config()) -> dict[str, dict[str, Any]]:
     """:func:`compare_rules` for stored models: the exam model and the rules on the same patients."""
     models, exam_model = {1: load_model(stage1), 2: load_model(stage2)}, load_exam_model(exam_path)
     check_pair(exam_model, stage1, stage2)
-    scored = {s: score_split(models, exam_model, windows, splits, split=s, config=config) for s in (calibration, split)}
+    scored = {s: score_split(models, exam_model, windows, splits, split=s, config=config, fold=fold)
+              for s in (calibration, split)}
     return compare_rules({s: v[0] for s, v in scored.items()}, {s: v[1] for s, v in scored.items()}, config=config,
                          calibration=calibration, evaluated=split)
 

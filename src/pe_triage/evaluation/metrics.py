@@ -275,10 +275,13 @@ def _decisions(s: pd.DataFrame, t1: float, t2: float, config: EvalConfig) -> tup
     patient, series = _run_codes(s, ["site", "patient_id"]), _run_codes(s, ["site", "patient_id", "series_uid"])
     n = int(patient.max()) + 1 if patient.size else 0
     p_d, p_pe = s[P_DISEASE].to_numpy(float), s[P_PE].to_numpy(float)
-    disease_score = _rule_scores(p_d, patient, series, n, rule=config.patient_rule, k=config.k)
+    rule = config.patient_rule
+    if rule == "exam":
+        raise ValueError('patient rule "exam" is decided by an exam model, not over slice scores: give a slice rule')
+    disease_score = _rule_scores(p_d, patient, series, n, rule=rule, k=config.k)
     disease_positive = disease_score >= t1
     gated = np.where(p_d >= t1, p_pe, -np.inf)
-    pe_score = np.where(disease_positive, _rule_scores(gated, patient, series, n, rule=config.patient_rule, k=config.k), -np.inf)
+    pe_score = np.where(disease_positive, _rule_scores(gated, patient, series, n, rule=rule, k=config.k), -np.inf)
     pe_positive = pe_score >= t2
     first = s.loc[np.r_[True, patient[1:] != patient[:-1]] if n else [], ["site", "patient_id"]]
     return pd.DataFrame({

@@ -30,8 +30,8 @@ import pandas as pd
 from pe_triage import schema as S
 from pe_triage.artifact import load_model, rethreshold
 from pe_triage.config import Config, EvalConfig, OperatingPointConfig
-from pe_triage.evaluation.evaluate import EvaluationError, predict_split
 from pe_triage.evaluation.metrics import patient_decisions, patient_predictions
+from pe_triage.evaluation.scoring import EvaluationError, predict_split
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,19 @@ def calibrate(stage1: str, stage2: str, windows: str, splits: str, out_stage1: s
         if not 0 < getattr(op, name) <= 1:
             raise EvaluationError(f"operating_point.{name} {getattr(op, name)}: expected a value in (0, 1]")
     models = {1: load_model(stage1), 2: load_model(stage2)}
+    # under rule "exam" the exam model decides at thresholds of its own (``evaluation.exam.calibrate_exam``);
+    # the pair still flags slices, and is chosen as under the study's rule
+    slice_rule = "any" if config.evaluate.patient_rule == "exam" else config.evaluate.patient_rule
     chosen: dict[str, Any]
     if op.level == "slice":
         chosen = {"stage1": models[1].meta.threshold, "stage2": models[2].meta.threshold, "achieved": None}
     else:
         pred = predict_split(models, windows, splits, split=split, fold=fold, config=config)
         chosen = choose_thresholds(pred, disease_sensitivity=op.patient_disease_sensitivity,
-                                   pe_sensitivity=op.patient_pe_sensitivity, config=replace(config.evaluate, bootstrap=0))
+                                   pe_sensitivity=op.patient_pe_sensitivity,
+                                   config=replace(config.evaluate, bootstrap=0, patient_rule=slice_rule))
     record = {"level": op.level, "split": split, "fold": fold, "patient_rule": config.evaluate.patient_rule,
-              "k": config.evaluate.k,
+              "slice_rule": slice_rule, "k": config.evaluate.k,
               "patient_disease_sensitivity": op.patient_disease_sensitivity, "patient_pe_sensitivity": op.patient_pe_sensitivity,
               "thresholds": {"stage1": chosen["stage1"], "stage2": chosen["stage2"]}, "achieved": chosen["achieved"]}
     for stage, src, dst in ((1, stage1, out_stage1), (2, stage2, out_stage2)):

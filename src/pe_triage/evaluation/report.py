@@ -132,6 +132,26 @@ def _patient_tables(sub: dict[str, Any]) -> list[Table]:
                                           [("Disease (stage 1 rule)", pa["disease"]), ("PE (cascade rule)", pa["pe"])])]
 
 
+def _exam_section(comparison: dict[str, Any]) -> Section:
+    """The rules and the exam model on the same patients, each at thresholds chosen on the
+    calibration patients, and which of them the triage decides with."""
+    rule = comparison["triage_rule"]
+    triage = "the exam model" if rule == "exam" else _rule_text({"name": rule, "k": comparison["rows"][rule]["k"]})
+    text = (f"The triage decides with {triage} (evaluate.patient_rule). Each row's thresholds are chosen on the "
+            f"{comparison['calibration']} patients at the operating point's sensitivity targets and measured on the "
+            f"{comparison['evaluated']} patients, so the rows compare decisions, not thresholds.")
+    names = {"exam_model": "exam model"}
+    table = Table("Per-patient decision: rules vs exam model",
+                  ["Decision", "Patients", "Disease AUROC", "Disease sensitivity", "WNL sensitivity", "PE AUROC",
+                   "PE sensitivity", "PE specificity"],
+                  [[names.get(name) or _rule_text({"name": name, "k": row["k"]}), str(row["patients"]),
+                    _auc({"value": row["disease"]["auroc"], "ci": row["disease"]["auroc_ci"]}),
+                    _p(row["disease"]["sensitivity"]), _p(row["disease"]["specificity"]),
+                    _auc({"value": row["pe"]["auroc"], "ci": row["pe"]["auroc_ci"]}), _p(row["pe"]["sensitivity"]),
+                    _p(row["pe"]["specificity"])] for name, row in comparison["rows"].items()])
+    return Section("Per-patient decision: rules vs exam model", [text, table])
+
+
 def _confusion_table(caption: str, table: dict[str, Any]) -> Table:
     m = np.asarray(table["confusion"]["matrix"])
     rows = [[NAMES[c], *[str(v) for v in m[i]], str(int(m[i].sum())), _p(table["class_sensitivity"][c])]
@@ -365,6 +385,8 @@ def _gradcam_section(items: list[dict[str, Any]], out_dir: Path) -> Section:
 def _document(metrics: dict[str, Any], images: list[Image], gradcam: list[dict[str, Any]] | None,
               out_dir: Path) -> list[Any]:
     doc: list[Any] = [_overview(metrics), *_subset_blocks(metrics)]
+    if metrics.get("patient_rules"):
+        doc.append(_exam_section(metrics["patient_rules"]))
     sites: list[Any] = [_site_table(metrics["per_site"])]
     sites += [Section(str(site), _subset_blocks(sub), collapsed=True) for site, sub in metrics["per_site"].items()]
     doc.append(Section("Per site", sites))
@@ -471,7 +493,33 @@ def write_loso_report(summary: dict[str, Any], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = "leave_one_site_out"
-    return _write_documents(summary, [_loso_table(summary)], out, name, name, title)
+    if summary.get("skipped"):
+        return _write_documents(summary, [f"Not run: {summary['skipped']}."], out, name, name, title)
+    blocks: list[Any] = [_loso_table(summary)]
+    if summary.get("drops") is not None:
+        blocks.insert(0, _loso_drop_table(summary))
+    return _write_documents(summary, blocks, out, name, name, title)
+
+
+def _loso_drop_table(loso: dict[str, Any]) -> Table:
+    """Each held-out site against the pooled test split (``evaluation.loso.summarize``): the drop of
+    every figure shown, the gated ones marked, and the worst gated drop, which the promotion gate reads."""
+    keys, gated, worst = loso["shown"], set(loso["gate_metrics"]), loso.get("worst")
+
+    def cell(k: str, v: float | None) -> str:
+        return "—" if v is None else (f"{v:+.3f}" if "auroc" in k else f"{100 * v:+.1f} pt")
+
+    rows = [["pooled test split", *[_loso_value(k, loso["pooled"].get(k)) for k in keys]]]
+    rows += [[f"{site} (held out)", *[f"{_loso_value(k, loso['folds'][site].get(k))} (drop {cell(k, d.get(k))})"
+                                      for k in keys]] for site, d in loso["drops"].items()]
+    verdict = ("no gated figure measured at any site" if worst is None else
+               f"worst gated drop: {worst['metric'].replace('_', ' ')} at {worst['site']}, {worst['drop']:+.3f}")
+    return Table(f"Held-out sites against the pooled test split; gated: {', '.join(sorted(gated))}; {verdict}",
+                 ["", *[k.replace("_", " ") + (" (gated)" if k in gated else "") for k in keys]], rows)
+
+
+def _loso_value(k: str, v: float | None) -> str:
+    return _rate(v) if "auroc" not in k or v is None else f"{v:.3f}"
 
 
 def _write_documents(doc: dict[str, Any], blocks: list[Any], out: Path, json_name: str, report_name: str,

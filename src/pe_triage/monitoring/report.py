@@ -44,7 +44,8 @@ def _blocks(report: dict[str, Any], png: bytes) -> list[Any]:
     blocks: list[Any] = [
         f"{report['studies']} studies from {report['since']} to {report['until'] or 'today'}, model version(s) "
         f"{', '.join(report['model_versions'])}; reference: {report['reference_studies']} training studies. "
-        f"Flagged: PSI > {t['psi']} (and KS > {t['ks']} for numbers), flag rate change > {t['flag_rate_delta']}.",
+        f"Flagged: PSI > {t['psi']} (and KS > {t['ks']} for numbers), HU bin masses PSI > {t['hu_psi']} (value and "
+        f"reference: their soft-tissue median HU), flag rate change > {t['flag_rate_delta']}.",
         Table("Sites", ["site", "studies", "flag rate", "flagged"],
               [[s, str(v["studies"]), _cell(v["flag_rate"]), ", ".join(v["flagged"]) or "none"]
                for s, v in report["sites"].items()]),
@@ -66,7 +67,8 @@ def run_monitor(config: Config, *, since: date, until: date | None, reference: s
     records = store.read(since, until)
     history = store.read(None, None)
     history = history[history["time"].dt.date < since] if len(history) else history
-    report = drift_report(records, history, reference_acquisition(reference), config.monitor, since=since, until=until)
+    ref = reference_acquisition(reference, config.monitor, config.preprocess.crop)
+    report = drift_report(records, history, ref, config.monitor, since=since, until=until)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = _plot(score_histograms(records, history))

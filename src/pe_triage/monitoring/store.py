@@ -4,7 +4,8 @@
 A write is a new file with a unique name (time + random), never a read-modify-write, so any number
 of servers, listeners and command lines append at once without clashing. A record holds the site
 label (configuration, never a DICOM field), the model and version, the acquisition fields ingest
-keeps, score summaries and quarantine counts: no UID, patient field, path, file name or pixel.
+keeps, the input's HU histogram summary, score summaries and quarantine counts: no UID, patient
+field, path, file name or pixel.
 """
 
 from __future__ import annotations
@@ -34,16 +35,21 @@ log = logging.getLogger(__name__)
 #: acquisition fields of a record: what ingest keeps per slice (the input's most common value)
 ACQUISITION = (S.MANUFACTURER, S.KERNEL, S.KVP, S.PIXEL_SPACING_ROW, S.SLICE_THICKNESS)
 QUANTILES = (0.5, 0.9, 0.99)
+HU_MEDIAN, HU_FRACTIONS = "hu_median", "hu_fractions"
 _SCORES = (S.P_DISEASE, S.P_PE)
 RECORD_SCHEMA = pa.schema([
     pa.field("time", pa.timestamp("ms", tz="UTC")), pa.field("site", pa.string()), pa.field("source", pa.string()),
     pa.field("model", pa.string()), pa.field("model_version", pa.string()),
     pa.field(S.MANUFACTURER, pa.string()), pa.field(S.KERNEL, pa.string()), pa.field(S.KVP, pa.float64()),
     pa.field(S.PIXEL_SPACING_ROW, pa.float64()), pa.field(S.SLICE_THICKNESS, pa.float64()),
+    # the input's HU inside the lung crop (``pe_triage.hu_summary``): soft-tissue median, fractions per 100-HU bin
+    pa.field(HU_MEDIAN, pa.float64()), pa.field(HU_FRACTIONS, pa.list_(pa.float64())),
     pa.field("n_slices", pa.int32()), pa.field("n_scored", pa.int32()), pa.field("flagged_slices", pa.int32()),
     pa.field("study_triage", pa.string()),
     *[pa.field(f"{s}_{k}", pa.float64()) for s in _SCORES for k in ("max", "mean", *(f"q{int(q * 100)}" for q in QUANTILES))],
     pa.field("quarantine", pa.string()),  # JSON {reason: count}: reasons are ingest's fixed vocabulary
+    # the exam model's per-study probabilities; null for a version without one
+    pa.field("exam_p_disease", pa.float64()), pa.field("exam_p_pe", pa.float64()),
 ])
 RECORD_COLUMNS = tuple(RECORD_SCHEMA.names)
 
@@ -72,8 +78,10 @@ def _scores(values: np.ndarray, name: str) -> dict[str, float | None]:
 def _study(study: dict[str, Any]) -> dict[str, Any]:
     slices = [s for series in study["series"] for s in series["slices"] if s[TRIAGE] != "skipped"]
     scores = {n: np.array([np.nan if s[n] is None else s[n] for s in slices], float) for n in _SCORES}
+    exam = study.get("exam") or {}
     return {"n_slices": int(study["slices"]), "n_scored": len(slices), "flagged_slices": len(study["flagged_slices"]),
-            "study_triage": str(study["triage"]), **{k: v for n in _SCORES for k, v in _scores(scores[n], n).items()}}
+            "study_triage": str(study["triage"]), **{k: v for n in _SCORES for k, v in _scores(scores[n], n).items()},
+            "exam_p_disease": exam.get(S.P_DISEASE), "exam_p_pe": exam.get(S.P_PE)}
 
 
 def _model_name(report: dict[str, Any]) -> str:
@@ -93,6 +101,7 @@ def study_records(report: dict[str, Any], *, site: str, source: str, now: dateti
     common = {"time": now, "site": site, "source": source, "model": _model_name(report),
               "model_version": None if version is None else str(version),
               **{f: _plain(acquisition.get(f)) for f in ACQUISITION},
+              HU_MEDIAN: summary.get("hu", {}).get("median"), HU_FRACTIONS: summary.get("hu", {}).get("fractions"),
               "quarantine": json.dumps({str(k): int(v) for k, v in summary.get("quarantine_reasons", {}).items()},
                                        sort_keys=True)}
     return [{**common, **_study(study)} for study in report["studies"]]

@@ -113,6 +113,7 @@ def triage_folder(folder: Path, triage: Triage, *, model: str, version: str, ing
     summaries: list[dict] = []
     refused: list[str] = []
     slices: list[SliceResult] = []
+    exam_features: list[np.ndarray] = []  # per series, in its output rows' order (a model with an exam model)
     # the most suspicious slice so far: its place in ``slices``, its series' model inputs and its row in
     # them; only that series' inputs are kept, so memory stays one series' windows whatever the study
     top: tuple[int, ModelInputs, int] | None = None
@@ -125,6 +126,8 @@ def triage_folder(folder: Path, triage: Triage, *, model: str, version: str, ing
         frame[S.SERIES_UID] = f"series-{len(frames) + 1}"
         frames.append(frame)
         summaries.append(summary)
+        if scored.features is not None:
+            exam_features.append(scored.features[scored.rows])
         slices += [SliceResult(order[int(r[S.SLICE_INDEX])], float(r[S.P_DISEASE]), float(r[S.P_PE]), bool(r[FLAGGED]))
                    for r in frame.to_dict("records")]
         row = int(np.argmax(frame[S.P_PE].to_numpy()))
@@ -133,6 +136,8 @@ def triage_folder(folder: Path, triage: Triage, *, model: str, version: str, ing
     if not frames:
         raise PacsError(f"no CT series of the study could be triaged: {'; '.join(refused)}")
     per_slice = pd.concat(frames, ignore_index=True)
+    if triage.exam is not None:  # one exam over all the study's series, not one per series
+        per_slice = triage.with_exam(per_slice, np.concatenate(exam_features))
     decision = study_decisions(per_slice, triage).iloc[0]
     per_slice[STUDY_TRIAGE] = decision["triage"]
     report = triage_report(per_slice, triage, model=model, input_summary=_merge(summaries, other, refused))

@@ -67,16 +67,18 @@ _INTENDED_USE = [
 
 
 def model_card(meta1: Mapping[str, Any], meta2: Mapping[str, Any], metrics: Mapping[str, Any], *,
-               rule: DecisionRule = DecisionRule(), name: str = "pe-triage") -> str:
-    """The Markdown model card of a composite version: intended use, models, data, metrics
-    overall and per site, limits, provenance."""
+               rule: DecisionRule = DecisionRule(), name: str = "pe-triage", exam: Mapping[str, Any] | None = None) -> str:
+    """The Markdown model card of a composite version: intended use, models (and the exam model's
+    description, ``predict.exam_description``, when it carries one), data, metrics overall and per
+    site, limits, provenance."""
     sites = training_sites(meta1, meta2)
     sections = [
         [f"# {name}: two-stage chest-CT pulmonary-embolism triage"],
         _INTENDED_USE,
-        _models(meta1, meta2, rule),
+        _models(meta1, meta2, rule) + _exam(exam, rule),
         _data(meta1, sites, metrics["test_data"]),
         _metrics(metrics),
+        *([_loso(metrics["leave_one_site_out"])] if metrics.get("leave_one_site_out") else []),
         _limits(sites),
         _provenance(meta1, meta2),
     ]
@@ -104,6 +106,15 @@ def _models(meta1: Mapping[str, Any], meta2: Mapping[str, Any], rule: DecisionRu
     ]
 
 
+def _exam(exam: Mapping[str, Any] | None, rule: DecisionRule) -> list[str]:
+    if exam is None:
+        return []
+    t = exam["thresholds"]
+    role = "it decides each study" if rule.rule == "exam" else "its figures are reported beside the rule's decision"
+    return ["", f"Exam-level model: `{exam['arch']}` over the slices' `{exam['features']}` features, thresholds "
+                f"{fmt(float(t['disease']))} (disease) / {fmt(float(t['pe']))} (PE), chosen on validation exams; {role}."]
+
+
 def _data(meta1: Mapping[str, Any], sites: list[str], test: Mapping[str, Any]) -> list[str]:
     d1 = meta1.get("data") or {}
     return [
@@ -129,6 +140,22 @@ def _metrics(metrics: Mapping[str, Any]) -> list[str]:
         row = [fmt(metrics["summary"].get(key)), *(fmt((s.get("summary") or {}).get(key)) for s in per_site.values())]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return lines
+
+
+def _loso(loso: Mapping[str, Any]) -> list[str]:
+    """The held-out sites (``evaluation.loso``): what a hospital the model was not trained on may expect."""
+    lines = ["## Leave one site out", ""]
+    if loso.get("skipped"):
+        return [*lines, f"Not run: {loso['skipped']}."]
+    keys = loso.get("shown") or []
+    lines += ["| held-out site | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---|" * len(keys),
+              "| (pooled test split) | " + " | ".join(fmt((loso.get("pooled") or {}).get(k)) for k in keys) + " |"]
+    for site, drops in (loso.get("drops") or {}).items():
+        fold = (loso.get("folds") or {}).get(site) or {}
+        lines.append(f"| {site} | " + " | ".join(f"{fmt(fold.get(k))} (drop {fmt(drops.get(k))})" for k in keys) + " |")
+    worst = loso.get("worst")
+    verdict = "no gated figure measured" if not worst else f"{worst['metric']} at {worst['site']}, {fmt(worst['drop'])}"
+    return [*lines, "", f"Worst drop of a gated figure ({', '.join(loso.get('gate_metrics') or [])}): {verdict}."]
 
 
 def _limits(sites: list[str]) -> list[str]:

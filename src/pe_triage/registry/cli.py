@@ -67,7 +67,7 @@ def _register(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
     from pe_triage.registry.registry import register
 
     return 0, register(args.stage1, args.stage2, args.metrics, config=config.registry, evaluate=config.evaluate,
-                       uri=args.tracking_uri, actor=args.actor)
+                       uri=args.tracking_uri, actor=args.actor, loso=args.loso, exam=args.exam)
 
 
 def _promote(args: argparse.Namespace, config: Config) -> tuple[int, Any]:
@@ -226,6 +226,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stage2", required=True, help="stage 2 model artifact folder")
     p.add_argument("--metrics", required=True, help="metrics folder of pe-triage evaluate (metrics.json, report)")
     p.add_argument("--actor", help="who registers (default: PE_TRIAGE_ACTOR or USER)")
+    p.add_argument("--loso", help="leave-one-site-out summary folder, judged by promote's max_site_auroc_drop gate")
+    p.add_argument("--exam", help="exam-level model folder trained on this stage pair: the version carries it")
     _common(p)
     p.set_defaults(func=_guarded(_register))
 

@@ -1,7 +1,8 @@
 """The composite two-stage model as an MLflow pyfunc.
 
-The pyfunc owns its weights: the two stage artifact folders (state dicts + metadata) and the
-triage configuration travel as pyfunc artifacts and are rebuilt by :class:`pe_triage.predict.Triage`,
+The pyfunc owns its weights: the two stage artifact folders (state dicts + metadata), the exam
+model's folder when the version carries one, and the triage configuration travel as pyfunc
+artifacts and are rebuilt by :class:`pe_triage.predict.Triage`,
 so any batch size works (MLflow's torch.export format would pin the example's). Nothing is pickled:
 the model is logged as "models from code" (:mod:`pe_triage.registry.model_code`, which takes the
 class from the installed package), so loading needs the ``pe-triage`` package installed and runs no
@@ -46,6 +47,8 @@ from pe_triage import schema as S
 from pe_triage.config import RegistryConfig, ServeConfig
 from pe_triage.predict import (
     DICOM_PATH,
+    EXAM_P_DISEASE,
+    EXAM_P_PE,
     FLAGGED,
     HU_INPUT,
     STUDY_TRIAGE,
@@ -58,6 +61,8 @@ from pe_triage.registry.bundle import package_wheel, pinned_requirements
 from pe_triage.registry.errors import RegistryError
 
 STAGE1, STAGE2, TRIAGE_CONFIG, WHEEL = "stage1", "stage2", "triage", "package_wheel"
+#: the exam model's artifact (only in a version that carries one)
+EXAM = "exam"
 #: comma-separated ``serve.allowed_prefixes`` of a process that serves this pyfunc (``mlflow models
 #: serve`` reads no pe-triage configuration file)
 ALLOWED_PREFIXES_ENV = "PE_TRIAGE_ALLOWED_PREFIXES"
@@ -88,6 +93,8 @@ SIGNATURE = ModelSignature(
         ColSpec("string", TRIAGE),
         ColSpec("boolean", FLAGGED),
         ColSpec("string", STUDY_TRIAGE),
+        ColSpec("double", EXAM_P_DISEASE, required=False),  # a version with an exam model only
+        ColSpec("double", EXAM_P_PE, required=False),
     ]),
 )
 
@@ -101,7 +108,7 @@ class PeTriageModel(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         a = context.artifacts
-        self.triage = Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG]).to(default_device())
+        self.triage = Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG], a.get(EXAM)).to(default_device())
         prefixes = [p.strip() for p in os.environ.get(ALLOWED_PREFIXES_ENV, "").split(",") if p.strip()]
         self.serve = ServeConfig(allowed_prefixes=tuple(prefixes))
 
@@ -141,20 +148,24 @@ def input_example(size: int = 96) -> pd.DataFrame:
 
 
 def save_composite(path: str | Path, stage1: str | Path, stage2: str | Path, triage: Triage, *,
-                   wheel: str | Path | None = None) -> Path:
+                   wheel: str | Path | None = None, exam: str | Path | None = None) -> Path:
     """Write the self-contained pyfunc model folder at ``path``: the stage folders ``stage1`` /
     ``stage2``, the configuration of ``triage`` (loaded from those folders, which checked that the
-    pair agrees), the models-from-code file (no pickle), the package ``wheel`` (default: built for the
+    pair agrees), the exam model folder ``exam`` (when ``triage`` carries it), the models-from-code
+    file (no pickle), the package ``wheel`` (default: built for the
     running code, :func:`~pe_triage.registry.bundle.package_wheel`), exact requirements naming it, an
     input example and the signature."""
+    if (exam is None) != (triage.exam is None):
+        raise RegistryError("give the exam model folder exactly when the triage carries an exam model")
     wheel = Path(wheel) if wheel is not None else package_wheel(RegistryConfig().wheel_cache)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "triage.json"
         config.write_text(json.dumps(triage.config(), indent=2))
+        artifacts = {STAGE1: str(stage1), STAGE2: str(stage2), TRIAGE_CONFIG: str(config), WHEEL: str(wheel)}
         mlflow.pyfunc.save_model(
             str(path),
             python_model=str(MODEL_CODE),
-            artifacts={STAGE1: str(stage1), STAGE2: str(stage2), TRIAGE_CONFIG: str(config), WHEEL: str(wheel)},
+            artifacts=artifacts | ({} if exam is None else {EXAM: str(exam)}),
             signature=SIGNATURE,
             input_example=input_example(),
             # the wheel by its path in the model folder, never by name: a name would resolve on a public index
@@ -169,7 +180,8 @@ def save_composite(path: str | Path, stage1: str | Path, stage2: str | Path, tri
 
 def composite_artifacts(folder: str | Path) -> dict[str, Path]:
     """The artifact paths of the composite model saved in ``folder``, read from its ``MLmodel`` (YAML,
-    safely): refused unless it is a models-from-code pe-triage model whose artifacts lie inside."""
+    safely): refused unless it is a models-from-code pe-triage model whose artifacts lie inside. The
+    exam model's is optional (a version without one)."""
     root = Path(folder).resolve()
     mlmodel = root / "MLmodel"
     if not mlmodel.is_file():
@@ -179,8 +191,9 @@ def composite_artifacts(folder: str | Path) -> dict[str, Path]:
     if "python_model" in flavor or not code or Path(str(code)).name != MODEL_CODE.name:
         raise PredictError(f"{folder}: not a pe-triage composite model (a pickled or foreign python model)")
     found = {}
-    for key in (STAGE1, STAGE2, TRIAGE_CONFIG):
-        path = (root / str((flavor.get("artifacts") or {}).get(key, {}).get("path", ""))).resolve()
+    named = flavor.get("artifacts") or {}
+    for key in (STAGE1, STAGE2, TRIAGE_CONFIG, *([EXAM] if EXAM in named else [])):
+        path = (root / str(named.get(key, {}).get("path", ""))).resolve()
         if path == root or not path.is_relative_to(root) or not path.exists():
             raise PredictError(f"{folder}: artifact {key!r} missing or outside the model folder")
         found[key] = path
@@ -191,4 +204,4 @@ def load_triage(folder: str | Path) -> Triage:
     """The :class:`Triage` inside a saved composite model folder, built from its artifacts (weights
     read with ``weights_only=True``); no code from the folder is run."""
     a = composite_artifacts(folder)
-    return Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG])
+    return Triage.from_config(a[STAGE1], a[STAGE2], a[TRIAGE_CONFIG], a.get(EXAM))

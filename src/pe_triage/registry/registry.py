@@ -1,7 +1,8 @@
 """The model registry: register a composite version, promote it through gates, roll back.
 
 One registered model (``RegistryConfig.model_name``); each version is the pyfunc of
-:mod:`pe_triage.registry.pyfunc` (a consistent pair of stage models + the triage configuration),
+:mod:`pe_triage.registry.pyfunc` (a consistent pair of stage models + the triage configuration, and
+optionally the exam-level model trained on that pair: tag :data:`EXAM_TAG`),
 logged by a ``register`` run together with its evaluation (``evaluation/metrics.json``, the report)
 and its model card. Aliases, not stages: ``challenger`` (the latest registration), ``champion``
 (what radiology IT loads), ``previous-champion`` (what :func:`rollback` restores).
@@ -43,8 +44,11 @@ from pe_triage import __version__
 from pe_triage.artifact import ModelMeta
 from pe_triage.config import Config, EvalConfig, RegistryConfig
 from pe_triage.evaluation.evaluate import EvaluationError, evaluate
+from pe_triage.evaluation.exam import EXAM_SUMMARY_KEYS, check_pair
+from pe_triage.evaluation.loso import WORST, read_summary
 from pe_triage.evaluation.metrics import SUMMARY_KEYS
-from pe_triage.predict import DecisionRule, Triage
+from pe_triage.models.exam import ExamArtifactError, load_exam_model
+from pe_triage.predict import EXAM_RULE, DecisionRule, Triage, exam_description
 from pe_triage.provenance import config_hash, git_commit
 from pe_triage.registry.card import fmt, model_card, training_sites
 from pe_triage.registry.errors import IntegrityError, PromotionConflict, RegistryError
@@ -65,6 +69,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 METRICS_FILE = "metrics.json"
+#: the leave-one-site-out summary in a version's metrics, and its report's folder in the evaluation
+LOSO_KEY = "leave_one_site_out"
 EVALUATION_DIR = "evaluation"
 MODEL_DIR = "model"
 CARD_FILE = "model_card.md"
@@ -72,6 +78,8 @@ CARD_FILE = "model_card.md"
 EVALUATED_FILE = "evaluated_version.json"
 #: version tag: the champion a version replaced when it was promoted (rollback walks this chain)
 REPLACED_TAG = "champion.replaced"
+#: version tag: JSON ``{arch, features, thresholds}`` of the exam model the version carries, "none" without one
+EXAM_TAG = "pe_triage.exam_model"
 #: the minimum gates: ``GateConfig`` field (the gate's name) and the summary key it bounds
 MIN_GATES = (
     ("min_patient_pe_sensitivity", "patient_pe_sensitivity"),
@@ -82,6 +90,11 @@ MIN_GATES = (
     ("min_patient_pe_specificity", "patient_pe_specificity"),
     ("min_stage1_auroc_ci_low", "slice_stage1_auroc_ci_low"),
     ("min_stage2_auroc_ci_low", "slice_stage2_auroc_ci_low"),
+    # the exam model's per-patient figures (``evaluation.exam.EXAM_SUMMARY_KEYS``): off unless set
+    ("min_exam_patient_pe_sensitivity", "exam_patient_pe_sensitivity"),
+    ("min_exam_patient_disease_sensitivity", "exam_patient_disease_sensitivity"),
+    ("min_exam_patient_pe_specificity", "exam_patient_pe_specificity"),
+    ("min_exam_patient_pe_auroc_ci_low", "exam_patient_pe_auroc_ci_low"),
 )
 #: metrics on which a candidate may lose at most ``gates.max_regression`` against the champion (the
 #: AUROC point estimates: on the same test data a drop is real, not interval width). Per exam, not
@@ -92,8 +105,9 @@ REGRESSION_METRICS = (
     "slice_stage1_auroc", "slice_stage2_auroc",
 )
 # the summary keys are defined by the evaluation: a renamed metric fails here, not as a gate that never passes
-if _unknown := sorted(({key for _, key in MIN_GATES} | set(REGRESSION_METRICS)) - set(SUMMARY_KEYS)):
-    raise ImportError(f"gates name metrics that pe_triage.evaluation.metrics.SUMMARY_KEYS lacks: {_unknown}")
+if _unknown := sorted(({key for _, key in MIN_GATES} | set(REGRESSION_METRICS)) - {*SUMMARY_KEYS, *EXAM_SUMMARY_KEYS}):
+    raise ImportError(f"gates name metrics that the evaluation's summary keys (metrics.SUMMARY_KEYS, "
+                      f"exam.EXAM_SUMMARY_KEYS) lack: {_unknown}")
 _EPS = 1e-9  # a metric exactly at its threshold passes despite float rounding
 
 
@@ -222,45 +236,81 @@ def _check_pair(meta1: ModelMeta, meta2: ModelMeta, metrics: Mapping[str, Any]) 
 
 
 def _rule(metrics: Mapping[str, Any], evaluate: EvalConfig) -> DecisionRule:
-    """The rule the metrics were computed with (what the version is judged on), else the config's."""
+    """The rule the metrics were computed with (what the version is judged on), else the config's.
+    Under the rule "exam" the evaluation's slice tables keep "any" and record the triage's rule beside
+    the exam model's comparison (``patient_rules.triage_rule``)."""
     stored = metrics.get("config") or {}
-    return DecisionRule(stored.get("patient_rule", evaluate.patient_rule), int(stored.get("k", evaluate.k)))
+    rule = (metrics.get("patient_rules") or {}).get("triage_rule") or stored.get("patient_rule", evaluate.patient_rule)
+    return DecisionRule(rule, int(stored.get("k", evaluate.k)))
 
 
 def _version_tags(triage: Triage, metrics: Mapping[str, Any], actor: str, when: str) -> dict[str, str]:
     tags: dict[str, str] = {"registered_by": actor, "registered_at": when, "package_version": __version__,
-                            "config_hash": config_hash(triage.config())}
+                            "config_hash": config_hash(triage.config()), EXAM_TAG: "none"}
+    if triage.exam is not None:
+        tags[EXAM_TAG] = json.dumps(exam_description(triage.exam), sort_keys=True)
     for stage, model in (("stage1", triage.stage1), ("stage2", triage.stage2)):
         meta = model.meta
         tags |= {f"{stage}.git_commit": str(meta.raw.get("git_commit")), f"{stage}.config_hash": str(meta.raw.get("config_hash")),
                  f"{stage}.training_run_id": str(meta.raw.get("mlflow_run_id")), f"{stage}.threshold": repr(meta.threshold),
                  f"{stage}.windows": ",".join(meta.window_names), f"{stage}.arch": meta.model.arch}
     data = triage.stage1.meta.raw.get("data") or {}
-    tags |= {f"dataset.{k}": str(data.get(k)) for k in ("windows_digest", "splits_digest", "fold")}
+    tags |= {f"dataset.{k}": str(data.get(k)) for k in ("windows_digest", "splits_digest", "fold", "slices_digest")}
     tags["dataset.sites"] = ",".join(training_sites(triage.stage1.meta.raw, triage.stage2.meta.raw))
     tags |= {f"test_data.{k}": str(v) for k, v in metrics["test_data"].items()}
     tags |= {f"metric.{k}": repr(v) for k, v in metrics["summary"].items() if v is not None}
+    if worst := (metrics.get(LOSO_KEY) or {}).get(WORST):
+        tags |= {f"loso.worst_{k}": str(v) for k, v in worst.items()}
     return tags
 
 
+def _check_exam(exam: str, stage1: str, stage2: str) -> None:
+    """The exam model reads the features of exactly these stage models (``evaluation.exam.check_pair``)."""
+    try:
+        check_pair(load_exam_model(exam), stage1, stage2)
+    except (EvaluationError, ExamArtifactError) as e:
+        raise RegistryError(f"exam model {exam}: {e}; refusing to register it with this stage pair") from None
+
+
+def _composite(stage1: str, stage2: str, exam: str | None, rule: DecisionRule, metrics: Mapping[str, Any]) -> Triage:
+    """The model to register, every consistency check done before anything is logged."""
+    if exam is not None:
+        _check_exam(exam, stage1, stage2)
+    elif rule.rule == EXAM_RULE:
+        raise RegistryError('the patient rule is "exam" but no exam model was given: pass the exam model folder '
+                            "(exam=...) or evaluate with a slice rule")
+    triage = Triage.load(stage1, stage2, rule=rule, exam=exam)  # fails early on an inconsistent pair
+    _check_pair(triage.stage1.meta, triage.stage2.meta, metrics)
+    return triage
+
+
 def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConfig = RegistryConfig(),
-             evaluate: EvalConfig = EvalConfig(), uri: str | None = None, actor: str | None = None) -> dict[str, Any]:
+             evaluate: EvalConfig = EvalConfig(), uri: str | None = None, actor: str | None = None,
+             loso: str | None = None, exam: str | None = None) -> dict[str, Any]:
     """Log the composite model of ``stage1`` + ``stage2`` with its metrics and card, register it as a
-    new version of ``config.model_name`` and point ``challenger`` at it."""
+    new version of ``config.model_name`` and point ``challenger`` at it. ``exam``: the exam model
+    folder (trained on this stage pair) the version carries. ``loso``: a leave-one-site-out
+    summary folder (``evaluation.loso.summarize``) that joins the version's evaluation, where ``promote``
+    finds it for the ``max_site_auroc_drop`` gate."""
+    if loso:
+        with tempfile.TemporaryDirectory() as merged:
+            return register(stage1, stage2, attach_loso(metrics_dir, loso, merged), config=config, evaluate=evaluate,
+                            uri=uri, actor=actor, exam=exam)
     metrics = read_metrics(metrics_dir)
     rule = _rule(metrics, evaluate)
-    triage = Triage.load(stage1, stage2, rule=rule)  # fails early on an inconsistent pair
-    _check_pair(triage.stage1.meta, triage.stage2.meta, metrics)
+    triage = _composite(stage1, stage2, exam, rule, metrics)
     client = registry_client(uri)
     name, who, when = config.model_name, _actor(actor), _now()
-    card = model_card(triage.stage1.meta.raw, triage.stage2.meta.raw, metrics, rule=rule, name=name)
+    card = model_card(triage.stage1.meta.raw, triage.stage2.meta.raw, metrics, rule=rule, name=name,
+                      exam=None if triage.exam is None else exam_description(triage.exam))
     run_tags = {"step": "register", "registered_model": name, "git_commit": git_commit(), "package_version": __version__}
     with tempfile.TemporaryDirectory() as tmp, start_run(experiment=config.experiment, run_name=f"register-{name}",
                                                           tags=run_tags, uri=client.tracking_uri) as tracker:
         from pe_triage.registry.bundle import package_wheel
         from pe_triage.registry.pyfunc import save_composite
 
-        model_dir = save_composite(Path(tmp) / MODEL_DIR, stage1, stage2, triage, wheel=package_wheel(config.wheel_cache))
+        model_dir = save_composite(Path(tmp) / MODEL_DIR, stage1, stage2, triage, wheel=package_wheel(config.wheel_cache),
+                                   exam=exam)
         (model_dir / CARD_FILE).write_text(card)
         (Path(tmp) / CARD_FILE).write_text(card)
         tracker.log_params({"triage": triage.config(), "stage1": {"arch": triage.stage1.meta.model.arch},
@@ -286,7 +336,42 @@ def register(stage1: str, stage2: str, metrics_dir: str, *, config: RegistryConf
             "model_uri": f"models:/{name}/{version.version}", "rule": triage.config()["rule"], "summary": metrics["summary"]}
 
 
+def attach_loso(metrics_dir: str, loso: str, out: str) -> str:
+    """A copy of the evaluation folder ``metrics_dir`` in ``out`` with the leave-one-site-out summary
+    ``loso`` merged into its metrics (key :data:`LOSO_KEY`) and its report beside them; refused when
+    the summary's drops were measured against another test evaluation."""
+    import shutil
+
+    summary, metrics = read_summary(loso), read_metrics(metrics_dir)
+    pooled = summary.get("pooled_test_data")
+    if pooled is not None and dict(pooled) != dict(metrics["test_data"]):
+        raise RegistryError(f"{loso}: the leave-one-site-out drops were measured against other test data ({pooled}) "
+                            f"than this evaluation's ({metrics['test_data']})")
+    shutil.copytree(metrics_dir, out, dirs_exist_ok=True)
+    shutil.copytree(loso, Path(out) / LOSO_KEY, dirs_exist_ok=True)
+    (Path(out) / METRICS_FILE).write_text(json.dumps({**metrics, LOSO_KEY: summary}, sort_keys=True, indent=2) + "\n")
+    return out
+
+
 # ------------------------------------------------------------------------------------ promote
+def _loso_gate(candidate: Mapping[str, Any], threshold: float | None) -> list[GateResult]:
+    """The worst held-out site's AUROC drop (``evaluation.loso``), when the version carries a summary:
+    one recorded as not run (too few sites, or switched off) passes on its reason."""
+    loso = candidate.get(LOSO_KEY)
+    if threshold is None or loso is None:
+        return []
+    name = "max_site_auroc_drop"
+    if loso.get("skipped"):
+        return [GateResult(name, None, threshold, True, f"leave one site out not run: {loso['skipped']}")]
+    worst = loso.get(WORST)
+    if worst is None:
+        return [GateResult(name, None, threshold, False, "leave one site out measured no gated figure at any site")]
+    passed = worst["drop"] <= threshold + _EPS
+    return [GateResult(name, worst["drop"], threshold, passed,
+                       f"worst held-out site {worst['site']}: {worst['metric']} {fmt(worst['drop'])} below the pooled "
+                       f"test split {'<=' if passed else '>'} {threshold}")]
+
+
 def _number(value: Any) -> float | None:
     """A summary value as a float; None for a missing or non-numeric one (a failed gate, not a crash)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -311,6 +396,7 @@ def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | N
     g, summary = config.gates, candidate["summary"]
     gates = [_min_gate(name, key, summary, threshold) for name, key in MIN_GATES
              if (threshold := getattr(g, name)) is not None]
+    gates += _loso_gate(candidate, g.max_site_auroc_drop)
     if champion is None:
         return gates
     same = dict(candidate["test_data"]) == dict(champion["test_data"])
@@ -363,7 +449,7 @@ def evaluate_champion(windows: str, splits: str, out: str, *, config: Config = C
     regression can only be judged on the same patients. Returns the champion's version, also written
     to ``out`` (promote checks it is still the champion); None when there is none. No Grad-CAM: only
     the numbers are compared. The champion's files are checked against their registered digests."""
-    from pe_triage.registry.pyfunc import STAGE1, STAGE2, composite_artifacts
+    from pe_triage.registry.pyfunc import EXAM, STAGE1, STAGE2, composite_artifacts
 
     client = registry_client(uri)
     name = config.registry.model_name
@@ -376,7 +462,8 @@ def evaluate_champion(windows: str, splits: str, out: str, *, config: Config = C
         artifacts = composite_artifacts(download_verified(client, name, current, MODEL_DIR, tmp))
         quiet = dataclasses.replace(config, evaluate=dataclasses.replace(config.evaluate, gradcam_per_category=0))
         try:
-            evaluate(str(artifacts[STAGE1]), str(artifacts[STAGE2]), windows, splits, out, config=quiet)
+            exam = str(artifacts[EXAM]) if EXAM in artifacts else None  # its rows beside the rules', like the candidate's
+            evaluate(str(artifacts[STAGE1]), str(artifacts[STAGE2]), windows, splits, out, config=quiet, exam=exam)
         except EvaluationError as e:  # e.g. other windows: promote then refuses for want of comparable metrics
             log.warning("%s: champion version %s cannot be evaluated on this data: %s", name, current.version, e)
     (Path(out) / EVALUATED_FILE).write_text(json.dumps({"version": int(current.version)}))

@@ -53,7 +53,7 @@ from .anatomy import Anatomy
 from .patient import LESION_PRESETS, LesionPreset, add_emboli, add_other_disease, draw_anatomy
 from .phantom import Grid, RenderedSlice, make_grid, render_slice, scanner
 from .phi import PatientPHI, SitePHI, patient_phi, site_phi
-from .sites import SiteConventions, site_conventions
+from .sites import SiteConventions, shifted, site_conventions, site_name
 
 _IMPLEMENTATION_UID = generate_uid(entropy_srcs=["pe-triage synthetic CT"])
 _FOV_MM = (320.0, 460.0)  # reconstruction diameters a technologist would pick for a chest
@@ -109,6 +109,9 @@ def generate_cohort(out: Path, config: SynthConfig, *, key: bytes = DEMO_KEY) ->
     for name in ("pe_fraction", "other_fraction", "pe_comorbid_fraction"):
         if not 0 <= getattr(config, name) <= 1:
             raise ValueError(f"synth.{name} {getattr(config, name)}: expected a fraction in [0, 1]")
+    unknown = sorted(set(config.site_shift.sites) - {site_name(i) for i in range(config.sites)})
+    if unknown:
+        raise ValueError(f"synth.site_shift.sites {unknown}: not sites of this cohort (site-a .. {site_name(config.sites - 1)})")
     for sub in ("sites", "truth"):
         if (out / sub).exists() and any((out / sub).iterdir()):
             raise FileExistsError(f"{out / sub} is not empty; generate into a new directory")
@@ -120,7 +123,7 @@ def generate_cohort(out: Path, config: SynthConfig, *, key: bytes = DEMO_KEY) ->
     counts = {label.value: 0 for label in _CLASSES}
     slice_counts = {label.value: 0 for label in Label}
     for index in range(config.sites):
-        conv = site_conventions(index)
+        conv = shifted(site_conventions(index), config.site_shift)
         hospital = site_phi(index)
         phi += hospital.strings()
         plan = _class_plan(config, index)
@@ -439,7 +442,7 @@ def _write_patient(root: Path, conv: SiteConventions, hospital: SitePHI, pat: _P
     numbers = _instance_numbers(conv, len(pat.z))
     for i in sorted(range(len(pat.z)), key=lambda i: numbers[i]):
         s, z, sop = pat.slices[i], float(pat.z[i]), pat.sop_uids[i]
-        stored = _stored(conv, scanner(s.hu, pat.noise, sigma, pat.spacing), pat.outside)
+        stored = _stored(conv, scanner(s.hu + conv.hu_offset, pat.noise, sigma, pat.spacing), pat.outside)
         data = writer.file_bytes(sop, numbers[i], [origin, origin, _ds(z)], stored)
         path = root / _relative_path(conv, pat, numbers[i], sop)
         path.parent.mkdir(parents=True, exist_ok=True)

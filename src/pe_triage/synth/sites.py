@@ -7,9 +7,11 @@ file naming, and which key the label manifest uses for slices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+from pe_triage.config import SiteShift
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class SiteConventions:
     series_number: int
     window_center: tuple[float, ...]
     window_width: tuple[float, ...]
+    #: added to every HU inside the reconstruction circle (``SiteShift``): 0 for a calibrated scanner
+    hu_offset: float = 0.0
 
     @property
     def dtype(self) -> str:
@@ -103,3 +107,11 @@ def site_conventions(index: int) -> SiteConventions:
         window_width=(400.0, 1500.0) if kind != 1 else (700.0,),
         **pixel,  # type: ignore[arg-type]
     )
+
+
+def shifted(conv: SiteConventions, shift: SiteShift) -> SiteConventions:
+    """``conv`` with ``shift`` applied when the site is one of ``shift.sites`` (else unchanged)."""
+    if conv.name not in shift.sites:
+        return conv
+    return replace(conv, kernel=shift.kernel or conv.kernel, noise_sigma=conv.noise_sigma * shift.noise_scale,
+                   hu_offset=shift.hu_offset)

@@ -2,7 +2,7 @@
 
 Every slice of the train and validation patients is embedded once by both calibrated stage models
 (frozen: fine-tuning them end to end is out of scope), on one torch thread per worker as the
-evaluation scores (``evaluation.evaluate._score``). An exam is a patient's slices in z order (series,
+evaluation scores (``evaluation.scoring.score_slices``). An exam is a patient's slices in z order (series,
 then slice index; a patient's series follow each other). Its labels are the project's patient
 truth (``schema.patient_class``): disease when the patient is ``other`` or ``pe``, PE when ``pe``;
 patients whose truth is indeterminate train no exam label (their slices still train slice labels).
@@ -40,7 +40,7 @@ from pe_triage.windows import uint8_to_centred, window_channels
 
 log = logging.getLogger(__name__)
 
-#: slices a worker embeds at a time (as ``evaluation.evaluate.SCORE_CHUNK``)
+#: slices a worker embeds at a time (as ``evaluation.scoring.SCORE_CHUNK``)
 EMBED_CHUNK = 32
 #: batch of one forward pass: 64 images of 128 px stay within a core's cache-friendly size
 EMBED_BATCH = 64

@@ -43,7 +43,7 @@ from pe_triage.progress import Progress as Bar
 from pe_triage.progress import progress as progress_bar
 from pe_triage.provenance import config_hash, dataset_digest, file_digest, git_commit, package_version
 from pe_triage.stats import auroc, binary_rates, threshold_for_sensitivity
-from pe_triage.storage import atomic_path
+from pe_triage.storage import atomic_path, location
 from pe_triage.tracking import NullTracker, start_run
 
 log = logging.getLogger(__name__)
@@ -289,6 +289,7 @@ def train(
         run = _Run(stage=stage, config=config, fold=fold, train_ds=train_ds, val_ds=val_ds, device=device, amp=amp,
                    rank=rank, world=world, identity=identity, ckpt_path=ckpt_path, out=out)
         data = {"windows_digest": windows_digest, "splits_digest": splits_digest, "fold": fold,
+                "slices_digest": _slices_digest(windows),
                 "sites": sorted(set(train_ds.index[S.SITE]) | set(val_ds.index[S.SITE])),
                 "train_slices": _named_counts(train_ds), "val_slices": _named_counts(val_ds),
                 "excluded_indeterminate": {"train": train_ds.excluded_indeterminate, "val": val_ds.excluded_indeterminate},
@@ -302,6 +303,14 @@ def train(
 def _named_counts(ds: WindowsDataset) -> dict[str, int]:
     counts, stage = ds.class_counts(), S.STAGES[ds.stage]
     return {stage.negative_name: counts[0], stage.positive_name: counts[1]}
+
+
+def _slices_digest(windows: str) -> str | None:
+    """The digest of the slices store the windows were made from (preprocess's report; None for windows
+    made otherwise): the lineage the retraining trigger compares the store with."""
+    loc = location(windows)
+    path = loc.join("_reports", "preprocess_report.json")
+    return json.loads(loc.read(path)).get("slices_digest") if loc.exists(path) else None
 
 
 def _preprocess_meta(windows: str) -> dict[str, Any]:
