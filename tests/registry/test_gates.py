@@ -42,7 +42,8 @@ def test_every_minimum_is_on_by_default_and_a_good_summary_passes() -> None:
     gates = evaluate_gates(metrics(), None, RegistryConfig())
     assert [g.name for g in gates] == [name for name, _ in MIN_GATES if name not in EXAM_GATES]  # exam gates: off
     assert failed(gates) == []
-    assert {f.name for f in fields(GateConfig)} == {n for n, _ in MIN_GATES} | {"max_regression", "max_site_auroc_drop"}
+    assert {f.name for f in fields(GateConfig)} == {n for n, _ in MIN_GATES} | {
+        "max_regression", "max_site_auroc_drop", "max_site_pe_sensitivity_drop"}
 
 
 @pytest.mark.parametrize(("name", "key"), MIN_GATES)

@@ -32,7 +32,8 @@ POOLED = {"windows_digest": "windows-A", "splits_digest": "sd-1", "split": "test
 
 def loso(drop: float | None, *, skipped: str | None = None) -> dict[str, Any]:
     worst = None if drop is None else {"site": "site-c", "metric": "slice_stage1_auroc", "drop": drop}
-    return {"skipped": skipped, "worst": worst, "pooled_test_data": POOLED, "folds": {}}
+    drops = {} if drop is None else {"site-c": {"slice_stage1_auroc": drop, "patient_pe_sensitivity": 0.02}}
+    return {"skipped": skipped, "worst": worst, "pooled_test_data": POOLED, "folds": {}, "drops": drops}
 
 
 def write_loso(folder: Path, drop: float | None, **kw: Any) -> str:
@@ -95,3 +96,31 @@ def test_promote_by_hand_on_the_command_line_enforces_it(mlflow_server: str, cfg
     with caplog.at_level(logging.ERROR):
         assert cli("promote", *common) == 1
     assert "gate max_site_auroc_drop failed" in caplog.text
+
+
+def sensitivity_drops(**by_site: float | None) -> dict[str, Any]:
+    """A summary whose AUROCs held (drop 0.02) and whose sites lost these amounts of PE sensitivity."""
+    drops = {site: {"slice_stage1_auroc": 0.02, "patient_pe_sensitivity": d} for site, d in by_site.items()}
+    return loso(0.02) | {"drops": drops}
+
+
+def test_a_site_where_the_fold_misses_pe_fails_even_when_its_aurocs_held() -> None:
+    """Measured (benchmarks/loso_shift.py, 96 px): a shifted site's fold kept its slice AUROC drop
+    below the unshifted sites' noise, while its PE sensitivity fell by 0.61 (unshifted sites <= 0.09)."""
+    name = "max_site_pe_sensitivity_drop"
+    gates = {g.name: g for g in evaluate_gates(metrics() | {LOSO_KEY: sensitivity_drops(**{"site-a": 0.05, "site-c": 0.61})},
+                                               None, RegistryConfig())}
+    assert GateConfig().max_site_pe_sensitivity_drop == 0.15
+    assert gates["max_site_auroc_drop"].passed and not gates[name].passed
+    assert gates[name].value == pytest.approx(0.61) and "site-c" in gates[name].detail
+    near = sensitivity_drops(**{"site-a": 0.09, "site-c": 0.15})
+    held = {g.name: g.passed for g in evaluate_gates(metrics() | {LOSO_KEY: near}, None, RegistryConfig())}
+    assert held[name]  # at the threshold passes
+    unmeasured = {g.name: g.passed for g in evaluate_gates(metrics() | {LOSO_KEY: sensitivity_drops(**{"site-a": None})},
+                                                           None, RegistryConfig())}
+    assert not unmeasured[name]  # no site had PE patients to measure: not a pass
+    off = RegistryConfig(gates=GateConfig(max_site_pe_sensitivity_drop=None))
+    assert name not in {g.name for g in evaluate_gates(metrics() | {LOSO_KEY: sensitivity_drops(**{"site-c": 0.61})}, None, off)}
+    skipped = {g.name: g.passed for g in evaluate_gates(metrics() | {LOSO_KEY: loso(None, skipped="loso.enabled is false")},
+                                                        None, RegistryConfig())}
+    assert skipped[name]

@@ -372,6 +372,22 @@ def _loso_gate(candidate: Mapping[str, Any], threshold: float | None) -> list[Ga
                        f"test split {'<=' if passed else '>'} {threshold}")]
 
 
+def _loso_sensitivity_gate(candidate: Mapping[str, Any], threshold: float | None) -> list[GateResult]:
+    """The largest patient PE sensitivity drop at a held-out site (``gates.max_site_pe_sensitivity_drop``)."""
+    loso, name, key = candidate.get(LOSO_KEY), "max_site_pe_sensitivity_drop", "patient_pe_sensitivity"
+    if threshold is None or loso is None:
+        return []
+    if loso.get("skipped"):
+        return [GateResult(name, None, threshold, True, f"leave one site out not run: {loso['skipped']}")]
+    measured = [(d[key], site) for site, d in (loso.get("drops") or {}).items() if _number(d.get(key)) is not None]
+    if not measured:
+        return [GateResult(name, None, threshold, False, f"leave one site out measured no {key} at any held-out site")]
+    drop, site = max(measured)
+    passed = drop <= threshold + _EPS
+    return [GateResult(name, drop, threshold, passed, f"worst held-out site {site}: {key} {fmt(drop)} below the pooled "
+                                                      f"test split {'<=' if passed else '>'} {threshold}")]
+
+
 def _number(value: Any) -> float | None:
     """A summary value as a float; None for a missing or non-numeric one (a failed gate, not a crash)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -396,7 +412,7 @@ def evaluate_gates(candidate: Mapping[str, Any], champion: Mapping[str, Any] | N
     g, summary = config.gates, candidate["summary"]
     gates = [_min_gate(name, key, summary, threshold) for name, key in MIN_GATES
              if (threshold := getattr(g, name)) is not None]
-    gates += _loso_gate(candidate, g.max_site_auroc_drop)
+    gates += _loso_gate(candidate, g.max_site_auroc_drop) + _loso_sensitivity_gate(candidate, g.max_site_pe_sensitivity_drop)
     if champion is None:
         return gates
     same = dict(candidate["test_data"]) == dict(champion["test_data"])
