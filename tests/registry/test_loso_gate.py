@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 from test_gates import metrics
-from test_registry import cfg, cli, pair, write_metrics  # noqa: F401 (fixtures)
+from test_registry import cli, write_metrics
 
 from pe_triage.config import GateConfig, RegistryConfig
 from pe_triage.evaluation.loso import SUMMARY_FILE
@@ -63,8 +63,8 @@ def test_the_worst_site_drop_is_bounded_by_the_configured_gate() -> None:
     assert "site-c" in gate.detail and "slice_stage1_auroc" in gate.detail and gate.value == 0.18
 
 
-def test_promote_refuses_a_version_whose_worst_site_dropped_too_far(mlflow_server: str, cfg: RegistryConfig,  # noqa: F811
-                                                                    pair: tuple[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_promote_refuses_a_version_whose_worst_site_dropped_too_far(mlflow_server: str, cfg: RegistryConfig,
+                                                                    pair: tuple[str, str], tmp_path: Path) -> None:
     shifted = register(*pair, str(write_metrics(tmp_path / "m1")), config=cfg, uri=mlflow_server,
                        loso=write_loso(tmp_path / "loso1", 0.25))
     version = MlflowClient(mlflow_server).get_model_version(cfg.model_name, str(shifted["version"]))
@@ -85,8 +85,8 @@ def test_promote_refuses_a_version_whose_worst_site_dropped_too_far(mlflow_serve
                  loso=write_loso(tmp_path / "loso3", 0.03))
 
 
-def test_promote_by_hand_on_the_command_line_enforces_it(mlflow_server: str, cfg: RegistryConfig,  # noqa: F811
-                                                         pair: tuple[str, str], tmp_path: Path,  # noqa: F811
+def test_promote_by_hand_on_the_command_line_enforces_it(mlflow_server: str, cfg: RegistryConfig,
+                                                         pair: tuple[str, str], tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(f"registry:\n  model_name: {cfg.model_name}\n  experiment: {cfg.experiment}\n")

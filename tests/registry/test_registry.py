@@ -19,10 +19,10 @@ import pyarrow.dataset as pads
 import pytest
 from factories import pseudo
 from mlflow.tracking import MlflowClient
-from test_predict import edited, stage_model
+from test_predict import edited
 
 from pe_triage import tracking
-from pe_triage.config import IngestConfig, RegistryConfig, SynthConfig
+from pe_triage.config import IngestConfig, RegistryConfig
 from pe_triage.ingest import ingest_site
 from pe_triage.predict import Triage
 from pe_triage.registry.cli import add_commands
@@ -39,7 +39,6 @@ from pe_triage.registry.registry import (
     rollback,
 )
 from pe_triage.registry.server import free_port
-from pe_triage.synth import generate_cohort
 from pe_triage.tracking import TrackingUnavailable
 
 SUMMARY_KEYS = (
@@ -69,28 +68,6 @@ def write_metrics(path: Path, *, pe: float = 0.95, disease: float = 0.95, test: 
     }))
     (path / "report.md").write_text("# evaluation\n")
     return path
-
-
-@pytest.fixture
-def cfg() -> RegistryConfig:
-    """A model of its own per test: the server is shared by the session."""
-    name = f"pe-triage-{uuid.uuid4().hex[:8]}"
-    return RegistryConfig(model_name=name, experiment=name)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("registry-models")
-    # stage 1 reads a neighbouring slice on each side (2.5-D): the registry and every load path carry it
-    return (str(stage_model(root / "stage1", 1, threshold=0.45, context=1)),
-            str(stage_model(root / "stage2", 2, threshold=0.5)))
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("registry-cohort")
-    generate_cohort(root, SynthConfig(sites=1, patients_per_site=1, slices=8, size=96, seed=5))
-    return root / "sites" / "site-a" / "dicom"
 
 
 def aliases(uri: str, name: str) -> dict[str, str]:

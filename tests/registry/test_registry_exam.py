@@ -7,7 +7,6 @@ registration."""
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from test_serve import hu_request, multipart
 
 from pe_triage import schema as S
 from pe_triage.artifact import load_model
-from pe_triage.config import IngestConfig, RegistryConfig, ServeConfig, SynthConfig
+from pe_triage.config import IngestConfig, RegistryConfig, ServeConfig
 from pe_triage.evaluation.metrics import cascade_labels
 from pe_triage.ingest import ingest_site
 from pe_triage.models.exam import ExamNet, load_exam_model, save_exam_model
@@ -45,29 +44,7 @@ from pe_triage.registry.registry import (
 )
 from pe_triage.registry.serve import ModelHolder
 from pe_triage.registry.serve_http import create_app
-from pe_triage.synth import generate_cohort
 from pe_triage.windows import uint8_to_centred
-
-
-@pytest.fixture
-def cfg() -> RegistryConfig:
-    name = f"pe-triage-{uuid.uuid4().hex[:8]}"
-    return RegistryConfig(model_name=name, experiment=name)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("exam-registry-models")
-    # stage 1 is 2.5-D: the exam features of a slice come with its neighbours
-    return (str(stage_model(root / "stage1", 1, threshold=0.45, context=1)),
-            str(stage_model(root / "stage2", 2, threshold=0.5)))
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("exam-registry-cohort")
-    generate_cohort(root, SynthConfig(sites=1, patients_per_site=1, slices=8, size=96, seed=5))
-    return root / "sites" / "site-a" / "dicom"
 
 
 def exam_model(out: Path, pair: tuple[str, str], thresholds: dict[str, float], *, seed: int = 0) -> Path:
