@@ -34,10 +34,11 @@ registry:
   model_name: pe-triage
   experiment: {EXPERIMENT}
   # every minimum off: a 2-epoch model cannot reach them, and this test is about the promotion path
-  # (the leave-one-site-out folds still run: 3 sites; their gate is off for the same reason)
+  # (the leave-one-site-out folds still run: 3 sites; their gates are off for the same reason)
   gates: {{min_patient_pe_sensitivity: null, min_patient_disease_sensitivity: null, min_slice_disease_sensitivity: null,
           min_slice_disease_specificity: null, min_slice_pe_specificity: null, min_patient_pe_specificity: null,
-          min_stage1_auroc_ci_low: null, min_stage2_auroc_ci_low: null, max_site_auroc_drop: null}}
+          min_stage1_auroc_ci_low: null, min_stage2_auroc_ci_low: null, max_site_auroc_drop: null,
+          max_site_pe_sensitivity_drop: null}}
 """
 SLICE_COLUMNS = ["study_uid", "series_uid", "slice_index", "rows", "cols", "pixel_spacing_row_mm", "pixel_spacing_col_mm",
                  "hu_planes"]
