@@ -10,7 +10,6 @@ import json
 import logging
 import pickle
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,6 @@ from test_registry import cli, write_metrics
 
 from pe_triage.config import RegistryConfig
 from pe_triage.registry.registry import CHAMPION, RegistryError, load_registered, promote, register, rollback
-
-
-@pytest.fixture
-def cfg() -> RegistryConfig:
-    name = f"pe-triage-{uuid.uuid4().hex[:8]}"
-    return RegistryConfig(model_name=name, experiment=name)
 
 
 @pytest.fixture(scope="module")

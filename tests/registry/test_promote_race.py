@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -34,12 +33,6 @@ from pe_triage.registry.registry import (
     register,
     rollback,
 )
-
-
-@pytest.fixture
-def cfg() -> RegistryConfig:
-    name = f"pe-triage-{uuid.uuid4().hex[:8]}"
-    return RegistryConfig(model_name=name, experiment=name)
 
 
 def conflict(e: Exception) -> bool:
