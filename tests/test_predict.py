@@ -15,7 +15,7 @@ import torch
 from factories import ct_slice, pseudo, write
 
 from pe_triage import schema as S
-from pe_triage.artifact import load_model, save_model
+from pe_triage.artifact import StageModel, load_model, save_model
 from pe_triage.config import IngestConfig, ModelConfig, PreprocessConfig, SynthConfig, to_dict
 from pe_triage.ingest import ingest_site
 from pe_triage.models import build_model
@@ -78,16 +78,22 @@ def reference(stage_pair: tuple[Path, Path], dicom: Path, work: Path) -> tuple[p
     out = {}
     for stage, path in enumerate(stage_pair, start=1):
         model = load_model(path)
-        windows = work / f"windows-{stage}"
-        preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.meta.window_names), workers=1))
-        table = pads.dataset(windows, format="parquet", partitioning="hive").to_table().sort_by(S.SLICE_INDEX)
-        stack = S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS)))
-        k, n = model.meta.model.context, len(stack)
-        rows = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
-        x = np.stack([stack[r] for r in rows]).transpose(0, 2, 1, 3, 4).reshape(n, -1, *stack.shape[-2:])
-        out[S.SLICE_INDEX] = table[S.SLICE_INDEX].to_numpy()
+        out[S.SLICE_INDEX], x = stage_inputs(model, slices, work / f"windows-{stage}")
         out[f"p{stage}"] = model.predict_proba(x)
     return pd.DataFrame(out), slices
+
+
+def stage_inputs(model: StageModel, slices: Path, windows: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(slice indices, the model's uint8 inputs) of the ingested ``slices`` by the training path: a
+    windows dataset with the model's own windows, each slice with its neighbours for a 2.5-D model
+    (window-major, ends replicated, built by hand)."""
+    preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.meta.window_names), workers=1))
+    table = pads.dataset(windows, format="parquet", partitioning="hive").to_table().sort_by(S.SLICE_INDEX)
+    stack = S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS)))
+    k, n = model.meta.model.context, len(stack)
+    rows = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
+    x = np.stack([stack[r] for r in rows]).transpose(0, 2, 1, 3, 4).reshape(n, -1, *stack.shape[-2:])
+    return table[S.SLICE_INDEX].to_numpy(), x
 
 
 @pytest.fixture(scope="session")

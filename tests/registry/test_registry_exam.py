@@ -7,19 +7,17 @@ registration."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 import pytest
 import torch
 from factories import pseudo
 from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from test_integrity import put_artifact, run_files
-from test_predict import PRE, stage_model
+from test_predict import stage_inputs, stage_model
 from test_registry import write_metrics
 from test_serve import hu_request, multipart
 
@@ -30,7 +28,6 @@ from pe_triage.evaluation.metrics import cascade_labels
 from pe_triage.ingest import ingest_site
 from pe_triage.models.exam import ExamNet, load_exam_model, save_exam_model
 from pe_triage.predict import EXAM_P_DISEASE, EXAM_P_PE, DecisionRule, PredictError, Triage, triage_report
-from pe_triage.preprocess import preprocess
 from pe_triage.provenance import file_digest
 from pe_triage.registry.pyfunc import input_example
 from pe_triage.registry.registry import (
@@ -65,13 +62,7 @@ def training_path_embeddings(pair: tuple[str, str], dicom: Path, work: Path) -> 
     parts = []
     for stage, path in enumerate(pair, start=1):
         model = load_model(path)
-        windows = work / f"windows-{stage}"
-        preprocess(str(slices), str(windows), config=replace(PRE, windows=tuple(model.meta.window_names), workers=1))
-        table = pads.dataset(windows, format="parquet", partitioning="hive").to_table().sort_by(S.SLICE_INDEX)
-        stack = S.windows_stack(table[S.WINDOWS], S.windows_shape(table.schema.field(S.WINDOWS)))
-        k, n = model.meta.model.context, len(stack)
-        rows = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
-        x = np.stack([stack[r] for r in rows]).transpose(0, 2, 1, 3, 4).reshape(n, -1, *stack.shape[-2:])
+        _, x = stage_inputs(model, slices, work / f"windows-{stage}")
         with torch.inference_mode():
             parts.append(model.model.eval().embed(torch.from_numpy(uint8_to_centred(x))).numpy())
     return np.concatenate(parts, 1)
